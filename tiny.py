@@ -745,8 +745,10 @@ def report(weights: Path | None = None, guidance: float = GUIDANCE, per_prompt: 
     render_r = _mean_rewards(reward_fns, render_prompt_images(prompts, seed=seed), prompts)
     g = torch.Generator().manual_seed(seed)
     flat_kb = float(R.jpeg_size_kb(torch.full((1, 3, IMAGE, IMAGE), 0.5))[0])  # a flat grey image
-    noise_kb = float(np.mean(R.jpeg_size_kb(torch.rand(64, 3, IMAGE, IMAGE, generator=g))))  # uniform noise
-    extremes = {"compressibility": -flat_kb, "incompressibility": noise_kb}
+    noise = torch.rand(64, 3, IMAGE, IMAGE, generator=g)  # uniform noise in [0, 1]
+    noise_kb = float(np.mean(R.jpeg_size_kb(noise)))
+    binary_kb = float(np.mean(R.jpeg_size_kb((noise > 0.5).float())))  # each channel 0 or 1: harder still
+    extremes = {"compressibility": -flat_kb, "incompressibility": max(noise_kb, binary_kb)}
     scorer = getattr(reward_fns["alignment"], "scorer", None)
     if scorer is not None:  # alignment if the caption were always right / always another animal
         refs = [reward_fns["alignment"].reference.format(prompt=p) for p in ANIMAL_PROMPTS]
@@ -758,7 +760,8 @@ def report(weights: Path | None = None, guidance: float = GUIDANCE, per_prompt: 
     for name in reward_fns:
         extreme = extremes.get(name, float("nan"))
         print(f"  {name:<18} {model_r[name]:>10.3f} {render_r[name]:>10.3f} {extreme:>10.3f}")
-    print(f"  extremes: flat grey JPEG {flat_kb:.3f} kB, uniform noise JPEG {noise_kb:.3f} kB"
+    print(f"  extremes: JPEG of flat grey {flat_kb:.3f} kB, uniform noise {noise_kb:.3f} kB, "
+          f"0/1 noise {binary_kb:.3f} kB"
           + (f"; alignment with a right caption {extremes['alignment']:.3f}, a wrong animal "
              f"{extremes['alignment_wrong_animal']:.3f}" if scorer is not None else ""))
 
@@ -772,7 +775,7 @@ def report(weights: Path | None = None, guidance: float = GUIDANCE, per_prompt: 
         fast=dict(seconds=seconds, median=median, images=64, steps=REPORT_STEPS, unet_rows=rows,
                   threads=threads, torch=torch.__version__, bar=BAR_SECONDS, passed=median <= BAR_SECONDS),
         rewards=dict(pretrained=model_r, renders=render_r, extremes=extremes,
-                     flat_jpeg_kb=flat_kb, noise_jpeg_kb=noise_kb),
+                     jpeg_kb=dict(flat=flat_kb, uniform_noise=noise_kb, binary_noise=binary_kb)),
         files=dict(samples="tiny_samples.png", generalisation="tiny_samples_generalisation.png"),
     )
     (out / "tiny_report.json").write_text(json.dumps(result, indent=1))
