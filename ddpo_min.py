@@ -10,12 +10,26 @@ Shape letters: B batch (of transitions or of samples), C,H,W latent, L tokens, D
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
+import sys
+import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
+
+from sampler import TextToImage, recompute_log_prob, sample_with_logprob
+
+ROOT = Path(__file__).resolve().parent
 
 # ====================================================================================================
 # Objectives (issue 2)
@@ -204,4 +218,698 @@ def clip_advantages(advantages: np.ndarray | torch.Tensor, max_abs: float = 5.0)
     return advantages.clip(-max_abs, max_abs)  # clip(A, -5, 5)
 
 
-# --- Training loop (issue 5) ---
+# ====================================================================================================
+# Configuration (issue 5)
+#
+# One typed dataclass; every field carries its help text and the CLI is generated from it. Defaults are
+# the paper's single-GPU setting (Stable Diffusion v1.4 + LoRA). `--model tiny` switches to TINY_DEFAULTS
+# below, for a laptop CPU; any flag given explicitly wins over both.
+# ====================================================================================================
+
+ALGOS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
+PROMPT_SETS = ("simple_animals", "imagenet_animals", "animals_activities")
+ACTIVITIES = ("washing the dishes", "riding a bike", "playing chess")
+
+
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class Config:
+    # what to optimise
+    reward: str = _help("compressibility | incompressibility | aesthetic | alignment", "aesthetic")
+    algo: str = _help("ddpo_is (PPO-clipped, paper's best) | ddpo_sf (REINFORCE) | rwr | rwr_sparse", "ddpo_is")
+    model: str = _help("hub id or local folder of a Stable Diffusion pipeline, or `tiny`",
+                       "CompVis/stable-diffusion-v1-4")
+    prompts: str = _help("simple_animals (45) | imagenet_animals (398) | animals_activities (45x3) | a .txt path",
+                         "simple_animals")
+    # sampling
+    num_steps: int = _help("DDIM denoising steps T", 50)
+    eta: float = _help("DDIM noise scale; must be > 0 for a stochastic policy", 1.0)
+    guidance_scale: float = _help("classifier-free guidance weight w (negative prompt: empty)", 5.0)
+    sample_batch_size: int = _help("images per sampling forward pass", 8)
+    sample_batches: int = _help("sampling batches per epoch (samples/epoch = this x sample_batch_size)", 32)
+    # training
+    train_batch_size: int = _help("samples per training forward pass (gradients accumulate over them)", 2)
+    minibatches: int = _help("optimizer steps per inner epoch (paper: 4 for ddpo_is, 1 for ddpo_sf)", 4)
+    inner_epochs: int = _help("passes over each epoch's samples", 1)
+    timestep_fraction: float = _help("fraction of the T steps trained per sample (shuffled per sample)", 1.0)
+    lr: float = _help("AdamW learning rate", 3e-4)
+    adam_beta1: float = _help("AdamW beta1", 0.9)
+    adam_beta2: float = _help("AdamW beta2", 0.999)
+    weight_decay: float = _help("AdamW weight decay", 1e-4)
+    max_grad_norm: float = _help("gradient-norm clip", 1.0)
+    clip_range: float = _help("PPO clip range eps on the ratio (ddpo_is)", 1e-4)
+    adv_clip_max: float = _help("advantages are clipped to [-this, this]", 5.0)
+    per_prompt_stats: bool = _help("normalise rewards per prompt (else over the batch)", True)
+    stat_buffer: int = _help("per-prompt reward buffer length", 32)
+    stat_min_count: int = _help("rewards a prompt needs before its own stats are used", 16)
+    rwr_beta: float = _help("RWR inverse temperature beta in exp(beta r)", 0.2)
+    rwr_percentile: float = _help("sparse RWR keeps samples with reward >= this batch percentile", 90.0)
+    lora_rank: int = _help("LoRA rank on the UNet attention projections; 0 = full fine-tuning", 4)
+    mixed_precision: str = _help("fp16 | bf16 | no: dtype of the frozen base model (GPU only)", "fp16")
+    # run
+    epochs: int = _help("sampling+training epochs", 100)
+    seed: int = _help("random seed (sampling, prompts, shuffles)", 0)
+    output_dir: str = _help("run folder (default: runs/<reward>-<algo>-<model>-<time>)", "")
+    resume: str = _help("a run folder to continue exactly from its last checkpoint", "")
+    save_every: int = _help("checkpoint every N epochs (and always at the end)", 1)
+    device: str = _help("cuda | cpu | mps (default: cuda if available)", "")
+    log: str = _help("none | tensorboard | wandb, besides metrics.jsonl", "none")
+    grid_size: int = _help("images in each epoch's sample grid", 16)
+
+
+# Tiny-scale defaults (`--model tiny`): a 1.2M-parameter pixel-space model on a laptop CPU.
+# DEVIATION: fewer steps (20), smaller batches (64 samples/epoch), full fine-tuning in fp32 and a higher
+# learning rate than the paper; why: minutes on 2 CPU cores instead of hours on 8 A100s; effect: noisier
+# gradients, each epoch moves the policy further. The numbers in the README come from these settings.
+TINY_DEFAULTS = dict(
+    reward="compressibility", num_steps=20, guidance_scale=3.0, sample_batch_size=32, sample_batches=2,
+    train_batch_size=32, minibatches=2, timestep_fraction=0.5, lr=1e-4, lora_rank=0, mixed_precision="no",
+    epochs=15, grid_size=16,
+)  # fmt: skip
+
+
+def samples_per_epoch(cfg: Config) -> int:
+    return cfg.sample_batch_size * cfg.sample_batches
+
+
+def check_config(cfg: Config) -> None:
+    """Fail early, with the numbers, on anything that would fail (or silently misbehave) later."""
+    if cfg.algo not in ALGOS:
+        raise ConfigError(f"unknown --algo {cfg.algo!r}; choose one of {', '.join(ALGOS)}")
+    from rewards import REWARDS
+
+    if cfg.reward not in REWARDS:
+        raise ConfigError(f"unknown --reward {cfg.reward!r}; choose one of {', '.join(REWARDS)}")
+    if cfg.eta <= 0:
+        raise ConfigError(f"--eta {cfg.eta}: DDPO needs a stochastic sampler, eta > 0 (paper: 1)")
+    if not 0 < cfg.timestep_fraction <= 1:
+        raise ConfigError(f"--timestep-fraction {cfg.timestep_fraction} must be in (0, 1]")
+    n = samples_per_epoch(cfg)
+    per_step = n // cfg.minibatches if n % cfg.minibatches == 0 else None
+    if per_step is None or per_step % cfg.train_batch_size:
+        raise ConfigError(
+            f"batch arithmetic: {cfg.sample_batch_size} x {cfg.sample_batches} = {n} samples per epoch must split "
+            f"into --minibatches {cfg.minibatches} of a multiple of --train-batch-size {cfg.train_batch_size}"
+        )
+    if cfg.log not in ("none", "tensorboard", "wandb"):
+        raise ConfigError(f"unknown --log {cfg.log!r}; choose none, tensorboard or wandb")
+    if cfg.mixed_precision not in ("fp16", "bf16", "no"):
+        raise ConfigError(f"unknown --mixed-precision {cfg.mixed_precision!r}; choose fp16, bf16 or no")
+
+
+class ConfigError(ValueError):
+    """Bad input from the user: printed as one line by the CLI."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient or reward: the run stops, keeping its last good checkpoint."""
+
+
+# ====================================================================================================
+# Prompts and models
+# ====================================================================================================
+
+
+def load_prompts(name: str) -> list[str]:
+    """The paper's prompt sets, or one prompt per line of a text file."""
+    from tiny import ANIMALS, prompt_for
+
+    if name == "simple_animals":
+        return [prompt_for(a) for a in ANIMALS]  # "a(n) [animal]", the 45 common animals
+    if name == "imagenet_animals":  # the first 398 ImageNet classes are animals
+        lines = (ROOT / "assets" / "imagenet_animals.txt").read_text().splitlines()
+        return [prompt_for(x.strip()) for x in lines if x.strip()]
+    if name == "animals_activities":  # "a(n) [animal] [activity]", 45 x 3
+        return [f"{prompt_for(a)} {act}" for a in ANIMALS for act in ACTIVITIES]
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"--prompts {name!r} is neither one of {', '.join(PROMPT_SETS)} nor a text file")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--prompts file {name} has no prompts (one per line)")
+    return prompts
+
+
+def load_model(cfg: Config, device: torch.device) -> TextToImage:
+    """The tiny model, or Stable Diffusion (hub id / local folder) with LoRA or full fine-tuning."""
+    if cfg.model == "tiny":
+        import tiny
+
+        try:
+            model = tiny.load_tiny(device)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+        model.unet.requires_grad_(True)  # full fine-tuning in fp32 at tiny scale
+        if cfg.lora_rank > 0:
+            add_lora(model.unet, cfg.lora_rank)
+        return model
+    return load_stable_diffusion(cfg, device)
+
+
+def add_lora(unet: torch.nn.Module, rank: int) -> None:
+    """LoRA (peft) on the attention projections to_q, to_k, to_v, to_out.0; only LoRA weights train.
+
+    LoRA weights stay in float32 even when the base UNet is fp16/bf16 (autocast mixes them).
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    unet.add_adapter(config)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def load_stable_diffusion(cfg: Config, device: torch.device) -> TextToImage:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[cfg.mixed_precision]
+    if device.type == "cpu" and dtype != torch.float32:
+        print(f"note: --mixed-precision {cfg.mixed_precision} ignored on CPU (float32)")
+        dtype = torch.float32
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(cfg.model, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as err:
+        hub = "" if Path(cfg.model).is_dir() else " The Hugging Face hub is unreachable or offline."
+        raise ConfigError(
+            f"cannot load Stable Diffusion from {cfg.model!r} ({type(err).__name__}).{hub} Pass --model with a "
+            "local folder holding a saved StableDiffusionPipeline, or use --model tiny (no download)."
+        ) from None
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler the paper uses (eta = 1)
+    vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
+    for module in (vae, text_encoder):
+        module.requires_grad_(False).to(device, dtype).eval()
+    if cfg.lora_rank > 0:
+        unet.to(device, dtype)
+        add_lora(unet, cfg.lora_rank)
+    else:
+        unet.to(device, torch.float32).requires_grad_(True)  # full fine-tuning stays in fp32
+
+    @torch.no_grad()
+    def encode_prompts(prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        return text_encoder(ids)[0]  # (B, 77, 768)
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        images = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample  # (B, 3, 512, 512) in [-1, 1]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    size = unet.config.sample_size
+    return TextToImage(unet=unet, scheduler=scheduler, encode_prompts=encode_prompts, decode=decode,
+                       latent_shape=(unet.config.in_channels, size, size), name=cfg.model)
+
+
+def trainable_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in unet.named_parameters() if v.requires_grad}
+
+
+def save_weights(model: TextToImage, cfg: Config, folder: Path) -> None:
+    """LoRA in the format `StableDiffusionPipeline.load_lora_weights` reads; full UNet as safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg.lora_rank > 0:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora, safe_serialization=True)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.unet.state_dict().items()},
+                  str(folder / "unet.safetensors"))
+
+
+# ====================================================================================================
+# The training loop (issue 5): sample -> reward -> advantages -> policy-gradient steps, every epoch
+# ====================================================================================================
+
+
+@dataclass
+class Samples:
+    """One epoch of experience, N = samples per epoch, T = denoising steps."""
+
+    latents: torch.Tensor  # (N, T+1, C, H, W) x_T ... x_0
+    log_probs: torch.Tensor  # (N, T) log p_theta_old(x_{t-1} | x_t, c) at sampling time
+    timesteps: torch.Tensor  # (T,)
+    prompt_embeds: torch.Tensor  # (N, L, D)
+    prompts: list[str]
+    images: torch.Tensor  # (N, 3, H', W') float in [0, 1], on CPU
+    rewards: np.ndarray  # (N,) float32
+    extras: dict
+
+
+@dataclass
+class State:
+    """Everything that must survive a restart for the run to continue exactly."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps so far
+    history: list = field(default_factory=list)  # per-epoch metric dicts
+
+
+class Run:
+    """Holds the model, optimizer, RNGs and folders of one training run. The loop is `train()` below."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dir = Path(cfg.output_dir)
+        self.model = load_model(cfg, self.device)
+        self.prompts = load_prompts(cfg.prompts)
+        from rewards import RewardModelUnavailable, make_reward
+
+        scale = "tiny" if cfg.model == "tiny" else "paper"
+        try:
+            self.reward_fn = make_reward(cfg.reward, scale=scale, device=str(self.device))
+        except (ValueError, RewardModelUnavailable) as err:
+            raise ConfigError(str(err)) from None
+        self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay)
+        self.tracker = PerPromptStatTracker(cfg.stat_buffer, cfg.stat_min_count)
+        self.negative_embeds = self.model.encode_prompts([""])  # (1, L, D) the empty negative prompt
+        # Three generators, all checkpointed: prompt choice (numpy), sampling noise (on the model's
+        # device), and training shuffles / RWR noise (CPU).
+        self.prompt_rng = np.random.default_rng(cfg.seed)
+        self.sample_gen = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.train_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.state = State()
+        dtype = next(self.model.unet.parameters()).dtype
+        self.autocast = torch.autocast(self.device.type, dtype=dtype,
+                                       enabled=self.device.type == "cuda" and dtype != torch.float32)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    @property
+    def ckpt_path(self) -> Path:
+        return self.dir / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "trainable": trainable_state(self.model.unet),
+            "optimizer": self.optimizer.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "prompt_rng": self.prompt_rng.bit_generator.state,
+            "sample_gen": self.sample_gen.get_state(),
+            "train_gen": self.train_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+            "history": self.state.history,
+        }
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)  # atomic: a kill during the save keeps the previous checkpoint
+
+    def load_checkpoint(self) -> None:
+        s = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        params = dict(self.model.unet.named_parameters())
+        with torch.no_grad():
+            for k, v in s["trainable"].items():
+                params[k].copy_(v)
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.tracker.load_state_dict(s["tracker"])
+        self.prompt_rng.bit_generator.state = s["prompt_rng"]
+        self.sample_gen.set_state(s["sample_gen"])
+        self.train_gen.set_state(s["train_gen"])
+        torch.set_rng_state(s["torch_rng"])
+        if s["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda_rng"])
+        self.state = State(epoch=s["epoch"], step=s["step"], history=s["history"])
+
+
+def sample_epoch(run: Run, pool: ThreadPoolExecutor) -> tuple[Samples, dict]:
+    """Phase 1+2: roll out the policy (no grad) and score the images on a worker thread.
+
+    The reward of batch i is computed while batch i+1 samples, so a slow reward (a VLM) overlaps with
+    the UNet instead of adding to it.
+    """
+    cfg, model = run.cfg, run.model
+    t0 = time.perf_counter()
+    batches, futures = [], []
+    model.unet.eval()
+    for _ in tqdm(range(cfg.sample_batches), desc=f"epoch {run.state.epoch}: sampling", leave=False):
+        prompts = list(run.prompt_rng.choice(run.prompts, cfg.sample_batch_size))
+        embeds = model.encode_prompts(prompts)  # (B, L, D)
+        with run.autocast:
+            traj = sample_with_logprob(model.unet, model.scheduler, embeds, run.negative_embeds,
+                                       num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
+                                       latent_shape=model.latent_shape, generator=run.sample_gen)
+        images = model.decode(traj.x0).cpu()  # (B, 3, H', W') in [0, 1]
+        futures.append(pool.submit(_timed, run.reward_fn, images, prompts))
+        batches.append((traj, embeds, prompts, images))
+    t_sample = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    results = [f.result() for f in futures]  # ((rewards, extras), seconds) per batch
+    t_wait = time.perf_counter() - t1
+    rewards = np.concatenate([r for (r, _), _ in results]).astype(np.float32)  # (N,)
+    extras: dict = {}
+    for (_, ex), _ in results:
+        for k, v in ex.items():
+            extras.setdefault(k, []).extend(list(v))
+    samples = Samples(
+        latents=torch.cat([b[0].latents for b in batches]),  # (N, T+1, C, H, W)
+        log_probs=torch.cat([b[0].log_probs for b in batches]),  # (N, T)
+        timesteps=batches[0][0].timesteps,  # (T,)
+        prompt_embeds=torch.cat([b[1] for b in batches]),  # (N, L, D)
+        prompts=[p for b in batches for p in b[2]],
+        images=torch.cat([b[3] for b in batches]),  # (N, 3, H', W')
+        rewards=rewards,
+        extras=extras,
+    )
+    timing = {"time/sample": t_sample, "time/reward": sum(s for _, s in results), "time/reward_wait": t_wait}
+    return samples, timing
+
+
+def _timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def compute_advantages(run: Run, samples: Samples) -> torch.Tensor:
+    """Phase 3: A = (r - mean) / (std + 1e-6), per prompt (or over the batch), clipped to +-adv_clip_max."""
+    cfg = run.cfg
+    if cfg.per_prompt_stats:
+        adv = run.tracker.update(samples.prompts, samples.rewards)  # (N,)
+    else:
+        r = samples.rewards.astype(np.float64)
+        adv = ((r - r.mean()) / (r.std() + 1e-6)).astype(np.float32)
+    return torch.as_tensor(clip_advantages(adv, cfg.adv_clip_max), device=run.device)  # (N,)
+
+
+def policy_loss(run: Run, samples: Samples, idx: torch.Tensor, j: torch.Tensor, adv: torch.Tensor):
+    """The DDPO loss on transitions (sample idx, step j): recompute log p under theta, compare with theta_old.
+
+    idx, j: (b,) sample and step indices; adv: (b,) advantages. Returns (loss, info).
+    """
+    cfg, model = run.cfg, run.model
+    x_t = samples.latents[idx, j]  # (b, C, H, W)
+    x_prev = samples.latents[idx, j + 1]  # (b, C, H, W)
+    t = samples.timesteps[j]  # (b,)
+    with run.autocast:
+        log_prob = recompute_log_prob(model.unet, model.scheduler, x_t, x_prev, t, samples.prompt_embeds[idx],
+                                      run.negative_embeds, cfg.guidance_scale, cfg.eta)  # (b,)
+    if cfg.algo == "ddpo_sf":
+        return ddpo_sf_loss(log_prob, adv), {}
+    return ddpo_is_loss(log_prob, samples.log_probs[idx, j], adv, cfg.clip_range)
+
+
+def rwr_loss(run: Run, samples: Samples, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """RWR / sparse RWR: the diffusion loss (Eq. 1) on the sampled x_0, weighted per sample."""
+    x0 = samples.latents[idx, -1]  # (b, C, H, W)
+    t = torch.randint(0, run.model.scheduler.config.num_train_timesteps, (len(idx),), generator=run.train_gen)
+    noise = torch.randn(x0.shape, generator=run.train_gen)
+    with run.autocast:
+        return diffusion_mse_loss(run.model.unet, run.model.scheduler, x0, samples.prompt_embeds[idx],
+                                  t.to(x0.device), noise.to(x0.device), weights)
+
+
+def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
+    """Phase 4-6: inner epochs over shuffled samples and independently shuffled timesteps.
+
+    Each optimizer step sees one minibatch of samples and accumulates gradients over all of its samples
+    and over the trained timesteps of each ("gradients are always accumulated across all timesteps"),
+    then clips the gradient norm. DDPO_SF takes one step at theta = theta_old; DDPO_IS takes
+    `minibatches` steps per inner epoch, kept close to theta_old by the clipped ratio.
+    """
+    cfg, model = run.cfg, run.model
+    model.unet.train()
+    n, T = samples.log_probs.shape
+    T_train = max(1, int(round(T * cfg.timestep_fraction)))
+    stats: dict[str, list[float]] = {"loss/policy": [], "loss/approx_kl": [], "loss/clipfrac": [], "grad_norm": []}
+
+    if cfg.algo in ("rwr", "rwr_sparse"):  # per-sample weights over the whole epoch
+        r = torch.as_tensor(samples.rewards)
+        if cfg.algo == "rwr":
+            keep, weights = torch.arange(n), rwr_weights(r, cfg.rwr_beta)  # w = exp(beta r) / Z
+        else:
+            keep = sparse_rwr_mask(r, cfg.rwr_percentile).nonzero().flatten()  # 1[r >= C]
+            weights = torch.ones(n)
+    for _ in range(cfg.inner_epochs):
+        if cfg.algo in ("rwr", "rwr_sparse"):
+            order = keep[torch.randperm(len(keep), generator=run.train_gen)]
+        else:
+            order = torch.randperm(n, generator=run.train_gen)  # shuffled samples, (N,)
+        # independently shuffled timesteps for every sample: perms[i] is a permutation of 0..T-1
+        perms = torch.argsort(torch.rand(n, T, generator=run.train_gen), dim=1)  # (N, T)
+        for mb in tqdm(order.chunk(cfg.minibatches), desc=f"epoch {run.state.epoch}: training", leave=False):
+            chunks = mb.split(cfg.train_batch_size)
+            n_terms = len(chunks) * (1 if cfg.algo.startswith("rwr") else T_train)
+            for chunk in chunks:
+                chunk_dev = chunk.to(run.device)
+                if cfg.algo.startswith("rwr"):
+                    loss, info = rwr_loss(run, samples, chunk_dev, weights[chunk].to(run.device)), {}
+                    _backward(run, loss / n_terms, "train")
+                    stats["loss/policy"].append(loss.item())
+                    continue
+                for k in range(T_train):
+                    j = perms[chunk, k].to(run.device)  # the k-th shuffled step of each sample, (b,)
+                    loss, info = policy_loss(run, samples, chunk_dev, j, adv[chunk_dev])
+                    _backward(run, loss / n_terms, "train")
+                    stats["loss/policy"].append(loss.item())
+                    for key, v in info.items():
+                        stats[f"loss/{key}"].append(v.item())
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise TrainingDiverged(f"epoch {run.state.epoch}, phase train: non-finite gradient norm")
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.state.step += 1
+            stats["grad_norm"].append(grad_norm.item())
+    return {k: (float(np.mean(v)) if v else None) for k, v in stats.items()}
+
+
+def _backward(run: Run, loss: torch.Tensor, phase: str) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(f"epoch {run.state.epoch}, phase {phase}: non-finite loss {loss.item()}")
+    loss.backward()
+
+
+# ====================================================================================================
+# Logging: metrics.jsonl, an image grid per epoch, the reward curve
+# ====================================================================================================
+
+
+def save_grid(samples: Samples, path: Path, n: int) -> None:
+    """The first n images with their prompt and reward underneath."""
+    from PIL import Image, ImageDraw
+
+    n = min(n, len(samples.prompts))
+    tile = 128 if samples.images.shape[-1] <= 128 else 256
+    cols = min(n, 8)
+    rows = math.ceil(n / cols)
+    text_h = 28
+    sheet = Image.new("RGB", (cols * tile, rows * (tile + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    captions = samples.extras.get("captions")
+    for i in range(n):
+        arr = (samples.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        im = Image.fromarray(arr).resize((tile, tile), Image.NEAREST if arr.shape[0] < tile else Image.BILINEAR)
+        x, y = (i % cols) * tile, (i // cols) * (tile + text_h)
+        sheet.paste(im, (x, y))
+        label = f"{samples.prompts[i][:22]}\nr={samples.rewards[i]:.3g}"
+        if captions:
+            label = f"{samples.prompts[i][:13]}>{str(captions[i])[:9]}\nr={samples.rewards[i]:.3g}"
+        draw.multiline_text((x + 2, y + tile + 1), label, fill="black", spacing=1)
+    sheet.save(path)
+
+
+def save_reward_curve(history: list[dict], path: Path, reward: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    mean = np.array([h["reward/mean"] for h in history])
+    std = np.array([h["reward/std"] for h in history])
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(epochs, mean, marker="o", ms=3)
+    ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set(xlabel="epoch", ylabel=f"reward ({reward})", title="reward/mean ± reward/std")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class ExternalLogger:
+    """Optional tensorboard / wandb mirror of metrics.jsonl (only imported when asked for)."""
+
+    def __init__(self, cfg: Config, folder: Path):
+        self.kind, self.writer = cfg.log, None
+        try:
+            if cfg.log == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(folder / "tb"))
+            elif cfg.log == "wandb":
+                import wandb
+
+                self.writer = wandb.init(project="ddpo-min", config=asdict(cfg), dir=str(folder))
+        except ImportError as err:
+            raise ConfigError(f"--log {cfg.log} needs its package: pip install {cfg.log} ({err})") from None
+
+    def log(self, metrics: dict, step: int) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        if self.kind == "tensorboard":
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        elif self.kind == "wandb":
+            self.writer.log(scalars, step=step)
+
+
+# ====================================================================================================
+# train(): the thin loop over the phases above
+# ====================================================================================================
+
+
+def train(cfg: Config) -> Path:
+    """Run DDPO (or RWR) for cfg.epochs epochs; returns the run folder. Resumes exactly from cfg.resume."""
+    if cfg.resume:
+        cfg = resume_config(cfg)
+    check_config(cfg)
+    if not cfg.output_dir:
+        name = "tiny" if cfg.model == "tiny" else Path(cfg.model).name
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg = replace(cfg, output_dir=str(ROOT / "runs" / f"{cfg.reward}-{cfg.algo}-{name}-{stamp}"))
+    torch.manual_seed(cfg.seed)
+    run = Run(cfg)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    (run.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    if run.ckpt_path.exists():
+        run.load_checkpoint()
+        print(f"resumed {run.dir} at epoch {run.state.epoch} (optimizer step {run.state.step})")
+    print_sizes(cfg, run)
+    metrics_path = run.dir / "metrics.jsonl"
+    # keep only the epochs the checkpoint contains (a crash between the two writes leaves one extra)
+    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in run.state.history))
+    logger = ExternalLogger(cfg, run.dir)
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+    try:
+        while run.state.epoch < cfg.epochs:
+            epoch, t0 = run.state.epoch, time.perf_counter()
+            samples, timing = sample_epoch(run, pool)  # 1-2. sample with log-probs; rewards on a thread
+            if not np.all(np.isfinite(samples.rewards)):
+                raise TrainingDiverged(f"epoch {epoch}, phase reward: non-finite reward from {cfg.reward!r}")
+            adv = compute_advantages(run, samples)  # 3. per-prompt advantages
+            t1 = time.perf_counter()
+            losses = train_epoch(run, samples, adv)  # 4-6. clipped policy-gradient steps
+            t_train = time.perf_counter() - t1
+            metrics = {
+                "epoch": epoch, "step": run.state.step,
+                "reward/mean": float(samples.rewards.mean()), "reward/std": float(samples.rewards.std()),
+                **losses, **timing, "time/train": t_train, "time/epoch": time.perf_counter() - t0,
+                "samples_per_second": len(samples.prompts) / (time.perf_counter() - t0),
+            }  # fmt: skip
+            run.state.history.append(metrics)
+            run.state.epoch += 1
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_grid(samples, run.dir / f"samples_epoch{epoch:04d}.png", cfg.grid_size)
+            save_reward_curve(run.state.history, run.dir / "reward_curve.png", cfg.reward)
+            logger.log(metrics, run.state.step)
+            if run.state.epoch % cfg.save_every == 0 or run.state.epoch == cfg.epochs:
+                run.save_checkpoint()
+            print(format_metrics(metrics))
+    except KeyboardInterrupt:
+        # The checkpoint on disk is the end of the last finished epoch: resuming from it repeats the
+        # interrupted epoch exactly. The half-trained weights are exported too, so nothing is lost.
+        save_weights(run.model, cfg, run.dir / "interrupted_weights")
+        print(f"\ninterrupted in epoch {run.state.epoch}; resume exactly with: python ddpo_min.py --resume {run.dir}"
+              f"\n(current weights saved to {run.dir / 'interrupted_weights'})")
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    save_weights(run.model, cfg, run.dir / "weights")
+    print(f"done: {run.dir} (weights in {run.dir / 'weights'})")
+    return run.dir
+
+
+def resume_config(cfg: Config) -> Config:
+    folder = Path(cfg.resume)
+    if not (folder / "config.json").is_file() or not (folder / "checkpoint.pt").is_file():
+        raise ConfigError(f"--resume {cfg.resume}: no config.json + checkpoint.pt there")
+    saved = Config(**json.loads((folder / "config.json").read_text()))
+    return replace(saved, epochs=max(cfg.epochs, saved.epochs) if cfg.epochs else saved.epochs,
+                   output_dir=str(folder), resume="")
+
+
+def print_sizes(cfg: Config, run: Run) -> None:
+    n = samples_per_epoch(cfg)
+    T_train = max(1, int(round(cfg.num_steps * cfg.timestep_fraction)))
+    n_train = sum(p.numel() for p in run.params)
+    print(
+        f"model {cfg.model} on {run.device} | trainable params {n_train / 1e6:.2f}M "
+        f"({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'})\n"
+        f"samples/epoch {n} = {cfg.sample_batches} batches x {cfg.sample_batch_size} | {len(run.prompts)} prompts "
+        f"({cfg.prompts}) | reward {cfg.reward} | algo {cfg.algo}\n"
+        f"optimizer steps/epoch {cfg.minibatches * cfg.inner_epochs} = {cfg.minibatches} minibatches of "
+        f"{n // cfg.minibatches} samples x {cfg.inner_epochs} inner epochs, each accumulating "
+        f"{n // cfg.minibatches // cfg.train_batch_size} forward chunks x {T_train}/{cfg.num_steps} timesteps"
+    )
+
+
+def format_metrics(m: dict) -> str:
+    parts = [f"epoch {m['epoch']}", f"reward {m['reward/mean']:.4g} ± {m['reward/std']:.3g}"]
+    for k in ("loss/policy", "loss/approx_kl", "loss/clipfrac"):
+        if m.get(k) is not None:
+            parts.append(f"{k.split('/')[1]} {m[k]:.3g}")
+    parts.append(f"{m['time/epoch']:.1f}s (sample {m['time/sample']:.1f}, train {m['time/train']:.1f})")
+    return " | ".join(parts)
+
+
+# ====================================================================================================
+# CLI: generated from Config; unknown flags fail; errors are one line
+# ====================================================================================================
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        description="DDPO: fine-tune a text-to-image diffusion model on a reward with RL.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = Config()
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str, "bool": _parse_bool}[f.type]
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS,
+                            help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
+    explicit = vars(parser.parse_args(argv))  # only the flags actually given (unknown flags exit 2)
+    base = replace(Config(), **TINY_DEFAULTS) if explicit.get("model") == "tiny" else Config()
+    if explicit.get("resume"):
+        base = replace(base, epochs=0)  # 0 = keep the run's own epochs unless --epochs is given
+    return replace(base, **explicit)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (ConfigError, TrainingDiverged) as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
