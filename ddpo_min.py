@@ -842,8 +842,8 @@ def resume_config(cfg: Config) -> Config:
     if not (folder / "config.json").is_file() or not (folder / "checkpoint.pt").is_file():
         raise ConfigError(f"--resume {cfg.resume}: no config.json + checkpoint.pt there")
     saved = Config(**json.loads((folder / "config.json").read_text()))
-    return replace(saved, epochs=max(cfg.epochs, saved.epochs) if cfg.epochs else saved.epochs,
-                   output_dir=str(folder), resume="")
+    # the saved config wins (the run continues as it began); only the number of epochs may change
+    return replace(saved, epochs=cfg.epochs or saved.epochs, output_dir=str(folder), resume="")
 
 
 def print_sizes(cfg: Config, run: Run) -> None:

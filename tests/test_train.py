@@ -1,0 +1,264 @@
+"""The training loop end to end: paper-scale code on a tiny random SD pipeline, exact resume, guards.
+
+Everything here runs on CPU with no network: the "Stable Diffusion" is built from configs (same classes as
+SD v1.4: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer) and saved to a local folder,
+which is exactly the `--model /local/folder` path a user without the hub takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ddpo_min
+import tiny
+from ddpo_min import Config, ConfigError, TrainingDiverged, parse_args, train
+
+# ----------------------------------------------------------------------------------------------
+# A tiny random Stable Diffusion pipeline, saved like a real one
+# ----------------------------------------------------------------------------------------------
+
+
+def _tiny_clip_tokenizer(folder: Path):
+    """A real CLIPTokenizer with a character-level vocabulary (no merges): enough to tokenise offline."""
+    from transformers import CLIPTokenizer
+
+    # byte-level BPE maps each byte to a printable symbol: printable bytes map to themselves, the others to
+    # code points from 256 upwards
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_folder(tmp_path_factory) -> Path:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = tmp_path_factory.mktemp("tiny_sd")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=16,
+    )  # fmt: skip
+    tok_dir = folder / "tok_src"
+    tok_dir.mkdir()
+    tokenizer = _tiny_clip_tokenizer(tok_dir)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16))
+    # SD v1.4's scheduler settings (scaled_linear betas, steps_offset 1, set_alpha_to_one False)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
+def _sd_config(folder: Path, out: Path, **kw) -> Config:
+    base = dict(model=str(folder), reward="compressibility", prompts="simple_animals", num_steps=3,
+                guidance_scale=5.0, sample_batch_size=2, sample_batches=2, train_batch_size=2, minibatches=2,
+                lora_rank=4, epochs=1, output_dir=str(out), device="cpu", mixed_precision="no", grid_size=4)
+    base.update(kw)
+    return Config(**base)
+
+
+def test_paper_scale_epoch_with_lora_and_cfg(tiny_sd_folder, tmp_path):
+    """One full epoch of the SD code path (LoRA + CFG) on CPU; the saved LoRA loads into a pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    run_dir = train(_sd_config(tiny_sd_folder, tmp_path / "run"))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1
+    m = metrics[0]
+    for key in ("reward/mean", "reward/std", "loss/policy", "loss/approx_kl", "loss/clipfrac", "time/sample",
+                "time/reward", "time/train", "samples_per_second"):
+        assert key in m and np.isfinite(m[key]), key
+    assert m["step"] == 2  # 2 minibatches -> 2 optimizer steps
+    assert (run_dir / "samples_epoch0000.png").is_file() and (run_dir / "reward_curve.png").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["lora_rank"] == 4
+
+    # the LoRA file is what StableDiffusionPipeline.load_lora_weights reads, and it changes the output
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder, safety_checker=None)
+
+    def render():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a cat", num_inference_steps=3, generator=g, output_type="np", guidance_scale=5.0).images
+
+    before = render()
+    pipe.load_lora_weights(run_dir / "weights")
+    after = render()
+    assert np.abs(after - before).max() > 1e-6
+
+
+def test_lora_trains_only_adapter_weights(tiny_sd_folder, tmp_path):
+    cfg = _sd_config(tiny_sd_folder, tmp_path / "run")
+    run = ddpo_min.Run(cfg)
+    names = [n for n, p in run.model.unet.named_parameters() if p.requires_grad]
+    assert names and all("lora" in n for n in names)
+    targets = {n.split(".lora")[0].rsplit(".", 1)[-1] for n in names}
+    assert targets <= {"to_q", "to_k", "to_v", "0"}  # to_out.0 ends in "0"
+    assert all(p.dtype == torch.float32 for p in run.params)
+
+
+def test_first_minibatch_is_on_policy(tiny_sd_folder, tmp_path):
+    """At theta = theta_old the recomputed log-probs equal the sampled ones: approx_kl 0, clipfrac 0."""
+    run_dir = train(_sd_config(tiny_sd_folder, tmp_path / "run", minibatches=1, sample_batches=1))
+    m = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["loss/approx_kl"] < 1e-10 and m["loss/clipfrac"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny scale: exact resume, guards
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def random_tiny_weights(tmp_path, monkeypatch):
+    """Point the tiny loader at random (seeded) weights: these tests check mechanics, not quality."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path / "unet.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny.make_unet().state_dict().items()}, str(path))
+    monkeypatch.setattr(tiny, "UNET_WEIGHTS", path)
+    return path
+
+
+def _tiny_config(out: Path, **kw) -> Config:
+    base = dict(TINY_ARGS, output_dir=str(out))
+    base.update(kw)
+    return Config(**base)
+
+
+TINY_ARGS = dict(ddpo_min.TINY_DEFAULTS, model="tiny", num_steps=3, sample_batch_size=4, sample_batches=2,
+                 train_batch_size=4, minibatches=2, epochs=3, grid_size=4, device="cpu")
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_kill_mid_epoch_is_exact(random_tiny_weights, tmp_path, monkeypatch):
+    straight = _history(train(_tiny_config(tmp_path / "straight")))
+
+    calls = {"n": 0}
+    real = ddpo_min.policy_loss
+
+    def killed_in_epoch_1(*args, **kwargs):  # Ctrl-C in the middle of epoch 1's training phase
+        calls["n"] += 1
+        # each epoch makes 2 minibatches x 1 chunk x 2 (of 3) timesteps = 4 calls; call 7 is in epoch 1's
+        # second minibatch, after epoch 1 has already taken one optimizer step
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ddpo_min, "policy_loss", killed_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny_config(tmp_path / "killed"))
+    assert len(_history(tmp_path / "killed")) == 1  # epoch 0 finished, epoch 1 did not
+    assert (tmp_path / "killed" / "interrupted_weights" / "unet.safetensors").is_file()
+    monkeypatch.setattr(ddpo_min, "policy_loss", real)
+
+    resumed = _history(train(Config(resume=str(tmp_path / "killed"), epochs=0)))
+    assert [h["epoch"] for h in resumed] == [0, 1, 2]
+    for a, b in zip(straight, resumed):
+        assert a["reward/mean"] == b["reward/mean"]
+        assert a["loss/policy"] == pytest.approx(b["loss/policy"], rel=1e-6, abs=1e-9)
+
+
+def test_nan_reward_stops_with_epoch_and_phase(random_tiny_weights, tmp_path, monkeypatch):
+    import rewards
+
+    real = rewards.make_reward
+
+    def nan_reward(*args, **kwargs):
+        real(*args, **kwargs)  # still validates the name
+        return lambda images, prompts: (np.full(len(prompts), np.nan, np.float32), {})
+
+    monkeypatch.setattr(rewards, "make_reward", nan_reward)
+    with pytest.raises(TrainingDiverged, match="epoch 0, phase reward"):
+        train(_tiny_config(tmp_path / "nan", epochs=1))
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(random_tiny_weights, tmp_path, monkeypatch):
+    cfg = _tiny_config(tmp_path / "nanloss", epochs=1)
+    train(cfg)
+    before = torch.load(tmp_path / "nanloss" / "checkpoint.pt", weights_only=False)
+    real = ddpo_min.policy_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, info = real(*args, **kwargs)
+        return loss * float("nan"), info
+
+    monkeypatch.setattr(ddpo_min, "policy_loss", nan_loss)
+    with pytest.raises(TrainingDiverged, match="epoch 1, phase train"):
+        train(Config(resume=str(tmp_path / "nanloss"), epochs=2))
+    after = torch.load(tmp_path / "nanloss" / "checkpoint.pt", weights_only=False)
+    assert after["epoch"] == before["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tiny_defaults_apply_and_explicit_flags_win():
+    cfg = parse_args(["--model", "tiny", "--lr", "5e-5"])
+    assert cfg.num_steps == ddpo_min.TINY_DEFAULTS["num_steps"] and cfg.lr == 5e-5 and cfg.lora_rank == 0
+    paper = parse_args([])
+    assert (paper.model, paper.num_steps, paper.guidance_scale, paper.lora_rank) == (
+        "CompVis/stable-diffusion-v1-4", 50, 5.0, 4)
+    assert ddpo_min.samples_per_epoch(paper) == 256  # the paper's 256 samples per epoch
+
+
+def test_unknown_flag_fails():
+    with pytest.raises(SystemExit):
+        parse_args(["--lerning-rate", "1"])
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(algo="ppo"), "unknown --algo"),
+        (dict(reward="beauty"), "unknown --reward"),
+        (dict(sample_batch_size=3, sample_batches=3, minibatches=2), "batch arithmetic"),
+        (dict(eta=0.0), "eta"),
+    ],
+)
+def test_bad_config_is_one_clear_error(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        ddpo_min.check_config(Config(**kw))
+
+
+def test_prompt_sets(tmp_path):
+    assert len(ddpo_min.load_prompts("simple_animals")) == 45
+    imagenet = ddpo_min.load_prompts("imagenet_animals")
+    assert len(imagenet) == 398 and imagenet[0] == "a tench"
+    acts = ddpo_min.load_prompts("animals_activities")
+    assert len(acts) == 135 and "a cat riding a bike" in acts
+    f = tmp_path / "p.txt"
+    f.write_text("a red cube\n\na blue ball\n")
+    assert ddpo_min.load_prompts(str(f)) == ["a red cube", "a blue ball"]
+    with pytest.raises(ConfigError, match="neither"):
+        ddpo_min.load_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_unloadable_model_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="--model tiny"):
+        ddpo_min.load_model(Config(model=str(tmp_path / "no_such_model"), device="cpu"), torch.device("cpu"))
