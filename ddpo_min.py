@@ -271,6 +271,7 @@ class Config:
     mixed_precision: str = _help("fp16 | bf16 | no: dtype of the frozen base model (GPU only)", "fp16")
     # run
     epochs: int = _help("sampling+training epochs", 100)
+    max_minutes: float = _help("stop (with a checkpoint) after the epoch that passes this wall time; 0 = off", 0.0)
     seed: int = _help("random seed (sampling, prompts, shuffles)", 0)
     output_dir: str = _help("run folder (default: runs/<reward>-<algo>-<model>-<time>)", "")
     resume: str = _help("a run folder to continue exactly from its last checkpoint", "")
@@ -797,8 +798,13 @@ def train(cfg: Config) -> Path:
     logger = ExternalLogger(cfg, run.dir)
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+    started = time.perf_counter()
     try:
         while run.state.epoch < cfg.epochs:
+            if cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes:
+                print(f"--max-minutes {cfg.max_minutes} reached after epoch {run.state.epoch - 1}")
+                run.save_checkpoint()
+                break
             epoch, t0 = run.state.epoch, time.perf_counter()
             samples, timing = sample_epoch(run, pool)  # 1-2. sample with log-probs; rewards on a thread
             if not np.all(np.isfinite(samples.rewards)):

@@ -1,0 +1,204 @@
+"""Benchmarks that print figures (speed and learning targets live here, not in timed tests).
+
+    python bench.py speed      # tiny defaults: seconds per epoch by phase, and the ratio to the UNet floor
+    python bench.py learning   # the README's learning figures at tiny scale (about 45 minutes on 2 cores)
+
+`speed` runs two epochs with the tiny defaults and compares the second with the "UNet floor": the same
+number of UNet forward calls (sampling) and forward+backward calls (training), at the same batch sizes,
+timed alone. Target: epoch / floor <= 1.15, i.e. everything that is not the network costs at most 15%.
+
+`learning` fine-tunes the shipped tiny model with the tiny defaults for a fixed wall-clock budget per
+reward, and evaluates a fixed held-out set (the 45 animal prompts x 4 seeds) before and after:
+  compressibility    mean JPEG size must fall by >= 20% within 10 minutes
+  incompressibility  mean JPEG size must rise by >= 20% within 10 minutes
+  alignment          mean reward must rise, and the captioner's top-1 rate must rise by >= 10 points
+                     (or halve its gap to 100%) within 20 minutes
+Figures go to stdout and to assets/bench_*.json; reward curves and before/after grids to assets/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ddpo_min
+import rewards as R
+import tiny
+from sampler import sample_with_logprob
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+RUNS = Path(__file__).resolve().parent / "runs"
+
+
+# ----------------------------------------------------------------------------------------------
+# speed
+# ----------------------------------------------------------------------------------------------
+
+
+def unet_floor(cfg: ddpo_min.Config) -> dict:
+    """Time the UNet calls one tiny epoch makes, alone: sampling forwards and training forward+backwards."""
+    model = tiny.load_tiny()
+    unet = model.unet
+    cfg_mult = 1 if cfg.guidance_scale == 1 else 2  # classifier-free guidance doubles the batch
+    n = ddpo_min.samples_per_epoch(cfg)
+    t_train = max(1, int(round(cfg.num_steps * cfg.timestep_fraction)))
+    n_fwd = cfg.sample_batches * cfg.num_steps
+    n_fwd_bwd = cfg.inner_epochs * cfg.minibatches * (n // cfg.minibatches // cfg.train_batch_size) * t_train
+    emb = model.encode_prompts(tiny.ANIMAL_PROMPTS[:1]).expand(cfg_mult * cfg.sample_batch_size, -1, -1)
+
+    def call(batch: int, grad: bool) -> None:
+        x = torch.randn(batch, *model.latent_shape).to(memory_format=torch.channels_last)
+        t = torch.randint(0, 1000, (batch,))
+        with torch.set_grad_enabled(grad):
+            out = unet(x, t, encoder_hidden_states=emb[:batch]).sample
+        if grad:
+            out.float().mean().backward()
+
+    call(cfg_mult * cfg.sample_batch_size, False)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(n_fwd):
+        call(cfg_mult * cfg.sample_batch_size, False)
+    fwd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(n_fwd_bwd):
+        call(cfg_mult * cfg.train_batch_size, True)
+    fwd_bwd = time.perf_counter() - t0
+    return dict(forward_calls=n_fwd, forward_seconds=fwd, forward_backward_calls=n_fwd_bwd,
+                forward_backward_seconds=fwd_bwd, floor_seconds=fwd + fwd_bwd)
+
+
+def speed() -> dict:
+    cfg = replace(ddpo_min.parse_args(["--model", "tiny"]), epochs=2, output_dir=str(RUNS / "bench-speed"))
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    run_dir = ddpo_min.train(cfg)
+    epoch = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])  # the warm second epoch
+    floor = unet_floor(cfg)
+    ratio = epoch["time/epoch"] / floor["floor_seconds"]
+    result = dict(threads=torch.get_num_threads(), torch=torch.__version__, epoch=epoch, floor=floor,
+                  ratio=ratio, target=1.15, passed=ratio <= 1.15)
+    print(f"\ntiny epoch ({ddpo_min.samples_per_epoch(cfg)} samples, {cfg.num_steps} steps, torch threads "
+          f"{torch.get_num_threads()}):")
+    for k in ("time/sample", "time/reward", "time/reward_wait", "time/train", "time/epoch"):
+        print(f"  {k:<18} {epoch[k]:7.2f} s")
+    print(f"  UNet floor: {floor['forward_calls']} forwards {floor['forward_seconds']:.2f} s + "
+          f"{floor['forward_backward_calls']} forward+backwards {floor['forward_backward_seconds']:.2f} s "
+          f"= {floor['floor_seconds']:.2f} s")
+    print(f"  epoch / floor = {ratio:.3f} (target <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'})")
+    (ASSETS / "bench_speed.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# learning
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, cfg: ddpo_min.Config, per_prompt: int = 4, seed: int = 1234) -> dict:
+    """Held-out evaluation: 45 animal prompts x `per_prompt` fixed seeds, the run's sampler settings."""
+    prompts = [p for p in tiny.ANIMAL_PROMPTS for _ in range(per_prompt)]
+    g = torch.Generator().manual_seed(seed)
+    neg = model.encode_prompts([""])
+    images = []
+    for i in range(0, len(prompts), 60):
+        chunk = prompts[i : i + 60]
+        traj = sample_with_logprob(model.unet.eval(), model.scheduler, model.encode_prompts(chunk), neg,
+                                   num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
+                                   latent_shape=model.latent_shape, generator=g)
+        images.append(model.decode(traj.x0))
+    images = torch.cat(images)  # (N, 3, 32, 32)
+    kb = R.jpeg_size_kb(images)
+    align, extras = R.make_reward("alignment", scale="tiny")(images, prompts)
+    top1 = float(np.mean([c == p for c, p in zip(extras["captions"], prompts)]))
+    return dict(jpeg_kb=float(np.mean(kb)), alignment=float(np.mean(align)), caption_top1=top1), images
+
+
+def learning(only: list[str] | None = None) -> dict:
+    budgets = {"compressibility": 10.0, "incompressibility": 10.0, "alignment": 20.0}
+    results = {}
+    for reward, minutes in budgets.items():
+        if only and reward not in only:
+            continue
+        cfg = replace(ddpo_min.parse_args(["--model", "tiny", "--reward", reward]), epochs=10_000,
+                      max_minutes=minutes, output_dir=str(RUNS / f"bench-{reward}"))
+        shutil.rmtree(cfg.output_dir, ignore_errors=True)
+        before, images_before = evaluate(tiny.load_tiny(), cfg)
+        t0 = time.perf_counter()
+        run_dir = ddpo_min.train(cfg)
+        wall = time.perf_counter() - t0
+        after, images_after = evaluate(tiny.load_tiny(weights=run_dir / "weights" / "unet.safetensors"), cfg)
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        results[reward] = dict(minutes=minutes, wall_seconds=wall, epochs=len(history), before=before,
+                               after=after, epoch_reward_first=history[0]["reward/mean"],
+                               epoch_reward_last=history[-1]["reward/mean"])
+        shutil.copy(run_dir / "reward_curve.png", ASSETS / f"curve_{reward}.png")
+        _before_after_grid(images_before, images_after, ASSETS / f"before_after_{reward}.png")
+        _print_learning(reward, results[reward])
+    verdicts = _verdicts(results)
+    for line in verdicts:
+        print(line)
+    path = ASSETS / "bench_learning.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved.update(results)  # `--only` reruns one reward and keeps the others' figures
+    path.write_text(json.dumps(saved, indent=1))
+    return results
+
+
+def _print_learning(reward: str, r: dict) -> None:
+    b, a = r["before"], r["after"]
+    print(f"\n{reward}: {r['epochs']} epochs in {r['wall_seconds'] / 60:.1f} min | epoch reward "
+          f"{r['epoch_reward_first']:.4g} -> {r['epoch_reward_last']:.4g}")
+    change = 100 * (a["jpeg_kb"] / b["jpeg_kb"] - 1)
+    print(f"  held-out JPEG kB {b['jpeg_kb']:.3f} -> {a['jpeg_kb']:.3f} ({change:+.1f}%)"
+          f" | alignment {b['alignment']:.4f} -> {a['alignment']:.4f} | captioner top-1 "
+          f"{100 * b['caption_top1']:.1f}% -> {100 * a['caption_top1']:.1f}%")
+
+
+def _verdicts(results: dict) -> list[str]:
+    lines = []
+    for reward, r in results.items():
+        b, a = r["before"], r["after"]
+        change = a["jpeg_kb"] / b["jpeg_kb"] - 1
+        if reward in ("compressibility", "incompressibility"):
+            ok = change <= -0.20 if reward == "compressibility" else change >= 0.20
+            need = "<= -20%" if reward == "compressibility" else ">= +20%"
+            lines.append(f"bar {reward}: JPEG size {100 * change:+.1f}% (need {need}): {'PASS' if ok else 'FAIL'}")
+        else:
+            gain = a["caption_top1"] - b["caption_top1"]
+            halved = (1 - a["caption_top1"]) <= (1 - b["caption_top1"]) / 2
+            ok = a["alignment"] > b["alignment"] and (gain >= 0.10 or halved)
+            lines.append(f"bar alignment: reward {b['alignment']:.4f} -> {a['alignment']:.4f}, top-1 "
+                         f"{100 * gain:+.1f} points (need a rise and +10 points or half the gap): "
+                         f"{'PASS' if ok else 'FAIL'}")
+    return lines
+
+
+def _before_after_grid(before: torch.Tensor, after: torch.Tensor, path: Path, n: int = 12) -> None:
+    """Top row: pretrained; bottom row: fine-tuned; same prompts and seeds (every 4th = one per animal)."""
+    from PIL import Image
+
+    idx = list(range(0, len(before), 4))[:n]
+    rows = [torch.cat(list(x[idx]), dim=2) for x in (before, after)]  # (3, 32, n*32) each
+    grid = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("speed", help="epoch time by phase vs the UNet floor")
+    pl = sub.add_parser("learning", help="the tiny-scale learning bars")
+    pl.add_argument("--only", nargs="*", choices=["compressibility", "incompressibility", "alignment"])
+    args = p.parse_args()
+    speed() if args.cmd == "speed" else learning(args.only)
+
+
+if __name__ == "__main__":
+    main()
