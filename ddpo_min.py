@@ -27,6 +27,7 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+import tiny
 from sampler import TextToImage, recompute_log_prob, sample_with_logprob
 
 ROOT = Path(__file__).resolve().parent
@@ -229,6 +230,7 @@ def clip_advantages(advantages: np.ndarray | torch.Tensor, max_abs: float = 5.0)
 ALGOS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
 PROMPT_SETS = ("simple_animals", "imagenet_animals", "animals_activities")
 ACTIVITIES = ("washing the dishes", "riding a bike", "playing chess")
+REWARD_OPTIONS = {"aesthetic": ("clip_model",), "alignment": ("vlm", "bertscore_model")}  # Config -> make_reward
 
 
 def _help(text: str, default):
@@ -244,6 +246,11 @@ class Config:
                        "CompVis/stable-diffusion-v1-4")
     prompts: str = _help("simple_animals (45) | imagenet_animals (398) | animals_activities (45x3) | a .txt path",
                          "simple_animals")
+    clip_model: str = _help("aesthetic: CLIP ViT-L/14 hub id or local folder (default "
+                            "openai/clip-vit-large-patch14)", "")
+    vlm: str = _help("alignment: VLM hub id or folder (default Qwen/Qwen2-VL-2B-Instruct; paper: "
+                     "llava-hf/llava-1.5-7b-hf)", "")
+    bertscore_model: str = _help("alignment: BERTScore model, hub id, folder or `minilm` (offline)", "")
     # sampling
     num_steps: int = _help("DDIM denoising steps T", 50)
     eta: float = _help("DDIM noise scale; must be > 0 for a stochastic policy", 1.0)
@@ -286,7 +293,7 @@ class Config:
 # learning rate than the paper; why: minutes on 2 CPU cores instead of hours on 8 A100s; effect: noisier
 # gradients, each epoch moves the policy further. The numbers in the README come from these settings.
 TINY_DEFAULTS = dict(
-    reward="compressibility", num_steps=20, guidance_scale=3.0, sample_batch_size=32, sample_batches=2,
+    reward="compressibility", num_steps=20, guidance_scale=tiny.GUIDANCE, sample_batch_size=32, sample_batches=2,
     train_batch_size=32, minibatches=2, timestep_fraction=0.5, lr=1e-4, lora_rank=0, mixed_precision="no",
     epochs=15, grid_size=16,
 )  # fmt: skip
@@ -336,15 +343,13 @@ class TrainingDiverged(RuntimeError):
 
 def load_prompts(name: str) -> list[str]:
     """The paper's prompt sets, or one prompt per line of a text file."""
-    from tiny import ANIMALS, prompt_for
-
     if name == "simple_animals":
-        return [prompt_for(a) for a in ANIMALS]  # "a(n) [animal]", the 45 common animals
+        return list(tiny.ANIMAL_PROMPTS)  # "a(n) [animal]", the paper's 45 common animals
     if name == "imagenet_animals":  # the first 398 ImageNet classes are animals
         lines = (ROOT / "assets" / "imagenet_animals.txt").read_text().splitlines()
-        return [prompt_for(x.strip()) for x in lines if x.strip()]
+        return [tiny.prompt_for(x.strip()) for x in lines if x.strip()]
     if name == "animals_activities":  # "a(n) [animal] [activity]", 45 x 3
-        return [f"{prompt_for(a)} {act}" for a in ANIMALS for act in ACTIVITIES]
+        return [f"{prompt} {act}" for prompt in tiny.ANIMAL_PROMPTS for act in ACTIVITIES]
     path = Path(name)
     if not path.is_file():
         raise ConfigError(f"--prompts {name!r} is neither one of {', '.join(PROMPT_SETS)} nor a text file")
@@ -357,8 +362,6 @@ def load_prompts(name: str) -> list[str]:
 def load_model(cfg: Config, device: torch.device) -> TextToImage:
     """The tiny model, or Stable Diffusion (hub id / local folder) with LoRA or full fine-tuning."""
     if cfg.model == "tiny":
-        import tiny
-
         try:
             model = tiny.load_tiny(device)
         except FileNotFoundError as err:
@@ -484,15 +487,16 @@ class Run:
         self.cfg = cfg
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dir = Path(cfg.output_dir)
-        self.model = load_model(cfg, self.device)
         self.prompts = load_prompts(cfg.prompts)
         from rewards import RewardModelUnavailable, make_reward
 
         scale = "tiny" if cfg.model == "tiny" else "paper"
+        options = {k: getattr(cfg, k) for k in REWARD_OPTIONS.get(cfg.reward, ()) if getattr(cfg, k)}
         try:
-            self.reward_fn = make_reward(cfg.reward, scale=scale, device=str(self.device))
+            self.reward_fn = make_reward(cfg.reward, scale=scale, device=str(self.device), **options)
         except (ValueError, RewardModelUnavailable) as err:
             raise ConfigError(str(err)) from None
+        self.model = load_model(cfg, self.device)  # after the cheap checks: loading SD takes a while
         self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            weight_decay=cfg.weight_decay)
