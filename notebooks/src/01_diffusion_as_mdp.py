@@ -1,0 +1,238 @@
+# ruff: noqa: E402, E501
+# (a notebook source: imports follow the setup cell; markdown tables and LaTeX lines do not wrap)
+# %% [markdown]
+# # 1. Denoising as a decision process
+#
+# DDPO starts from a change of viewpoint. A diffusion model is usually *trained* as a likelihood model
+# (Eq. 1 below) and *used* by running a chain of Gaussian denoising steps (Eq. 2). Reinforcement learning
+# needs something else: states, actions, a policy whose probabilities we can evaluate, and a reward.
+# This notebook shows that the sampling chain already is such a decision process, and that the reward of
+# the whole chain is simply the reward of the final image.
+#
+# Plan: (1) the training objective, Eq. 1, checked against `ddpo_min.diffusion_mse_loss`;
+# (2) the reverse process, Eq. 2, and a real trajectory of the tiny model, decoded at several steps;
+# (3) the two MDPs of the paper (RWR's one-step MDP and DDPO's multi-step MDP) and a check that the return
+# of the multi-step MDP equals $r(x_0, c)$.
+
+# %%
+SCALE = "tiny"  # "tiny": the repo's 32x32 emoji model, CPU, offline, ~30 s.
+#                 "paper": Stable Diffusion v1.4 (512x512, 4x64x64 latents). Needs the Hugging Face hub
+#                 (or a local copy of the weights) and a GPU; not run in CI.
+
+# %%
+import nbutils  # finds the repo and puts it on sys.path
+
+nbutils.use_scale(SCALE)
+import matplotlib.pyplot as plt
+import torch
+
+import ddpo_min
+import rewards
+import sampler
+
+torch.manual_seed(0)
+if SCALE == "tiny":
+    import tiny
+
+    model = tiny.load_tiny()  # the shipped weights, assets/tiny_unet.safetensors
+    PROMPTS = ["a cat", "a frog", "a whale", "a bee"]
+    NUM_STEPS, GUIDANCE = 50, 5.0
+else:
+    model = ddpo_min.load_model(ddpo_min.Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 (+ LoRA), fp32
+    PROMPTS = ["a cat", "a frog"]
+    NUM_STEPS, GUIDANCE = 50, 5.0
+unet, scheduler = model.unet, model.scheduler
+device = next(unet.parameters()).device
+print(model.name, "latent (C, H, W) =", model.latent_shape, "| scheduler:", scheduler.config.prediction_type)
+
+# %% [markdown]
+# ## 1.1 The training objective (Eq. 1)
+#
+# The forward process adds Gaussian noise step by step. With $\alpha_t = 1-\beta_t$ and
+# $\bar\alpha_t = \prod_{s\le t}\alpha_s$ it can be sampled in one shot:
+#
+# $$q(x_t \mid x_0) = \mathcal N\!\big(\sqrt{\bar\alpha_t}\,x_0,\ (1-\bar\alpha_t) I\big),\qquad
+#   x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon .$$
+#
+# Going back one step *given* $x_0$ is again Gaussian, with a mean that mixes $x_0$ and $x_t$:
+#
+# $$q(x_{t-1}\mid x_t, x_0) = \mathcal N(\tilde\mu(x_t,x_0), \tilde\beta_t I),\qquad
+#   \tilde\mu(x_t, x_0) = \underbrace{\frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1-\bar\alpha_t}}_{a_t}\,x_0
+#   + \underbrace{\frac{\sqrt{\alpha_t}\,(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}}_{b_t}\,x_t .$$
+#
+# The model learns a mean predictor $\mu_\theta(x_t, t, c)$ for this posterior, which is seed 001's Eq. 1:
+#
+# $$\mathcal L_{\text{DDPM}}(\theta) = \mathbb E\big[\,\|\tilde\mu(x_t, x_0) - \mu_\theta(x_t, t, c)\|^2\,\big]
+#   \tag{1}$$
+#
+# Nobody predicts $\mu_\theta$ directly. The network predicts something from which $\hat x_0$ follows, and
+# $\mu_\theta = a_t \hat x_0 + b_t x_t$ (same $a_t, b_t$). The tiny model predicts
+# $v = \sqrt{\bar\alpha_t}\,\varepsilon - \sqrt{1-\bar\alpha_t}\,x_0$, so that
+# $x_0 = \sqrt{\bar\alpha_t}\,x_t - \sqrt{1-\bar\alpha_t}\,v$ exactly and
+# $\hat x_0 = \sqrt{\bar\alpha_t}\,x_t - \sqrt{1-\bar\alpha_t}\,v_\theta$. The $x_t$ terms cancel:
+#
+# $$\tilde\mu - \mu_\theta = a_t (x_0 - \hat x_0) = a_t\sqrt{1-\bar\alpha_t}\,(v_\theta - v)
+#   \quad\Longrightarrow\quad
+#   \|\tilde\mu - \mu_\theta\|^2 = a_t^2 (1-\bar\alpha_t)\;\|v_\theta - v\|^2 .$$
+#
+# So Eq. 1 at a fixed $t$ is the "simple" regression loss on $v$ that `ddpo_min.diffusion_mse_loss`
+# computes (and that pretrained the tiny model), times a weight that depends only on $t$. Dropping that
+# weight, as everyone does, changes the objective: it is a *reweighted* variational bound, not the
+# likelihood. Notebook 5 comes back to this, because it is one of the two reasons RWR is approximate.
+#
+# **Check.** Take a real image $x_0$ (a fresh render of the cat emoji), noise it at three timesteps, compute
+# $\frac{1}{CHW}\|\tilde\mu - \mu_\theta\|^2$ from the scheduler's $\beta_t, \bar\alpha_t$ and the network's
+# prediction, and compare it with $a_t^2(1-\bar\alpha_t)\times$`diffusion_mse_loss`.
+
+# %%
+if SCALE == "tiny":
+    x0 = tiny.to_model_space(tiny.render_prompt_images(["a cat"], seed=1)).to(device)  # (1, 3, 32, 32)
+else:
+    x0 = torch.randn(1, *model.latent_shape, device=device)  # stand-in latent (paper scale: encode an image)
+c = model.encode_prompts(["a cat"])  # (1, L, D)
+betas, alphas = scheduler.betas.double(), scheduler.alphas.double()
+abar = scheduler.alphas_cumprod.double()
+
+rows = []
+for t_int in (100, 500, 900):
+    t = torch.tensor([t_int], device=device)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t_int)).to(device)  # eps
+    with torch.no_grad():
+        # the project's Eq. 1 in practice: mean over C,H,W of (v_theta - v)^2 (one sample, so no batch mean)
+        simple = ddpo_min.diffusion_mse_loss(unet, scheduler, x0, c, t, noise).double()
+        # Eq. 1 written out with the posterior means
+        x_t = scheduler.add_noise(x0, noise, t).double()  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+        v_theta = unet(x_t.float(), t, encoder_hidden_states=c).sample.double()
+    a_t = abar[t_int - 1].sqrt() * betas[t_int] / (1 - abar[t_int])  # weight of x0 in mu-tilde
+    b_t = alphas[t_int].sqrt() * (1 - abar[t_int - 1]) / (1 - abar[t_int])  # weight of x_t in mu-tilde
+    x0_hat = abar[t_int].sqrt() * x_t - (1 - abar[t_int]).sqrt() * v_theta
+    mu_tilde = a_t * x0.double() + b_t * x_t  # posterior mean
+    mu_theta = a_t * x0_hat + b_t * x_t  # model mean
+    eq1 = ((mu_tilde - mu_theta) ** 2).mean()
+    weight = a_t**2 * (1 - abar[t_int])
+    rows.append((t_int, eq1.item(), weight.item(), simple.item(), (weight * simple).item()))
+    print(f"t={t_int:4d}  Eq.1 = {eq1.item():.4e}   a_t^2(1-abar_t) = {weight.item():.3e}   "
+          f"diffusion_mse_loss = {simple.item():.4f}   product = {(weight * simple).item():.4e}")
+
+nbutils.check(all(abs(e - p) <= 1e-5 * abs(e) + 1e-12 for _, e, _, _, p in rows),
+              "Eq. 1 == a_t^2 (1 - abar_t) * diffusion_mse_loss at t = 100, 500, 900")
+
+# %% [markdown]
+# ## 1.2 The reverse process (Eq. 2): sampling is a chain of Gaussians
+#
+# Sampling starts from $x_T \sim \mathcal N(0, I)$ and applies $T$ steps of
+#
+# $$p_\theta(x_{t-1}\mid x_t, c) = \mathcal N\big(x_{t-1} \mid \mu_\theta(x_t, t, c),\ \sigma_t^2 I\big).
+#   \tag{2}$$
+#
+# With DDIM and $\eta = 1$ (the paper's sampler), $\mu_\theta$ is DDIM's update and $\sigma_t$ is a
+# constant of the schedule; notebook 2 derives both. `sampler.sample_with_logprob` runs the chain with
+# classifier-free guidance and records every state and every step's log-density. Below: one trajectory
+# per prompt, decoded at several steps (top row of each pair: the state $x_t$; bottom row: the model's
+# current guess $\hat x_0$ of the final image, read from diffusers' `DDIMScheduler.step`).
+
+# %%
+g = torch.Generator().manual_seed(0)
+embeds = model.encode_prompts(PROMPTS)  # (B, L, D)
+negative = model.encode_prompts([""])  # (1, L, D): the empty prompt for classifier-free guidance
+traj = sampler.sample_with_logprob(unet, scheduler, embeds, negative, num_steps=NUM_STEPS,
+                                   guidance_scale=GUIDANCE, eta=1.0, latent_shape=model.latent_shape,
+                                   generator=g)
+B, T1 = traj.latents.shape[:2]
+print("latents (B, T+1, C, H, W):", tuple(traj.latents.shape), "| log_probs (B, T):", tuple(traj.log_probs.shape))
+print("timesteps t of the", traj.num_steps, "steps:", traj.timesteps[:4].tolist(), "...", traj.timesteps[-3:].tolist())
+
+# %%
+show_at = [0, 10, 20, 30, 40, 45, 48, NUM_STEPS]  # indices j into the chain: state j has t = timesteps[j]
+rows_x, rows_x0, titles = [], [], []
+for j in show_at:
+    x_j = traj.latents[:, j]  # (B, C, H, W)
+    rows_x.append(model.decode(x_j))
+    if j < NUM_STEPS:
+        t = traj.timesteps[j]
+        with torch.no_grad():
+            out = sampler.guided_model_output(unet, x_j, t, embeds, negative, GUIDANCE)
+        x0_hat = scheduler.step(out, t, x_j, eta=1.0, variance_noise=torch.zeros_like(x_j)).pred_original_sample
+        rows_x0.append(model.decode(x0_hat))
+        titles.append(f"t={t.item()}")
+    else:
+        rows_x0.append(model.decode(x_j))
+        titles.append("x_0")
+
+fig, axes = plt.subplots(2 * B, len(show_at), figsize=(1.15 * len(show_at), 2.3 * B))
+for b in range(B):
+    for k in range(len(show_at)):
+        for r, (row, label) in enumerate(((rows_x, "x_t"), (rows_x0, "x̂_0"))):
+            ax = axes[2 * b + r, k]
+            ax.imshow(row[k][b].permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if b == 0 and r == 0:
+                ax.set_title(titles[k], fontsize=8)
+            if k == 0:
+                ax.set_ylabel(f"{PROMPTS[b]}\n{label}" if r == 0 else label, fontsize=7)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Early states are almost pure noise while $\hat x_0$ already shows a blurry guess of the layout; the
+# last handful of steps mostly sharpen detail. Every arrow in this picture is one draw from a Gaussian
+# whose density we can evaluate, which is what a policy gradient needs.
+#
+# ## 1.3 Two ways to see the sampler as an MDP
+#
+# An MDP is $(\mathcal S, \mathcal A, \rho_0, P, R)$ and an agent following $\pi(a\mid s)$ maximises
+# $\mathcal J_{\text{RL}}(\pi) = \mathbb E_\tau\big[\sum_t R(s_t, a_t)\big]$. The goal of the paper is
+#
+# $$\mathcal J_{\text{DDRL}}(\theta) = \mathbb E_{c\sim p(c),\ x_0 \sim p_\theta(\cdot\mid c)}\,[\,r(x_0, c)\,].$$
+#
+# Seed 001 gives two MDPs for which $\mathcal J_{\text{RL}} = \mathcal J_{\text{DDRL}}$:
+#
+# | | **one-step MDP** (RWR) | **multi-step MDP** (DDPO) |
+# |---|---|---|
+# | state $s$ | $c$ | $s_t = (c,\ t,\ x_t)$ |
+# | action $a$ | $x_0$, the finished image | $a_t = x_{t-1}$, the next, less noisy image |
+# | policy $\pi(a\mid s)$ | $p_\theta(x_0\mid c)$: no closed form | $p_\theta(x_{t-1}\mid x_t, c)$: the Gaussian of Eq. 2 |
+# | initial state $\rho_0$ | $p(c)$ | $\big(p(c),\ \delta_T,\ \mathcal N(0, I)\big)$ |
+# | transition $P$ | straight to a terminal state | $(\delta_c,\ \delta_{t-1},\ \delta_{x_{t-1}})$: deterministic |
+# | reward $R$ | $r(x_0, c)$ | $r(x_0, c)$ if $t = 0$, else $0$ |
+# | horizon | 1 | $T$ denoising steps |
+#
+# The difference that matters: in the one-step MDP the policy's density is $p_\theta(x_0\mid c)$, the
+# marginal of the whole chain, which nobody can compute; RWR falls back on the diffusion loss, a bound
+# on it. In the multi-step MDP every action's density is an isotropic Gaussian, computed exactly and
+# cheaply (`sampler.ddim_step_with_logprob`). The transition just copies the action into the next state,
+# so all randomness lives in the policy, and only the last step is rewarded.
+#
+# **Check.** Build the MDP's trajectory $\tau = (s_0, a_0, \dots, s_{T-1}, a_{T-1})$ from the sampled
+# chain, verify that the image in each next state is exactly the previous action (the transition is a
+# deterministic copy), give rewards as the table says, and compare the return $\sum_k R(s_k, a_k)$ with $r(x_0, c)$. The reward here is the
+# paper's JPEG compressibility, $r = -(\text{JPEG size in kB})$, from `rewards.jpeg_compressibility`.
+
+# %%
+images = model.decode(traj.x0)  # (B, 3, H, W) in [0, 1]
+r_final, _ = rewards.jpeg_compressibility(images, PROMPTS)  # r(x_0, c), (B,)
+
+returns, copies_ok = [], True
+for b in range(B):
+    # MDP step k has s_k = (c, t_k, x_{t_k}) and a_k = x_{t_k - 1}; t counts down, k counts up
+    states = [(PROMPTS[b], int(traj.timesteps[k]), traj.latents[b, k]) for k in range(traj.num_steps)]
+    actions = [traj.latents[b, k + 1] for k in range(traj.num_steps)]
+    for k in range(traj.num_steps - 1):
+        copies_ok &= torch.equal(states[k + 1][2], actions[k])  # P: the next state's x is the action
+    rewards_k = []
+    for k in range(traj.num_steps):
+        last = k == traj.num_steps - 1  # the step whose action is x_0 ("t = 0" in the paper's indexing)
+        img = model.decode(actions[k][None])
+        rewards_k.append(float(rewards.jpeg_compressibility(img, [PROMPTS[b]])[0][0]) if last else 0.0)
+    returns.append(sum(rewards_k))
+    print(f"{PROMPTS[b]:8s}  nonzero rewards: {sum(rk != 0 for rk in rewards_k)} of {len(rewards_k)}   "
+          f"return = {returns[-1]:+.3f}   r(x_0, c) = {r_final[b]:+.3f}")
+
+nbutils.check(copies_ok, "every transition copies the action into the next state (deterministic P)")
+nbutils.check(all(abs(ret - r) < 1e-6 for ret, r in zip(returns, r_final.tolist())),
+              "cumulative reward of the multi-step MDP == r(x_0, c) for every trajectory")
+
+# %% [markdown]
+# Because the return equals $r(x_0, c)$ for every trajectory, the expected return of the multi-step MDP is
+# $\mathcal J_{\text{DDRL}}$: maximising one is maximising the other. What we gained is a policy with a
+# tractable density at every step. The next notebook computes that density.
