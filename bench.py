@@ -13,7 +13,9 @@ reward, and evaluates a fixed held-out set (the 45 animal prompts x 4 seeds) bef
   incompressibility  mean JPEG size must rise by >= 20% within 10 minutes
   alignment          mean reward must rise, and the captioner's top-1 rate must rise by >= 10 points
                      (or halve its gap to 100%) within 20 minutes
-Figures go to stdout and to assets/bench_*.json; reward curves and before/after grids to assets/.
+Figures go to stdout and to assets/bench_learning_<reward>.json (one file per reward, so rewards can be
+run as separate processes, e.g. one per core with OMP_NUM_THREADS=1 and `--only`); reward curves and
+before/after grids to assets/.
 """
 
 from __future__ import annotations
@@ -137,17 +139,16 @@ def learning(only: list[str] | None = None) -> dict:
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         results[reward] = dict(minutes=minutes, wall_seconds=wall, epochs=len(history), before=before,
                                after=after, epoch_reward_first=history[0]["reward/mean"],
-                               epoch_reward_last=history[-1]["reward/mean"])
+                               epoch_reward_last=history[-1]["reward/mean"], torch_threads=torch.get_num_threads(),
+                               config={k: getattr(cfg, k) for k in ddpo_min.TINY_DEFAULTS})
+        verdict = _verdicts({reward: results[reward]})[0]
+        results[reward]["verdict"] = verdict
+        (ASSETS / f"bench_learning_{reward}.json").write_text(json.dumps(results[reward], indent=1))
         shutil.copy(run_dir / "reward_curve.png", ASSETS / f"curve_{reward}.png")
         _before_after_grid(images_before, images_after, ASSETS / f"before_after_{reward}.png")
         _print_learning(reward, results[reward])
-    verdicts = _verdicts(results)
-    for line in verdicts:
-        print(line)
-    path = ASSETS / "bench_learning.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    saved.update(results)  # `--only` reruns one reward and keeps the others' figures
-    path.write_text(json.dumps(saved, indent=1))
+    for r in results.values():
+        print(r["verdict"])
     return results
 
 
