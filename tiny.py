@@ -390,6 +390,7 @@ class PretrainConfig:
     seed: int = 0
     ckpt_every: int = 200
     dir: str = str(CACHE / "pretrain")
+    init: str = ""  # start from these UNet weights (e.g. assets/tiny_unet.safetensors) instead of random init
 
 
 def pretrain(cfg: PretrainConfig) -> None:
@@ -420,6 +421,12 @@ def pretrain(cfg: PretrainConfig) -> None:
         torch.set_rng_state(s["torch_rng"])
         step, t0, losses = s["step"], s["seconds"], s["losses"]
         print(f"resumed from {ckpt} at step {step}")
+    elif cfg.init:  # continue training earlier weights (a fresh optimizer and schedule; steps count from 0)
+        from safetensors.torch import load_file
+
+        unet.load_state_dict(load_file(cfg.init), strict=True)
+        ema.load_state_dict(unet.state_dict())
+        print(f"initialised from {cfg.init}")
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"tiny UNet: {n_params / 1e6:.2f}M parameters, {len(prompts)} classes, {len(sprites)} sprites")
 
