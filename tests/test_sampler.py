@@ -330,7 +330,10 @@ def test_recompute_reproduces_recorded_log_probs_float32(tiny_unet_factory, sd_s
     pairs = shuffled_pairs(B, T)  # (B*T, 2)
     new = rescore(unet, scheduler, traj, prompt, negative, pairs, guidance, eta)  # (B*T,)
     old = traj.log_probs[pairs[:, 0], pairs[:, 1]]  # (B*T,)
-    assert (torch.exp(new.detach() - old) - 1).abs().max() < 1e-6
+    # A different batch composition picks different float32 CPU kernels, so the UNet output moves by a few
+    # ulps: measured max |ratio - 1| = 4.8e-7 on 1 thread and 1.9e-6 on 2 threads (NOTES.md). That is still
+    # 50x inside the clip range 1e-4; rescoring in the sampling batch composition (above) is held to 1e-6.
+    assert (torch.exp(new.detach() - old) - 1).abs().max() < 1e-5
     new.mean().backward()
     grads = [p.grad for p in unet.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
