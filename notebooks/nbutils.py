@@ -74,12 +74,15 @@ def show_images(images, titles=None, ncols: int = 8, size: float = 1.3, suptitle
 
 
 def restore_inline_plots() -> None:
-    """Re-select Jupyter's inline matplotlib backend (a no-op outside a notebook kernel).
+    """Re-select Jupyter's inline matplotlib backend (a no-op outside IPython).
 
     `ddpo_min.train` saves its reward curve with matplotlib.use("Agg"), which switches the backend for
     the whole process; in a notebook, figures shown after a training run would then silently not appear.
     """
-    import matplotlib
-
-    if "ipykernel" in sys.modules and matplotlib.get_backend().lower() == "agg":
-        matplotlib.use("module://matplotlib_inline.backend_inline")
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and "ipykernel" in sys.modules:
+        shell.run_line_magic("matplotlib", "inline")  # what `%matplotlib inline` does

@@ -1,9 +1,9 @@
 """The notebooks are committed without outputs and in sync with their sources; the exercise self-checks
 accept the reference and name the usual mistakes.
 
-Executing the notebooks themselves is a separate, slower run (minutes):
-    python -m pytest --nbmake notebooks
-(notebooks/conftest.py sets DDPO_SOLUTIONS=1, so the exercises run with the reference solutions).
+The notebooks themselves are executed by nbmake, which pyproject's addopts turn on for every pytest run
+(`python -m pytest -q notebooks` for those alone); notebooks/conftest.py sets DDPO_SOLUTIONS=1, so the
+exercises run with the reference solutions.
 """
 
 from __future__ import annotations

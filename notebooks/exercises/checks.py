@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ _ROOT = next(p for p in Path(__file__).resolve().parents if (p / "ddpo_min.py").
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
 from diffusers import DDIMScheduler  # noqa: E402
 
 import ddpo_min  # noqa: E402

@@ -195,10 +195,11 @@ for name, lr in (("averaged", log_ratio_avg), ("summed", log_ratio_sum)):
           f"rho in [{rho.min():.4g}, {rho.max():.4g}];  outside 1 ± 1e-4: {((rho - 1).abs() > eps).float().mean():.0%}")
 
 # %% [markdown]
-# Same parameter change, same transitions. With averaging, a typical $|\log\rho|$ is of the order of
-# $10^{-4}$, the scale at which $\epsilon = 10^{-4}$ clips some ratios and leaves others alone. With
-# summing, the same update already moves the tiny model's ratios by factors of order $e^{\pm 1}$, and a
-# trust region of $1 \pm 10^{-4}$ would clip everything.
+# Same parameter change, same transitions. With averaging, a typical $|\log\rho|$ is $10^{-5}$ to
+# $10^{-4}$, the scale of $\epsilon = 10^{-4}$: the clip range catches the ratios that moved most (mostly
+# the late, low-noise steps) and leaves the rest alone. With summing, the same update moves the tiny
+# model's ratios by factors up to $e^{\pm\text{several}}$, and a trust region of $1 \pm 10^{-4}$ would
+# clip every single one.
 #
 # At Stable Diffusion's $D = 4\cdot 64\cdot 64 = 16384$ the gap widens: the sum's spread grows like
 # $\sqrt D$, the mean's shrinks like $1/\sqrt D$. Below, the measured per-transition spreads are scaled to

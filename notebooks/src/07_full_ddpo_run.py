@@ -73,9 +73,9 @@ print(sorted(history[0]))
 # * `loss/approx_kl`: $\frac12\mathbb E[(\log\rho)^2]$ over all transitions of the epoch's minibatch steps,
 #   how far each update moved the policy from the one that sampled (in averaged-log-prob units).
 # * `loss/clipfrac`: the share of transitions whose ratio left $1\pm\epsilon$. The first minibatch of
-#   every epoch is at $\theta=\theta_\text{old}$ (ratio 1, nothing clipped), so with 2 minibatches it
-#   averages a zero and a larger number. If it approached 1, most of the later minibatch steps would
-#   carry no gradient: lower the learning rate or raise `clip_range`.
+#   every epoch is at $\theta=\theta_\text{old}$ (ratio 1, nothing clipped), so the epoch's average mixes
+#   that zero with the later minibatches' values. If it approached 1, most of the later minibatch steps
+#   would carry no gradient: lower the learning rate or raise `clip_range`.
 
 # %%
 epochs = [m["epoch"] for m in history]
@@ -91,6 +91,7 @@ axes[2].set_ylim(0, 1)
 axes[2].set_title(f"loss/clipfrac (eps = {cfg.clip_range:g})", fontsize=9)
 for ax in axes:
     ax.set_xlabel("epoch")
+    ax.set_xticks(epochs)
     ax.grid(alpha=0.3)
 fig.tight_layout()
 plt.show()
