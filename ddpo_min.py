@@ -732,22 +732,20 @@ def save_grid(samples: Samples, path: Path, n: int) -> None:
 
 
 def save_reward_curve(history: list[dict], path: Path, reward: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a bare Figure, not pyplot: no global backend switch, so notebooks keep their inline plots
+    from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
     mean = np.array([h["reward/mean"] for h in history])
     std = np.array([h["reward/std"] for h in history])
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    fig = Figure(figsize=(5, 3.2), dpi=120)
+    ax = fig.subplots()
     ax.plot(epochs, mean, marker="o", ms=3)
     ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
     ax.set(xlabel="epoch", ylabel=f"reward ({reward})", title="reward/mean ± reward/std")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 class ExternalLogger:
@@ -869,7 +867,9 @@ def print_sizes(cfg: Config, run: Run) -> None:
         f"({cfg.prompts}) | reward {cfg.reward} | algo {cfg.algo}\n"
         f"optimizer steps/epoch {cfg.minibatches * cfg.inner_epochs} = {cfg.minibatches} minibatches of "
         f"{n // cfg.minibatches} samples x {cfg.inner_epochs} inner epochs, each accumulating "
-        f"{n // cfg.minibatches // cfg.train_batch_size} forward chunks x {T_train}/{cfg.num_steps} timesteps"
+        f"{n // cfg.minibatches // cfg.train_batch_size} forward chunks"
+        + (" (RWR: one diffusion loss per sample)" if cfg.algo.startswith("rwr") else
+           f" x {T_train}/{cfg.num_steps} timesteps")
     )
 
 
