@@ -297,6 +297,19 @@ def rescore(unet, scheduler, traj, prompt, negative, pairs, guidance, eta):
     )  # (N,)
 
 
+def rescore_in_sampling_order(unet, scheduler, traj, prompt, negative, guidance, eta) -> torch.Tensor:
+    """Recompute every step's log-prob with the batch laid out as during sampling: (B, T)."""
+    steps = traj.timesteps.shape[0]
+    return torch.stack(
+        [
+            recompute_log_prob(unet, scheduler, traj.latents[:, j], traj.latents[:, j + 1],
+                               traj.timesteps[j].expand(B), prompt, negative, guidance, eta)
+            for j in range(steps)
+        ],
+        dim=1,
+    )  # (B, T)
+
+
 def test_recompute_reproduces_recorded_log_probs_float32(tiny_unet_factory, sd_scheduler_factory):
     unet, scheduler = tiny_unet_factory(), sd_scheduler_factory()
     prompt, negative = embeds(1)
@@ -313,19 +326,8 @@ def test_recompute_reproduces_recorded_log_probs_float32(tiny_unet_factory, sd_s
         generator=rng(0),
     )
     # step by step, same batch composition as sampling
-    for j in range(T):
-        new = recompute_log_prob(
-            unet,
-            scheduler,
-            traj.latents[:, j],
-            traj.latents[:, j + 1],
-            traj.timesteps[j].expand(B),
-            prompt,
-            negative,
-            guidance,
-            eta,
-        )  # (B,)
-        assert (torch.exp(new - traj.log_probs[:, j]) - 1).abs().max() < 1e-6
+    new = rescore_in_sampling_order(unet, scheduler, traj, prompt, negative, guidance, eta)  # (B, T)
+    assert (torch.exp(new - traj.log_probs) - 1).abs().max() < 1e-6
     # shuffled (b, j) pairs, a different batch composition, with gradient
     pairs = shuffled_pairs(B, T)  # (B*T, 2)
     new = rescore(unet, scheduler, traj, prompt, negative, pairs, guidance, eta)  # (B*T,)
@@ -363,23 +365,7 @@ def test_recompute_mismatch_half_precision_is_measured(tiny_unet_factory, sd_sch
     pairs = shuffled_pairs(B, steps)  # (B*T, 2)
     with torch.no_grad():
         new = rescore(unet, scheduler, traj, prompt, negative, pairs, guidance, eta)  # (B*T,)
-        same = torch.stack(
-            [
-                recompute_log_prob(
-                    unet,
-                    scheduler,
-                    traj.latents[:, j],
-                    traj.latents[:, j + 1],
-                    traj.timesteps[j].expand(B),
-                    prompt,
-                    negative,
-                    guidance,
-                    eta,
-                )
-                for j in range(steps)
-            ],
-            dim=1,
-        )  # (B, T)
+        same = rescore_in_sampling_order(unet, scheduler, traj, prompt, negative, guidance, eta)  # (B, T)
     old = traj.log_probs[pairs[:, 0], pairs[:, 1]]  # (B*T,)
     shuffled = (torch.exp(new - old) - 1).abs().max().item()
     same_batch = (torch.exp(same - traj.log_probs) - 1).abs().max().item()
