@@ -257,6 +257,8 @@ class Config:
     guidance_scale: float = _help("classifier-free guidance weight w (negative prompt: empty)", 5.0)
     sample_batch_size: int = _help("images per sampling forward pass", 8)
     sample_batches: int = _help("sampling batches per epoch (samples/epoch = this x sample_batch_size)", 32)
+    samples_per_prompt: int = _help("images per drawn prompt in a sampling batch; 1 = every image draws its own "
+                                    "prompt (the paper)", 1)
     # training
     train_batch_size: int = _help("samples per training forward pass (gradients accumulate over them)", 2)
     minibatches: int = _help("optimizer steps per inner epoch (paper: 4 for ddpo_is, 1 for ddpo_sf)", 4)
@@ -286,6 +288,11 @@ class Config:
     device: str = _help("cuda | cpu | mps (default: cuda if available)", "")
     log: str = _help("none | tensorboard | wandb, besides metrics.jsonl", "none")
     grid_size: int = _help("images in each epoch's sample grid", 16)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "Config":
+        """The tiny-scale config, as `--model tiny` gives it: Config.tiny(reward="alignment", epochs=5)."""
+        return replace(cls(), **{"model": "tiny", **TINY_DEFAULTS, **overrides})
 
 
 # Tiny-scale defaults (`--model tiny`): a 1.2M-parameter pixel-space model on a laptop CPU.
@@ -317,6 +324,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--eta {cfg.eta}: DDPO needs a stochastic sampler, eta > 0 (paper: 1)")
     if not 0 < cfg.timestep_fraction <= 1:
         raise ConfigError(f"--timestep-fraction {cfg.timestep_fraction} must be in (0, 1]")
+    if cfg.samples_per_prompt < 1 or cfg.sample_batch_size % cfg.samples_per_prompt:
+        raise ConfigError(f"--samples-per-prompt {cfg.samples_per_prompt} must divide --sample-batch-size "
+                          f"{cfg.sample_batch_size}")
     n = samples_per_epoch(cfg)
     per_step = n // cfg.minibatches if n % cfg.minibatches == 0 else None
     if per_step is None or per_step % cfg.train_batch_size:
@@ -565,7 +575,9 @@ def sample_epoch(run: Run, pool: ThreadPoolExecutor) -> tuple[Samples, dict]:
     batches, futures = [], []
     model.unet.eval()
     for _ in tqdm(range(cfg.sample_batches), desc=f"epoch {run.state.epoch}: sampling", leave=False):
-        prompts = list(run.prompt_rng.choice(run.prompts, cfg.sample_batch_size))
+        # sample_batch_size / k prompts, each repeated k times (k = 1: i.i.d. prompts, as in the paper)
+        k = cfg.samples_per_prompt
+        prompts = [p for p in run.prompt_rng.choice(run.prompts, cfg.sample_batch_size // k) for _ in range(k)]
         embeds = model.encode_prompts(prompts)  # (B, L, D)
         with run.autocast:
             traj = sample_with_logprob(model.unet, model.scheduler, embeds, run.negative_embeds,
@@ -899,7 +911,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                             help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
     explicit = vars(parser.parse_args(argv))  # only the flags actually given (unknown flags exit 2)
-    base = replace(Config(), **TINY_DEFAULTS) if explicit.get("model") == "tiny" else Config()
+    base = Config.tiny() if explicit.get("model") == "tiny" else Config()
     if explicit.get("resume"):
         base = replace(base, epochs=0)  # 0 = keep the run's own epochs unless --epochs is given
     return replace(base, **explicit)

@@ -125,8 +125,8 @@ def _unavailable(what: str, name: str, option: str, alternative: str,
     else:
         why = "it is not a local folder and the Hugging Face hub is unreachable (or the id is wrong)"
     return RewardModelUnavailable(
-        f"{what} '{name}' cannot be loaded: {why}. Fix: pass {option}=/path/to/a/local/copy to make_reward, "
-        f"or {alternative}."
+        f"{what} '{name}' cannot be loaded: {why}. Fix: point {option}= (ddpo_min.py: --{option.replace('_', '-')}) "
+        f"at a local copy, or {alternative}."
     )
 
 
@@ -441,7 +441,7 @@ def load_bertscore(name: str = PAPER_BERTSCORE_MODEL, layer: int | None = None,
 
     if layer is None:
         if name not in BERTSCORE_LAYERS:
-            raise ValueError(f"no default BERTScore layer for {name!r}: pass bertscore_layer=<int> "
+            raise ValueError(f"no default BERTScore layer for {name!r}: pass bertscore_layer=<int> to make_reward "
                              f"(known defaults: {BERTSCORE_LAYERS})")
         layer = BERTSCORE_LAYERS[name]
     path = _minilm_path() if name == MINILM else name

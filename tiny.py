@@ -247,9 +247,17 @@ def augment(sprites: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return F.avg_pool2d(out, 2).clamp(0, 1)  # (B, 3, 32, 32)
 
 
-def sample_batch(sprites, labels, batch_size: int, generator: torch.Generator):
-    """A fresh batch: random sprites of random classes, augmented. Returns (images, class ids)."""
+def sample_batch(sprites, labels, batch_size: int, generator: torch.Generator, animal_frac: float = 0.0):
+    """A fresh batch: random sprites of random classes, augmented. Returns (images, class ids).
+
+    With animal_frac = a, each row is an animal sprite with probability a (else any sprite): the 45
+    animal prompts are what DDPO trains on, so pretraining may spend more of the small UNet on them.
+    """
     idx = torch.randint(len(sprites), (batch_size,), generator=generator)
+    if animal_frac > 0:
+        animal = (labels < len(ANIMALS)).nonzero().flatten()  # animals are classes 0..44
+        pick = animal[torch.randint(len(animal), (batch_size,), generator=generator)]
+        idx = torch.where(torch.rand(batch_size, generator=generator) < animal_frac, pick, idx)
     return augment(sprites[idx], generator), labels[idx]
 
 
@@ -391,9 +399,15 @@ class PretrainConfig:
     ckpt_every: int = 200
     dir: str = str(CACHE / "pretrain")
     init: str = ""  # start from these UNet weights (e.g. assets/tiny_unet.safetensors) instead of random init
+    animal_frac: float = 0.0  # share of each batch drawn from the 45 animals (0: uniform over all sprites)
+    ship: str = "ema"  # which weights go to assets/: "ema" (the average) or "raw" (the last iterate)
 
 
 def pretrain(cfg: PretrainConfig) -> None:
+    if cfg.ship not in ("ema", "raw"):
+        raise SystemExit(f"--ship must be 'ema' or 'raw', not {cfg.ship!r}")
+    if not 0.0 <= cfg.animal_frac <= 1.0:
+        raise SystemExit(f"--animal-frac must be in [0, 1], not {cfg.animal_frac}")
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -443,7 +457,7 @@ def pretrain(cfg: PretrainConfig) -> None:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        images, y = sample_batch(sprites, labels, cfg.batch_size, g)
+        images, y = sample_batch(sprites, labels, cfg.batch_size, g, cfg.animal_frac)
         x0 = to_model_space(images)  # (B, 3, 32, 32)
         emb = cond[y].clone()  # (B, L, D)
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
@@ -468,9 +482,11 @@ def pretrain(cfg: PretrainConfig) -> None:
             save()
     bar.close()
     ASSETS.mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(UNET_WEIGHTS))
+    shipped = {"ema": ema, "raw": unet}[cfg.ship]
+    save_file({k: v.contiguous() for k, v in shipped.state_dict().items()}, str(UNET_WEIGHTS))
     seconds = t0 + time.time() - start
-    card = dict(steps=step, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay,
+    card = dict(steps=step, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay, shipped=cfg.ship,
+                init=cfg.init, animal_frac=cfg.animal_frac,
                 cond_dropout=cfg.cond_dropout, seed=cfg.seed,
                 final_loss_last100=float(np.mean(losses[-100:])), wall_seconds=round(seconds),
                 hardware=f"{os.cpu_count()} CPU cores, torch {torch.__version__}",

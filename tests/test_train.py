@@ -227,6 +227,27 @@ def test_tiny_defaults_apply_and_explicit_flags_win():
     assert ddpo_min.samples_per_epoch(paper) == 256  # the paper's 256 samples per epoch
 
 
+def test_config_tiny_is_what_the_cli_gives():
+    assert Config.tiny(lr=5e-5, reward="alignment") == parse_args(
+        ["--model", "tiny", "--lr", "5e-5", "--reward", "alignment"])
+    assert Config.tiny().model == "tiny"
+
+
+def test_samples_per_prompt_repeats_each_drawn_prompt(random_tiny_weights, tmp_path, monkeypatch):
+    seen = []
+    real = ddpo_min.compute_advantages
+
+    def spy(run, samples):
+        seen.append(list(samples.prompts))
+        return real(run, samples)
+
+    monkeypatch.setattr(ddpo_min, "compute_advantages", spy)
+    train(_tiny_config(tmp_path / "grouped", epochs=1, samples_per_prompt=2))
+    (prompts,) = seen  # 2 batches of 4 = 2 drawn prompts per batch, each twice, in place
+    assert len(prompts) == 8
+    assert all(prompts[i] == prompts[i + 1] for i in range(0, 8, 2))
+
+
 def test_unknown_flag_fails():
     with pytest.raises(SystemExit):
         parse_args(["--lerning-rate", "1"])
@@ -239,6 +260,7 @@ def test_unknown_flag_fails():
         (dict(reward="beauty"), "unknown --reward"),
         (dict(sample_batch_size=3, sample_batches=3, minibatches=2), "batch arithmetic"),
         (dict(eta=0.0), "eta"),
+        (dict(sample_batch_size=8, samples_per_prompt=3), "samples-per-prompt 3 must divide"),
     ],
 )
 def test_bad_config_is_one_clear_error(kw, match):
