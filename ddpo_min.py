@@ -28,7 +28,7 @@ from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 import tiny
-from sampler import TextToImage, recompute_log_prob, sample_with_logprob
+from sampler import TextToImage, recompute_log_prob, sample_with_logprob, step_sigmas
 
 ROOT = Path(__file__).resolve().parent
 
@@ -653,6 +653,16 @@ def rwr_loss(run: Run, samples: Samples, idx: torch.Tensor, weights: torch.Tenso
                                   t.to(x0.device), noise.to(x0.device), weights)
 
 
+def trainable_steps(cfg: Config, scheduler, timesteps: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The indices of the stochastic sampling steps, (T_s,), and how many of them each sample trains on.
+
+    A deterministic last step (sigma_t = 0 with set_alpha_to_one=True, as in the tiny model) has
+    log-prob 0 and no gradient, so training on it would only cost time.
+    """
+    steps = (step_sigmas(scheduler, timesteps, cfg.eta) > 0).nonzero().flatten()  # (T_s,)
+    return steps, max(1, int(round(len(steps) * cfg.timestep_fraction)))
+
+
 def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
     """Phase 4-6: inner epochs over shuffled samples and independently shuffled timesteps.
 
@@ -663,8 +673,8 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
     """
     cfg, model = run.cfg, run.model
     model.unet.train()
-    n, T = samples.log_probs.shape
-    T_train = max(1, int(round(T * cfg.timestep_fraction)))
+    n = samples.log_probs.shape[0]
+    steps, T_train = trainable_steps(cfg, model.scheduler, samples.timesteps)
     stats: dict[str, list[float]] = {"loss/policy": [], "loss/approx_kl": [], "loss/clipfrac": [], "grad_norm": []}
 
     if cfg.algo in ("rwr", "rwr_sparse"):  # per-sample weights over the whole epoch
@@ -679,8 +689,8 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
             order = keep[torch.randperm(len(keep), generator=run.train_gen)]
         else:
             order = torch.randperm(n, generator=run.train_gen)  # shuffled samples, (N,)
-        # independently shuffled timesteps for every sample: perms[i] is a permutation of 0..T-1
-        perms = torch.argsort(torch.rand(n, T, generator=run.train_gen), dim=1)  # (N, T)
+        # independently shuffled timesteps for every sample: perms[i] is a permutation of the stochastic steps
+        perms = steps[torch.argsort(torch.rand(n, len(steps), generator=run.train_gen), dim=1)]  # (N, T_s)
         for mb in tqdm(order.chunk(cfg.minibatches), desc=f"epoch {run.state.epoch}: training", leave=False):
             chunks = mb.split(cfg.train_batch_size)
             n_terms = len(chunks) * (1 if cfg.algo.startswith("rwr") else T_train)
@@ -870,7 +880,8 @@ def resume_config(cfg: Config) -> Config:
 
 def print_sizes(cfg: Config, run: Run) -> None:
     n = samples_per_epoch(cfg)
-    T_train = max(1, int(round(cfg.num_steps * cfg.timestep_fraction)))
+    run.model.scheduler.set_timesteps(cfg.num_steps)
+    steps, T_train = trainable_steps(cfg, run.model.scheduler, run.model.scheduler.timesteps)
     n_train = sum(p.numel() for p in run.params)
     print(
         f"model {cfg.model} on {run.device} | trainable params {n_train / 1e6:.2f}M "
@@ -881,7 +892,7 @@ def print_sizes(cfg: Config, run: Run) -> None:
         f"{n // cfg.minibatches} samples x {cfg.inner_epochs} inner epochs, each accumulating "
         f"{n // cfg.minibatches // cfg.train_batch_size} forward chunks"
         + (" (RWR: one diffusion loss per sample)" if cfg.algo.startswith("rwr") else
-           f" x {T_train}/{cfg.num_steps} timesteps")
+           f" x {T_train}/{len(steps)} stochastic timesteps (of {cfg.num_steps})")
     )
 
 

@@ -83,6 +83,30 @@ def _per_sample_timesteps(timestep: int | torch.Tensor, batch: int, device: torc
     return t.expand(batch)  # (B,)
 
 
+def _step_constants(scheduler, t: torch.Tensor, eta: float):
+    """alphā_t, alphā_{t-1} and sigma_t for integer timesteps t (B,) on the scheduler's inference grid."""
+    config, device = scheduler.config, t.device
+    # the timestep pair (t, t_prev), exactly as diffusers steps on its inference grid
+    t_prev = t - config.num_train_timesteps // scheduler.num_inference_steps  # t - 1 on the grid, (B,)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)  # alphā, (1000,)
+    final_alpha = scheduler.final_alpha_cumprod.to(device=device, dtype=torch.float32)  # alphā "at t = -1"
+    abar_t = alphas_cumprod[t]  # alphā_t, (B,)
+    abar_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final_alpha)  # alphā_{t-1} (B,)
+    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)  # sigma_t^2 / eta^2, (B,)
+    return abar_t, abar_prev, eta * variance.sqrt()  # sigma_t = eta * sqrt(variance), (B,)
+
+
+def step_sigmas(scheduler, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
+    """sigma_t of each sampling step, (T,) float32, for the timesteps of a trajectory.
+
+    A step with sigma_t = 0 (the last one when set_alpha_to_one=True) is deterministic: it has no density
+    and no policy gradient, so the training loop leaves it out of the timesteps it trains on.
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("scheduler.num_inference_steps is None: call scheduler.set_timesteps(T) first")
+    return _step_constants(scheduler, torch.as_tensor(timesteps).long().cpu(), eta)[2]
+
+
 def ddim_step_with_logprob(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
@@ -145,19 +169,8 @@ def ddim_step_with_logprob(
     batch, device = x_t.shape[0], x_t.device
     bcast = (batch,) + (1,) * (x_t.ndim - 1)  # (B, 1, 1, 1): per-sample scalars broadcast over C, H, W
 
-    # 1. the timestep pair (t, t_prev), exactly as diffusers steps on its inference grid
-    t = _per_sample_timesteps(timestep, batch, device)  # t, (B,)
-    t_prev = t - config.num_train_timesteps // scheduler.num_inference_steps  # t - 1 on the grid, (B,)
-
-    # 2. alphā_t and alphā_{t-1}, gathered per sample
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)  # alphā, (1000,)
-    final_alpha = scheduler.final_alpha_cumprod.to(device=device, dtype=torch.float32)  # alphā "at t = -1"
-    abar_t = alphas_cumprod[t]  # alphā_t, (B,)
-    abar_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final_alpha)  # alphā_{t-1} (B,)
-
-    # 3. sigma_t (DDIM Eq. 16); a constant of the policy, no gradient
-    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)  # sigma_t^2 / eta^2, (B,)
-    sigma = eta * variance.sqrt()  # sigma_t, (B,)
+    # 1-3. alphā_t, alphā_{t-1} and sigma_t (DDIM Eq. 16; a constant of the policy, no gradient), per sample
+    abar_t, abar_prev, sigma = _step_constants(scheduler, _per_sample_timesteps(timestep, batch, device), eta)
     stochastic = sigma > 0  # False only where alphā_{t-1} = 1 (last step, set_alpha_to_one=True), (B,)
 
     abar_t, abar_prev, sigma_b = abar_t.view(bcast), abar_prev.view(bcast), sigma.view(bcast)  # (B, 1, 1, 1)

@@ -333,7 +333,7 @@ UNET_CONFIG = dict(
 # clip_sample keeps the predicted x0 in the pixel range [-1, 1].
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-    clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=False, steps_offset=0,
+    clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0,
     timestep_spacing="trailing",
 )  # fmt: skip
 

@@ -17,6 +17,7 @@ from sampler import (
     guided_model_output,
     recompute_log_prob,
     sample_with_logprob,
+    step_sigmas,
 )
 
 SHAPE = (3, 4, 8, 8)  # (B, C, H, W)
@@ -218,6 +219,21 @@ def test_sigma_zero_last_step_is_deterministic_with_zero_log_prob():
     assert torch.isfinite(log_prob).all() and log_prob[0] == 0 and log_prob[2] == 0 and log_prob[1] != 0
     log_prob.sum().backward()
     assert torch.isfinite(eps.grad).all() and eps.grad[1].abs().sum() > 0 and eps.grad[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_step_sigmas_match_diffusers_variance(set_alpha_to_one, spacing):
+    scheduler = make_scheduler(20, beta_schedule="squaredcos_cap_v2", set_alpha_to_one=set_alpha_to_one,
+                               timestep_spacing=spacing)
+    step = scheduler.config.num_train_timesteps // 20
+    ref = torch.stack([0.7 * scheduler._get_variance(t, t - step).sqrt() for t in scheduler.timesteps])  # (T,)
+    sig = step_sigmas(scheduler, scheduler.timesteps, eta=0.7)
+    torch.testing.assert_close(sig, ref.float())
+    # the last step is deterministic when alphā_{t-1} = alphā_t: with set_alpha_to_one (alphā_{-1} = 1), or
+    # with "leading" spacing and no offset (t = 0 steps to alphā_{-1} = alphā_0)
+    assert (sig[-1] == 0) == (set_alpha_to_one or spacing == "leading")
+    assert (sig[:-1] > 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -162,9 +162,9 @@ def test_resume_after_kill_mid_epoch_is_exact(random_tiny_weights, tmp_path, mon
 
     def killed_in_epoch_1(*args, **kwargs):  # Ctrl-C in the middle of epoch 1's training phase
         calls["n"] += 1
-        # each epoch makes 2 minibatches x 1 chunk x 2 (of 3) timesteps = 4 calls; call 7 is in epoch 1's
-        # second minibatch, after epoch 1 has already taken one optimizer step
-        if calls["n"] == 7:
+        # each epoch makes 2 minibatches x 1 chunk x 1 timestep (half of the 2 stochastic steps of 3) = 2
+        # calls; call 4 is in epoch 1's second minibatch, after epoch 1 has already taken one optimizer step
+        if calls["n"] == 4:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -246,6 +246,21 @@ def test_samples_per_prompt_repeats_each_drawn_prompt(random_tiny_weights, tmp_p
     (prompts,) = seen  # 2 batches of 4 = 2 drawn prompts per batch, each twice, in place
     assert len(prompts) == 8
     assert all(prompts[i] == prompts[i + 1] for i in range(0, 8, 2))
+
+
+def test_training_skips_the_deterministic_last_step(random_tiny_weights, tmp_path, monkeypatch):
+    # the tiny scheduler has set_alpha_to_one=True: its last step has sigma_t = 0, no density, no gradient
+    trained = []
+    real = ddpo_min.policy_loss
+
+    def spy(run, samples, idx, j, adv):
+        trained.extend(j.tolist())
+        return real(run, samples, idx, j, adv)
+
+    monkeypatch.setattr(ddpo_min, "policy_loss", spy)
+    train(_tiny_config(tmp_path / "steps", epochs=1, timestep_fraction=1.0))
+    assert sorted(set(trained)) == [0, 1]  # steps 0 and 1 of 3; never step 2
+    assert len(trained) == 8 * 2  # every sample trains on both stochastic steps
 
 
 def test_unknown_flag_fails():
