@@ -24,7 +24,6 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,6 @@ import torch
 import ddpo_min
 import rewards as R
 import tiny
-from sampler import sample_with_logprob
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 RUNS = Path(__file__).resolve().parent / "runs"
@@ -50,7 +48,8 @@ def unet_floor(cfg: ddpo_min.Config) -> dict:
     unet = model.unet
     cfg_mult = 1 if cfg.guidance_scale == 1 else 2  # classifier-free guidance doubles the batch
     n = ddpo_min.samples_per_epoch(cfg)
-    t_train = max(1, int(round(cfg.num_steps * cfg.timestep_fraction)))
+    model.scheduler.set_timesteps(cfg.num_steps)
+    _, t_train = ddpo_min.trainable_steps(cfg, model.scheduler, model.scheduler.timesteps)  # per sample
     n_fwd = cfg.sample_batches * cfg.num_steps
     n_fwd_bwd = cfg.inner_epochs * cfg.minibatches * (n // cfg.minibatches // cfg.train_batch_size) * t_train
     emb = model.encode_prompts(tiny.ANIMAL_PROMPTS[:1]).expand(cfg_mult * cfg.sample_batch_size, -1, -1)
@@ -77,7 +76,7 @@ def unet_floor(cfg: ddpo_min.Config) -> dict:
 
 
 def speed() -> dict:
-    cfg = replace(ddpo_min.parse_args(["--model", "tiny"]), epochs=2, output_dir=str(RUNS / "bench-speed"))
+    cfg = ddpo_min.Config.tiny(epochs=2, output_dir=str(RUNS / "bench-speed"))
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
     run_dir = ddpo_min.train(cfg)
     epoch = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])  # the warm second epoch
@@ -106,16 +105,9 @@ def speed() -> dict:
 def evaluate(model, cfg: ddpo_min.Config, per_prompt: int = 4, seed: int = 1234) -> dict:
     """Held-out evaluation: 45 animal prompts x `per_prompt` fixed seeds, the run's sampler settings."""
     prompts = [p for p in tiny.ANIMAL_PROMPTS for _ in range(per_prompt)]
-    g = torch.Generator().manual_seed(seed)
-    neg = model.encode_prompts([""])
-    images = []
-    for i in range(0, len(prompts), 60):
-        chunk = prompts[i : i + 60]
-        traj = sample_with_logprob(model.unet.eval(), model.scheduler, model.encode_prompts(chunk), neg,
-                                   num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                                   latent_shape=model.latent_shape, generator=g)
-        images.append(model.decode(traj.x0))
-    images = torch.cat(images)  # (N, 3, 32, 32)
+    model.unet.eval()
+    images = tiny.sample_prompts(model, prompts, steps=cfg.num_steps, guidance=cfg.guidance_scale, eta=cfg.eta,
+                                 seed=seed, desc="held-out eval")  # (N, 3, 32, 32)
     kb = R.jpeg_size_kb(images)
     align, extras = R.make_reward("alignment", scale="tiny")(images, prompts)
     top1 = float(np.mean([c == p for c, p in zip(extras["captions"], prompts)]))
@@ -128,8 +120,8 @@ def learning(only: list[str] | None = None) -> dict:
     for reward, minutes in budgets.items():
         if only and reward not in only:
             continue
-        cfg = replace(ddpo_min.parse_args(["--model", "tiny", "--reward", reward]), epochs=10_000,
-                      max_minutes=minutes, output_dir=str(RUNS / f"bench-{reward}"))
+        cfg = ddpo_min.Config.tiny(reward=reward, epochs=10_000, max_minutes=minutes,
+                                   output_dir=str(RUNS / f"bench-{reward}"))
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
         before, images_before = evaluate(tiny.load_tiny(), cfg)
         t0 = time.perf_counter()

@@ -290,7 +290,7 @@ class Config:
     grid_size: int = _help("images in each epoch's sample grid", 16)
 
     @classmethod
-    def tiny(cls, **overrides) -> "Config":
+    def tiny(cls, **overrides) -> Config:
         """The tiny-scale config, as `--model tiny` gives it: Config.tiny(reward="alignment", epochs=5)."""
         return replace(cls(), **{"model": "tiny", **TINY_DEFAULTS, **overrides})
 
