@@ -147,7 +147,7 @@ def _tiny_config(out: Path, **kw) -> Config:
 
 
 TINY_ARGS = dict(ddpo_min.TINY_DEFAULTS, model="tiny", num_steps=3, sample_batch_size=4, sample_batches=2,
-                 train_batch_size=4, minibatches=2, epochs=3, grid_size=4, device="cpu")
+                 samples_per_prompt=2, train_batch_size=4, minibatches=2, epochs=3, grid_size=4, device="cpu")
 
 
 def _history(run_dir: Path) -> list[dict]:
