@@ -17,7 +17,6 @@ SCALE = "tiny"  # "tiny": CPU, offline, ~1.5 min. "paper": SD v1.4 + LoRA on one
 import nbutils
 
 nbutils.use_scale(SCALE)
-import dataclasses
 import json
 import math
 
@@ -202,7 +201,7 @@ plt.show()
 #
 # `ddpo_min.train` runs RWR with `algo="rwr"` (weights $e^{\beta r}/Z$) or `algo="rwr_sparse"` (top 10%).
 # Each epoch samples a batch, scores it, and takes optimizer steps on the weighted diffusion loss of the
-# sampled $x_0$ at random timesteps. Below: two epochs of each at the tiny defaults (`TINY_DEFAULTS`, 64
+# sampled $x_0$ at random timesteps. Below: two epochs of each at the tiny defaults (`Config.tiny()`, 64
 # samples per epoch). For `rwr` we set $\beta$ to one over the reward spread measured in §5.1, so that the
 # weights actually differ (with the default $\beta = 0.2$ they would all be $\approx 1$ at this image size,
 # see the ESS table); the sparse variant needs no temperature.
@@ -217,8 +216,7 @@ beta_tiny = float(1 / r.std())  # inverse temperature on the scale of this rewar
 histories = {}
 for algo in ("rwr", "rwr_sparse"):
     if SCALE == "tiny":
-        cfg = dataclasses.replace(ddpo_min.Config(), **ddpo_min.TINY_DEFAULTS)
-        cfg = dataclasses.replace(cfg, model="tiny", algo=algo, epochs=EPOCHS, rwr_beta=beta_tiny)
+        cfg = ddpo_min.Config.tiny(algo=algo, epochs=EPOCHS, rwr_beta=beta_tiny)  # what `--model tiny` selects
     else:
         cfg = ddpo_min.Config(reward="compressibility", algo=algo, epochs=EPOCHS)
     run_dir = ddpo_min.train(cfg)  # a fresh folder under runs/ (a finished run's folder would be resumed)
