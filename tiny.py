@@ -400,7 +400,8 @@ class PretrainConfig:
     dir: str = str(CACHE / "pretrain")
     init: str = ""  # start from these UNet weights (e.g. assets/tiny_unet.safetensors) instead of random init
     animal_frac: float = 0.0  # share of each batch drawn from the 45 animals (0: uniform over all sprites)
-    ship: str = "ema"  # which weights go to assets/: "ema" (the average) or "raw" (the last iterate)
+    ship: str = "ema"  # which weights are written to `out`: "ema" (the average) or "raw" (the last iterate)
+    out: str = str(ASSETS / "tiny_unet.safetensors")  # where the weights go; the model card goes beside them
 
 
 def pretrain(cfg: PretrainConfig) -> None:
@@ -481,20 +482,45 @@ def pretrain(cfg: PretrainConfig) -> None:
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save()
     bar.close()
-    ASSETS.mkdir(exist_ok=True)
+    weights = Path(cfg.out)
+    weights.parent.mkdir(parents=True, exist_ok=True)
     shipped = {"ema": ema, "raw": unet}[cfg.ship]
-    save_file({k: v.contiguous() for k, v in shipped.state_dict().items()}, str(UNET_WEIGHTS))
+    save_file({k: v.contiguous() for k, v in shipped.state_dict().items()}, str(weights))
     seconds = t0 + time.time() - start
-    card = dict(steps=step, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay, shipped=cfg.ship,
-                init=cfg.init, animal_frac=cfg.animal_frac,
+    card = dict(steps=step, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, ema_decay=cfg.ema_decay,
+                shipped=cfg.ship, init=cfg.init, animal_frac=cfg.animal_frac,
                 cond_dropout=cfg.cond_dropout, seed=cfg.seed,
                 final_loss_last100=float(np.mean(losses[-100:])), wall_seconds=round(seconds),
                 hardware=f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
                 parameters=n_params, classes=len(prompts), unet_config=UNET_CONFIG,
                 scheduler_config=SCHEDULER_CONFIG)
-    (ASSETS / "tiny_unet.json").write_text(json.dumps(card, indent=1))
+    if cfg.init and Path(cfg.init).with_suffix(".json").exists():  # the card of the weights we started from
+        card["init_card"] = json.loads(Path(cfg.init).with_suffix(".json").read_text())
+    weights.with_suffix(".json").write_text(json.dumps(card, indent=1))
     np.save(out / "losses.npy", np.array(losses))
-    print(f"wrote {UNET_WEIGHTS} ({seconds / 60:.1f} min, final loss {card['final_loss_last100']:.4f})")
+    print(f"wrote {weights} ({seconds / 60:.1f} min, final loss {card['final_loss_last100']:.4f})")
+
+
+# The recipe of the shipped weights: two stages, about 2 hours on 2 CPU cores, each resumable.
+# Stage 1 learns all 300 emoji (lr 1e-3, uniform over sprites); its last iterate starts stage 2, which
+# spends half of each batch on the 45 animals DDPO trains on, at half the learning rate, and ships the
+# EMA. Measured on the stage-1 weights: the EMA (decay 0.999) recognised 8% of animal samples, the raw
+# last iterate 24%; after stage 2, 59% (45 animals x 4 samples, guidance 3).
+SHIPPED_STAGES = (
+    dict(steps=3000, lr=1e-3, dir=str(CACHE / "pretrain"), ship="raw",
+         out=str(CACHE / "pretrain" / "stage1.safetensors")),
+    dict(steps=3200, lr=5e-4, animal_frac=0.5, ema_decay=0.998, dir=str(CACHE / "pretrain2"),
+         init=str(CACHE / "pretrain" / "stage1.safetensors")),
+)  # fmt: skip
+
+
+def pretrain_shipped() -> None:
+    """Re-create assets/tiny_unet.safetensors: SHIPPED_STAGES in order. Each resumes from its checkpoint,
+    so a finished stage only rewrites its output."""
+    for k, stage in enumerate(SHIPPED_STAGES, 1):
+        cfg = PretrainConfig(**stage)
+        print(f"stage {k}/{len(SHIPPED_STAGES)}: {stage}")
+        pretrain(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -830,7 +856,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("data", help="render the sprites and a preview grid")
-    pp = sub.add_parser("pretrain", help="train the tiny diffusion model (resumes from cache/pretrain)")
+    sub.add_parser("pretrain-shipped", help="re-create the shipped weights: both pretraining stages (~2 h)")
+    pp = sub.add_parser("pretrain", help="one pretraining stage (resumes from its --dir)")
     for f, v in vars(PretrainConfig()).items():
         pp.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
     pc = sub.add_parser("captioner", help="train the tiny captioner")
@@ -856,6 +883,8 @@ def _run(args: argparse.Namespace) -> None:
         CACHE.mkdir(exist_ok=True)
         _preview(CACHE / "animals_preview.png")
         print(f"{len(class_prompts())} classes, {len(sprites)} sprites; preview: cache/animals_preview.png")
+    elif args.cmd == "pretrain-shipped":
+        pretrain_shipped()
     elif args.cmd == "pretrain":
         pretrain(PretrainConfig(**{k: v for k, v in vars(args).items() if k != "cmd"}))
     elif args.cmd == "captioner":
