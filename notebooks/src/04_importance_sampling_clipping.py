@@ -227,5 +227,10 @@ plt.show()
 # %% [markdown]
 # Late steps have small $\sigma_t$, so the same change of the mean is many more standard deviations
 # there: their ratios tend to move most and are clipped first; the first step, almost pure noise with
-# $\sigma_t\approx 1$, barely moves. In the training loop these two numbers are logged
+# $\sigma_t\approx 1$, barely moves. The exception is the very last step, which never moves: the tiny
+# model's scheduler has `set_alpha_to_one=True`, so its last step has $\sigma_t = 0$, is deterministic,
+# has log-prob 0 and ratio exactly 1, and the training loop does not train on it (`sampler.step_sigmas`).
+# With the default `False`, that step's $\sigma_t$ would be 0.0064 in $[-1,1]$ pixel units, less than one
+# grey level: its ratio reacted to invisible changes of the mean and, in trials, dominated `approx_kl`
+# (0.35 against $10^{-5}$ without it) and the gradient. In the training loop these two numbers are logged
 # every epoch as `loss/approx_kl` and `loss/clipfrac` (notebook 7 plots them for a real run).
