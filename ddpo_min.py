@@ -317,9 +317,10 @@ TINY_DEFAULTS = dict(
     train_batch_size=16, minibatches=4, timestep_fraction=0.5, lr=2e-4, lora_rank=0, mixed_precision="no",
     epochs=15, grid_size=16,
 )  # fmt: skip
-# Per reward, on top of TINY_DEFAULTS. Alignment is fine-tuned 10x more gently: its signal is whether the
-# captioner names the animal, decided early in denoising where the gradient is ~10x weaker (1/sigma_t)
-# than the late-step noise, and every full fine-tuning step perturbs the shapes it rewards. Measured (11 min
+# Per reward, on top of TINY_DEFAULTS. Alignment is fine-tuned 10x more gently. Our reading (not measured
+# separately): its signal, whether the captioner names the animal, is decided by the shape, early in
+# denoising, where the gradient is weaker (1/sigma_t) than the late steps' noise, and every full
+# fine-tuning step perturbs the shapes it rewards. Measured (11 min
 # on one contended thread, ~19 epochs, held-out 45 animals x 2, captioner top-1): lr 2e-4 reward fell from
 # 0.54 to 0.32 in 20 epochs; lr 5e-5 61.1% -> 57.8%; lr 2e-5 61.1% -> 77.8%. The JPEG rewards ask for
 # what noise also does (less or more detail) and need the larger steps to move 20% in 10 minutes.

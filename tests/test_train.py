@@ -231,6 +231,12 @@ def test_config_tiny_is_what_the_cli_gives():
     assert Config.tiny(lr=5e-5, reward="alignment") == parse_args(
         ["--model", "tiny", "--lr", "5e-5", "--reward", "alignment"])
     assert Config.tiny().model == "tiny"
+    # per-reward tiny defaults apply on the CLI and in Python; an explicit flag still wins
+    gentle = ddpo_min.TINY_REWARD_DEFAULTS["alignment"]["lr"]
+    assert parse_args(["--model", "tiny", "--reward", "alignment"]).lr == gentle
+    assert Config.tiny(reward="alignment").lr == gentle
+    assert parse_args(["--model", "tiny", "--reward", "alignment", "--lr", "1e-3"]).lr == 1e-3
+    assert parse_args(["--model", "tiny"]).lr == ddpo_min.TINY_DEFAULTS["lr"]
 
 
 def test_samples_per_prompt_repeats_each_drawn_prompt(random_tiny_weights, tmp_path, monkeypatch):
