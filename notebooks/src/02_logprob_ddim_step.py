@@ -113,7 +113,8 @@ for j in (0, 25, NUM_STEPS - 1):  # first, middle and last step of the chain
     sigma = ETA * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # sigma_t from the formula above
     sigma_diffusers = ((theirs - mean) / z).mean().item()  # diffusers' sigma_t: (mu + sigma z - mu) / z
     err = (ours - theirs).abs().max().item()
-    all_close &= err < 1e-5 and abs(sigma - sigma_diffusers) < 1e-4 * sigma
+    # (at the tiny model's last step sigma_t = 0: set_alpha_to_one=True makes it deterministic, notebook 4)
+    all_close &= err < 1e-5 and abs(sigma - sigma_diffusers) <= 1e-4 * sigma + 1e-7
     results[j] = dict(t=t, x_t=x_t, out=out, x_prev=ours, log_prob=log_prob, mean=mean, sigma=sigma)
     print(f"step j={j:2d} (t={t:3d})  max|ours - diffusers| = {err:.2e}   sigma_t = {sigma:.5f} "
           f"(formula) vs {sigma_diffusers:.5f} (diffusers)")
@@ -127,6 +128,10 @@ nbutils.check(all_close, "ddim_step_with_logprob == DDIMScheduler.step under the
 # %%
 ok = True
 for res in results.values():
+    if res["sigma"] == 0:  # the deterministic last step: no density; the sampler returns log-prob 0
+        ok &= bool((res["log_prob"] == 0).all()) and torch.equal(res["x_prev"], res["mean"])
+        print(f"t={res['t']:3d}  sigma_t = 0: deterministic, x_(t-1) = mu_theta, log-prob {res['log_prob'].tolist()}")
+        continue
     normal = torch.distributions.Normal(res["mean"].double(), res["sigma"])
     reference = normal.log_prob(res["x_prev"].double()).mean(dim=(1, 2, 3))  # (B,) averaged over C,H,W
     err = (reference - res["log_prob"].double()).abs().max().item()
