@@ -320,9 +320,9 @@ TINY_DEFAULTS = dict(
 # Per reward, on top of TINY_DEFAULTS. Alignment is fine-tuned 10x more gently. Our reading (not measured
 # separately): its signal, whether the captioner names the animal, is decided by the shape, early in
 # denoising, where the gradient is weaker (1/sigma_t) than the late steps' noise, and every full
-# fine-tuning step perturbs the shapes it rewards. Measured (11 min
-# on one contended thread, ~19 epochs, held-out 45 animals x 2, captioner top-1): lr 2e-4 reward fell from
-# 0.54 to 0.32 in 20 epochs; lr 5e-5 61.1% -> 57.8%; lr 2e-5 61.1% -> 77.8%. The JPEG rewards ask for
+# fine-tuning step perturbs the shapes it rewards. Measured (11 min on one contended thread, ~19 epochs,
+# held-out 45 animals x 2, captioner top-1): lr 2e-4 reward fell from 0.54 to 0.32 in 20 epochs; lr 5e-5
+# 61.1% -> 57.8%; lr 2e-5 61.1% -> 77.8%. The JPEG rewards ask for
 # what noise also does (less or more detail) and need the larger steps to move 20% in 10 minutes.
 TINY_REWARD_DEFAULTS = {"alignment": dict(lr=2e-5)}
 
@@ -941,11 +941,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS,
                             help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
     explicit = vars(parser.parse_args(argv))  # only the flags actually given (unknown flags exit 2)
-    base = Config.tiny(**{k: explicit[k] for k in ("reward",) if k in explicit}) if explicit.get("model") == "tiny" \
-        else Config()
     if explicit.get("resume"):
-        base = replace(base, epochs=0)  # 0 = keep the run's own epochs unless --epochs is given
-    return replace(base, **explicit)
+        explicit = {"epochs": 0, **explicit}  # 0 = keep the run's own epochs unless --epochs is given
+    return Config.tiny(**explicit) if explicit.get("model") == "tiny" else replace(Config(), **explicit)
 
 
 def _parse_bool(text: str) -> bool:

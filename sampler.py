@@ -85,6 +85,8 @@ def _per_sample_timesteps(timestep: int | torch.Tensor, batch: int, device: torc
 
 def _step_constants(scheduler, t: torch.Tensor, eta: float):
     """alphā_t, alphā_{t-1} and sigma_t for integer timesteps t (B,) on the scheduler's inference grid."""
+    if scheduler.num_inference_steps is None:
+        raise ValueError("scheduler.num_inference_steps is None: call scheduler.set_timesteps(T) first")
     config, device = scheduler.config, t.device
     # the timestep pair (t, t_prev), exactly as diffusers steps on its inference grid
     t_prev = t - config.num_train_timesteps // scheduler.num_inference_steps  # t - 1 on the grid, (B,)
@@ -102,8 +104,6 @@ def step_sigmas(scheduler, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
     A step with sigma_t = 0 (the last one when set_alpha_to_one=True) is deterministic: it has no density
     and no policy gradient, so the training loop leaves it out of the timesteps it trains on.
     """
-    if scheduler.num_inference_steps is None:
-        raise ValueError("scheduler.num_inference_steps is None: call scheduler.set_timesteps(T) first")
     return _step_constants(scheduler, torch.as_tensor(timesteps).long().cpu(), eta)[2]
 
 
@@ -150,8 +150,6 @@ def ddim_step_with_logprob(
     deterministic and has no density. For such a sample the sampled x_{t-1} is mu_theta and log_prob
     is 0 with no gradient, so it adds nothing to a policy gradient and its ratio exp(0 - 0) is 1.
     """
-    if scheduler.num_inference_steps is None:
-        raise ValueError("scheduler.num_inference_steps is None: call scheduler.set_timesteps(T) first")
     if eta <= 0:
         raise ValueError(
             f"eta={eta}: DDIM with eta=0 is deterministic and has no density, so there is no log-prob to "
