@@ -99,7 +99,9 @@ def _step_constants(scheduler, t: torch.Tensor, eta: float):
 
 
 def step_sigmas(scheduler, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
-    """sigma_t of each sampling step, (T,) float32, for the timesteps of a trajectory.
+    """sigma_t of each sampling step, (T,) float32, for the timesteps of a trajectory (DDIM Eq. 16):
+
+        sigma_t = eta * sqrt((1 - alphā_{t-1}) / (1 - alphā_t) * (1 - alphā_t / alphā_{t-1}))
 
     A step with sigma_t = 0 (the last one when set_alpha_to_one=True) is deterministic: it has no density
     and no policy gradient, so the training loop leaves it out of the timesteps it trains on.
