@@ -196,6 +196,25 @@ def test_nan_reward_stops_with_epoch_and_phase(random_tiny_weights, tmp_path, mo
         train(_tiny_config(tmp_path / "nan", epochs=1))
 
 
+def test_rewards_run_inline_on_cpu_and_on_a_worker_thread_elsewhere():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    inline = ddpo_min.reward_executor(torch.device("cpu"))
+    assert isinstance(inline, ddpo_min.InlineExecutor)
+    assert inline.submit(threading.get_ident).result() == threading.get_ident()  # ran on this thread
+    assert inline.submit(lambda a, b=0: a + b, 2, b=3).result() == 5
+    failed = inline.submit(lambda: 1 / 0)  # an error surfaces at .result(), as a worker thread's would
+    with pytest.raises(ZeroDivisionError):
+        failed.result()
+    pool = ddpo_min.reward_executor(torch.device("cuda"))  # building it needs no GPU
+    try:
+        assert isinstance(pool, ThreadPoolExecutor)
+        assert pool.submit(threading.get_ident).result() != threading.get_ident()
+    finally:
+        pool.shutdown()
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(random_tiny_weights, tmp_path, monkeypatch):
     cfg = _tiny_config(tmp_path / "nanloss", epochs=1)
     train(cfg)
