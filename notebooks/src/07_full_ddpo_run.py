@@ -8,7 +8,7 @@
 # | phase | what | where |
 # |---|---|---|
 # | 1. sample | roll out $x_T\to x_0$ with CFG, record every $x_t$ and $\log p_{\theta_\text{old}}(x_{t-1}\mid x_t,c)$ | `sampler.sample_with_logprob` (nb. 1-2) |
-# | 2. reward | $r(x_0,c)$ for each image, on a worker thread | `rewards.make_reward` (nb. 6) |
+# | 2. reward | $r(x_0,c)$ for each image; on a GPU on a worker thread while the next batch samples, on a CPU inline | `rewards.make_reward` (nb. 6) |
 # | 3. advantages | $A = (r - \bar r_c)/(\text{std}_c + 10^{-6})$ per prompt, clipped to $\pm5$ | `PerPromptStatTracker`, `clip_advantages` (nb. 3) |
 # | 4. train | shuffle samples and, per sample, timesteps; per minibatch, rescore every transition and accumulate the gradient of the clipped surrogate over all timesteps; clip the grad norm; one AdamW step | `recompute_log_prob`, `ddpo_is_loss` (nb. 4) |
 #
