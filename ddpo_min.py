@@ -599,7 +599,8 @@ class InlineExecutor(Executor):
         future: Future = Future()
         try:
             future.set_result(fn(*args, **kwargs))
-        except BaseException as error:  # re-raised by future.result(), as a worker thread's would be
+        except Exception as error:  # re-raised by future.result(), as a worker thread's would be
+            # (KeyboardInterrupt is not caught: Ctrl-C must stop the loop at once, not after sampling)
             future.set_exception(error)
         return future
 

@@ -207,6 +207,12 @@ def test_rewards_run_inline_on_cpu_and_on_a_worker_thread_elsewhere():
     failed = inline.submit(lambda: 1 / 0)  # an error surfaces at .result(), as a worker thread's would
     with pytest.raises(ZeroDivisionError):
         failed.result()
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C stops the loop at once, not at the next .result()
+        inline.submit(ctrl_c)
     pool = ddpo_min.reward_executor(torch.device("cuda"))  # building it needs no GPU
     try:
         assert isinstance(pool, ThreadPoolExecutor)
