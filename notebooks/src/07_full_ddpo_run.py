@@ -189,15 +189,17 @@ for reward in ("compressibility", "incompressibility"):
         print(f"{path.name} missing: run `python bench.py learning`")
         continue
     res = json.loads(path.read_text())
-    b, a = res["before"], res["after"]
-    print(f"{reward:18s} {res['epochs']} epochs, {res['wall_seconds'] / 60:.1f} min: JPEG {b['jpeg_kb']:.3f} -> "
-          f"{a['jpeg_kb']:.3f} kB ({100 * (a['jpeg_kb'] / b['jpeg_kb'] - 1):+.1f}%), animal recognised "
-          f"{100 * b['caption_top1']:.1f}% -> {100 * a['caption_top1']:.1f}% of samples")
+    b = res["before"]
+    for run in res["runs"]:  # one per training seed; the pictures below are from the first
+        a = run["after"]
+        print(f"{reward:18s} seed {run['seed']}, {run['epochs']} epochs, {run['wall_seconds'] / 60:.1f} min: JPEG "
+              f"{b['jpeg_kb']:.3f} -> {a['jpeg_kb']:.3f} kB ({100 * (a['jpeg_kb'] / b['jpeg_kb'] - 1):+.1f}%), "
+              f"animal recognised {100 * b['caption_top1']:.1f}% -> {100 * a['caption_top1']:.1f}% of samples")
     plt.figure(figsize=(12, 2.4))
     plt.imshow(plt.imread(ROOT / "assets" / f"before_after_{reward}.png"))
     plt.axis("off")
-    plt.title(f"{reward}: top, pretrained; bottom, after {res['epochs']} epochs (same prompts, same noise)",
-              fontsize=9)
+    plt.title(f"{reward}: top, pretrained; bottom, after {res['runs'][0]['epochs']} epochs (same prompts, "
+              "same noise)", fontsize=9)
     plt.show()
 
 # %% [markdown]
