@@ -280,7 +280,8 @@ class Config:
     mixed_precision: str = _help("fp16 | bf16 | no: dtype of the frozen base model (GPU only)", "fp16")
     # run
     epochs: int = _help("sampling+training epochs", 100)
-    max_minutes: float = _help("stop (with a checkpoint) after the epoch that passes this wall time; 0 = off", 0.0)
+    max_minutes: float = _help("stop (with a checkpoint) after the epoch that passes this many minutes of this "
+                               "invocation (a resumed run counts afresh); 0 = off", 0.0)
     seed: int = _help("random seed (sampling, prompts, shuffles)", 0)
     output_dir: str = _help("run folder (default: runs/<reward>-<algo>-<model>-<time>)", "")
     resume: str = _help("a run folder to continue exactly from its last checkpoint", "")
@@ -923,8 +924,10 @@ def resume_config(cfg: Config) -> Config:
     if not (folder / "config.json").is_file() or not (folder / "checkpoint.pt").is_file():
         raise ConfigError(f"--resume {cfg.resume}: no config.json + checkpoint.pt there")
     saved = Config(**json.loads((folder / "config.json").read_text()))
-    # the saved config wins (the run continues as it began); only the number of epochs may change
-    return replace(saved, epochs=cfg.epochs or saved.epochs, output_dir=str(folder), resume="")
+    # the saved config wins (the run continues as it began); only how long to go on may change: the number
+    # of epochs, and the wall-time limit of this invocation
+    return replace(saved, epochs=cfg.epochs or saved.epochs, max_minutes=cfg.max_minutes, output_dir=str(folder),
+                   resume="")
 
 
 def print_sizes(cfg: Config, run: Run) -> None:
