@@ -7,6 +7,7 @@ which is exactly the `--model /local/folder` path a user without the hub takes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -180,6 +181,18 @@ def test_resume_after_kill_mid_epoch_is_exact(random_tiny_weights, tmp_path, mon
     for a, b in zip(straight, resumed):
         assert a["reward/mean"] == b["reward/mean"]
         assert a["loss/policy"] == pytest.approx(b["loss/policy"], rel=1e-6, abs=1e-9)
+
+
+def test_resume_keeps_the_saved_run_but_takes_how_long_to_go_on(tmp_path):
+    # what the run is (reward, lr, seed, ...) comes from the folder; epochs and the wall-time limit of this
+    # invocation come from the new command line (bench.py resumes in timed chunks this way)
+    saved = Config.tiny(reward="alignment", seed=7, epochs=3, max_minutes=5.0)
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(saved)))
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    cfg = ddpo_min.resume_config(Config(resume=str(tmp_path), epochs=10, max_minutes=2.5, lr=1.0, seed=0))
+    assert (cfg.reward, cfg.lr, cfg.seed) == ("alignment", saved.lr, 7)
+    assert (cfg.epochs, cfg.max_minutes, cfg.output_dir, cfg.resume) == (10, 2.5, str(tmp_path), "")
+    assert ddpo_min.resume_config(Config(resume=str(tmp_path), epochs=0)).epochs == 3  # 0 = as saved
 
 
 def test_nan_reward_stops_with_epoch_and_phase(random_tiny_weights, tmp_path, monkeypatch):

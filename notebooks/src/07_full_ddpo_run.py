@@ -191,7 +191,7 @@ for reward in ("compressibility", "incompressibility"):
     res = json.loads(path.read_text())
     b = res["before"]
     for run in res["runs"]:  # one per training seed; the pictures below are from the first
-        a = run["after"]
+        a = run["final"]  # the held-out scores at the end of the budget
         print(f"{reward:18s} seed {run['seed']}, {run['epochs']} epochs, {run['wall_seconds'] / 60:.1f} min: JPEG "
               f"{b['jpeg_kb']:.3f} -> {a['jpeg_kb']:.3f} kB ({100 * (a['jpeg_kb'] / b['jpeg_kb'] - 1):+.1f}%), "
               f"animal recognised {100 * b['caption_top1']:.1f}% -> {100 * a['caption_top1']:.1f}% of samples")
