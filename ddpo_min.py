@@ -228,6 +228,7 @@ def clip_advantages(advantages: np.ndarray | torch.Tensor, max_abs: float = 5.0)
 # ====================================================================================================
 
 ALGOS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
+TRAINABLE = ("all", "cross_attention")
 PROMPT_SETS = ("simple_animals", "imagenet_animals", "animals_activities")
 ACTIVITIES = ("washing the dishes", "riding a bike", "playing chess")
 REWARD_OPTIONS = {"aesthetic": ("clip_model",), "alignment": ("vlm", "bertscore_model")}  # Config -> make_reward
@@ -277,6 +278,8 @@ class Config:
     rwr_beta: float = _help("RWR inverse temperature beta in exp(beta r)", 0.2)
     rwr_percentile: float = _help("sparse RWR keeps samples with reward >= this batch percentile", 90.0)
     lora_rank: int = _help("LoRA rank on the UNet attention projections; 0 = full fine-tuning", 4)
+    trainable: str = _help("which UNet weights train: all (LoRA: every attention projection; full fine-tuning: "
+                           "every weight) | cross_attention (only the text-to-image attention blocks, attn2)", "all")
     mixed_precision: str = _help("fp16 | bf16 | no: dtype of the frozen base model (GPU only)", "fp16")
     # run
     epochs: int = _help("sampling+training epochs", 100)
@@ -357,6 +360,8 @@ def check_config(cfg: Config) -> None:
         )
     if cfg.log not in ("none", "tensorboard", "wandb"):
         raise ConfigError(f"unknown --log {cfg.log!r}; choose none, tensorboard or wandb")
+    if cfg.trainable not in TRAINABLE:
+        raise ConfigError(f"unknown --trainable {cfg.trainable!r}; choose one of {', '.join(TRAINABLE)}")
     if cfg.mixed_precision not in ("fp16", "bf16", "no"):
         raise ConfigError(f"unknown --mixed-precision {cfg.mixed_precision!r}; choose fp16, bf16 or no")
 
@@ -399,23 +404,40 @@ def load_model(cfg: Config, device: torch.device) -> TextToImage:
             model = tiny.load_tiny(device)
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from None
-        model.unet.requires_grad_(True)  # full fine-tuning in fp32 at tiny scale
         if cfg.lora_rank > 0:
-            add_lora(model.unet, cfg.lora_rank)
+            add_lora(model.unet, cfg.lora_rank, cfg.trainable)
+        else:
+            full_fine_tuning(model.unet, cfg.trainable)  # in fp32 at tiny scale
         return model
     return load_stable_diffusion(cfg, device)
 
 
-def add_lora(unet: torch.nn.Module, rank: int) -> None:
+# The UNet's attention blocks come in pairs: attn1 is self-attention (pixels attend to pixels), attn2 is
+# cross-attention (pixels attend to the prompt's tokens). attn2 is the only place the prompt enters the
+# UNet, so `--trainable cross_attention` trains exactly the weights that map text to image.
+CROSS_ATTENTION = ".attn2."
+
+
+def full_fine_tuning(unet: torch.nn.Module, trainable: str = "all") -> None:
+    """Train the UNet's own weights (kept in float32): all of them, or only the cross-attention blocks."""
+    unet.float()
+    for name, p in unet.named_parameters():
+        p.requires_grad_(trainable == "all" or CROSS_ATTENTION in name)
+
+
+def add_lora(unet: torch.nn.Module, rank: int, trainable: str = "all") -> None:
     """LoRA (peft) on the attention projections to_q, to_k, to_v, to_out.0; only LoRA weights train.
 
+    trainable="cross_attention" puts LoRA on the cross-attention (attn2) projections only.
     LoRA weights stay in float32 even when the base UNet is fp16/bf16 (autocast mixes them).
     """
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                        target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    projections = ["to_q", "to_k", "to_v", "to_out.0"]
+    if trainable == "cross_attention":  # a string is a regex peft matches against whole module names
+        projections = r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)"
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=projections)
     unet.add_adapter(config)
     for p in unet.parameters():
         if p.requires_grad:
@@ -444,9 +466,10 @@ def load_stable_diffusion(cfg: Config, device: torch.device) -> TextToImage:
         module.requires_grad_(False).to(device, dtype).eval()
     if cfg.lora_rank > 0:
         unet.to(device, dtype)
-        add_lora(unet, cfg.lora_rank)
+        add_lora(unet, cfg.lora_rank, cfg.trainable)
     else:
-        unet.to(device, torch.float32).requires_grad_(True)  # full fine-tuning stays in fp32
+        unet.to(device)
+        full_fine_tuning(unet, cfg.trainable)  # full fine-tuning stays in fp32
 
     @torch.no_grad()
     def encode_prompts(prompts: list[str]) -> torch.Tensor:

@@ -117,6 +117,23 @@ def test_lora_trains_only_adapter_weights(tiny_sd_folder, tmp_path):
     assert all(p.dtype == torch.float32 for p in run.params)
 
 
+def test_cross_attention_lora_targets_only_attn2_and_loads(tiny_sd_folder, tmp_path):
+    """--trainable cross_attention with LoRA: adapters on the attn2 projections only; the file still loads."""
+    from diffusers import StableDiffusionPipeline
+
+    cfg = _sd_config(tiny_sd_folder, tmp_path / "run", trainable="cross_attention")
+    names = [n for n, p in ddpo_min.Run(cfg).model.unet.named_parameters() if p.requires_grad]
+    assert names and all("lora" in n and ".attn2." in n for n in names)
+    every = [n for n, p in ddpo_min.Run(_sd_config(tiny_sd_folder, tmp_path / "all")).model.unet.named_parameters()
+             if p.requires_grad]
+    assert set(names) == {n for n in every if ".attn2." in n} and len(names) < len(every)
+    run_dir = train(cfg)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder, safety_checker=None)
+    pipe.load_lora_weights(run_dir / "weights")
+    adapted = [n for n, _ in pipe.unet.named_parameters() if "lora" in n]
+    assert adapted and all(".attn2." in n for n in adapted)
+
+
 def test_first_minibatch_is_on_policy(tiny_sd_folder, tmp_path):
     """At theta = theta_old the recomputed log-probs equal the sampled ones: approx_kl 0, clipfrac 0."""
     run_dir = train(_sd_config(tiny_sd_folder, tmp_path / "run", minibatches=1, sample_batches=1))
@@ -181,6 +198,18 @@ def test_resume_after_kill_mid_epoch_is_exact(random_tiny_weights, tmp_path, mon
     for a, b in zip(straight, resumed):
         assert a["reward/mean"] == b["reward/mean"]
         assert a["loss/policy"] == pytest.approx(b["loss/policy"], rel=1e-6, abs=1e-9)
+
+
+def test_cross_attention_full_fine_tuning_moves_only_attn2(random_tiny_weights, tmp_path):
+    """--trainable cross_attention without LoRA: attn2 weights change, every other weight stays bit-identical."""
+    from safetensors.torch import load_file
+
+    before = load_file(str(random_tiny_weights))
+    run_dir = train(_tiny_config(tmp_path / "run", trainable="cross_attention", epochs=1))
+    after = load_file(str(run_dir / "weights" / "unet.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    attn2 = {k for k in before if ".attn2." in k}
+    assert attn2 and changed == attn2
 
 
 def test_resume_keeps_the_saved_run_but_takes_how_long_to_go_on(tmp_path):
@@ -320,6 +349,7 @@ def test_unknown_flag_fails():
         (dict(sample_batch_size=3, sample_batches=3, minibatches=2), "batch arithmetic"),
         (dict(eta=0.0), "eta"),
         (dict(sample_batch_size=8, samples_per_prompt=3), "samples-per-prompt 3 must divide"),
+        (dict(trainable="mlp"), "unknown --trainable"),
     ],
 )
 def test_bad_config_is_one_clear_error(kw, match):
