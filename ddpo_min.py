@@ -963,7 +963,8 @@ def print_sizes(cfg: Config, run: Run) -> None:
     n_train = sum(p.numel() for p in run.params)
     print(
         f"model {cfg.model} on {run.device} | trainable params {n_train / 1e6:.2f}M "
-        f"({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'})\n"
+        f"({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
+        f"{', cross-attention only' if cfg.trainable == 'cross_attention' else ''})\n"
         f"samples/epoch {n} = {cfg.sample_batches} batches x {cfg.sample_batch_size} | {len(run.prompts)} prompts "
         f"({cfg.prompts}) | reward {cfg.reward} | algo {cfg.algo}\n"
         f"optimizer steps/epoch {cfg.minibatches * cfg.inner_epochs} = {cfg.minibatches} minibatches of "
