@@ -1,8 +1,8 @@
 """Benchmarks that print figures (speed and learning targets live here, not in timed tests).
 
     python bench.py speed      # tiny defaults: seconds per epoch by phase, and the ratio to the UNet floor
-    python bench.py learning   # the tiny-scale learning bars, one seed (about 50 minutes on 2 cores)
-    python bench.py learning --only alignment --seeds 0 1 2   # three seeds, judged on the mean (~70 min)
+    python bench.py learning   # the tiny-scale learning bars, one seed (about an hour on 2 cores)
+    python bench.py learning --only alignment --seeds 0 1 2   # three seeds, judged on the mean (~90 min)
 
 `speed` runs five epochs with the tiny defaults and compares each with the "UNet floor", timed right
 after it: the same number of UNet forward calls (sampling) and forward+backward calls (training), at the
