@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -332,7 +333,7 @@ TINY_DEFAULTS = dict(
 # trials, top-1 on 45 animals x 8: lr 1e-4 +4.4 / +8.3 points (seeds 0 / 1) after 12 epochs; lr 3e-4 -9.7;
 # lr 1e-4 on every timestep +10.8 (seed 0) after 12 epochs, which cost 11.5 min there against 8.4 min at
 # fraction 0.5. Then `bench.py learning --only alignment --seeds 0 1 2` (20 min each): +12.5 points at the
-# picked checkpoints (+11.7 / +10.6 / +15.3), held-out JPEG +3.9% (every weight at 2e-5: +7.4 points, +6.0%).
+# picked checkpoints (+11.7 / +10.6 / +15.3), held-out JPEG +3.9% (every weight at 2e-5: +6.0%).
 # Effect: the images still drift busier, more slowly. The JPEG rewards keep the defaults above.
 TINY_REWARD_DEFAULTS = {"alignment": dict(lr=1e-4, trainable="cross_attention", timestep_fraction=1.0)}
 
@@ -441,7 +442,7 @@ def add_lora(unet: torch.nn.Module, rank: int, trainable: str = "all") -> None:
     unet.requires_grad_(False)
     projections = ["to_q", "to_k", "to_v", "to_out.0"]
     if trainable == "cross_attention":  # a string is a regex peft matches against whole module names
-        projections = r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)"
+        projections = f".*{re.escape(CROSS_ATTENTION)}({'|'.join(map(re.escape, projections))})"
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=projections)
     unet.add_adapter(config)
     for p in unet.parameters():
