@@ -4,8 +4,8 @@ Every reward is a function
 
     fn(images, prompts) -> (rewards, extras)
 
-    images   uint8 (B, H, W, 3), numpy or torch          -- what you would save to disk
-             or float (B, 3, H, W) in [0, 1], torch       -- what a VAE decode / the tiny model returns
+    images   uint8 (B, H, W, 3), numpy or torch      -- what you would save to disk
+             or float (B, 3, H, W) in [0, 1], torch   -- what a VAE decode / the tiny model returns
     prompts  list of B strings
     rewards  float32 numpy array (B,)
     extras   dict of per-sample things worth logging (e.g. the VLM's captions), may be empty
@@ -14,7 +14,7 @@ Build one with `make_reward(name, scale="paper"|"tiny", device=..., **options)`;
 the CLI's `--reward` takes:
 
     name               paper scale (GPU, hub weights)                  tiny scale (CPU, offline)
-    -----------------  ----------------------------------------------  ------------------------------
+    -----------------  ----------------------------------------------  -----------------------------
     compressibility    -(JPEG size in kB at quality 95)                same
     incompressibility  +(JPEG size in kB at quality 95)                same
     aesthetic          LAION MLP on CLIP ViT-L/14 image embeddings     unavailable (no CLIP offline)
@@ -54,7 +54,8 @@ ImageBatch = np.ndarray | torch.Tensor
 RewardFn = Callable[[ImageBatch, Sequence[str]], tuple[np.ndarray, dict[str, Any]]]
 
 # ----------------------------------------------------------------------------------------------
-# Constants from the paper and its reference code (DESIGN.md, "Facts from the paper")
+# Constants from the paper (Black et al., arXiv 2305.13301: the rewards in Sec. 5, implementation
+# details in the appendix) and its public code
 # ----------------------------------------------------------------------------------------------
 
 JPEG_QUALITY = 95  # Pillow quality setting used for the (in)compressibility rewards
@@ -62,7 +63,8 @@ ALIGNMENT_QUESTION = "Answer concisely: what is going on in this image?"  # aske
 ALIGNMENT_REFERENCE = "The image contains {prompt}"  # BERTScore reference for a prompt
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"  # the CLIP ViT-L/14 the LAION head was trained on
-# LAION's sac+logos+ava1-l14-linearMSE.pth, copied unchanged (attribution: assets/LICENSE-aesthetic.md)
+# LAION's sac+logos+ava1-l14-linearMSE.pth, copied unchanged
+# (attribution: assets/LICENSE-aesthetic.md)
 AESTHETIC_HEAD = ASSETS / "aesthetic_head.pth"
 CLIP_IMAGE_SIZE = 224  # ViT-L/14 input side
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's per-channel pixel mean ...
@@ -91,12 +93,13 @@ MINILM = "minilm"
 BERTSCORE_LAYERS = {
     PAPER_BERTSCORE_MODEL: 40,
     # all-MiniLM-L6-v2 is not in bert_score's table, so we measured (recall, layers 0..6): its last
-    # layer (6) separates best. "a cat riding a bike" vs "a cat is riding a bicycle" / "a bowl of soup":
-    # 0.91 / 0.08 at layer 6, against 0.93 / 0.46 at layer 5 and 0.84 / 0.40 at layer 0; a caption
-    # "a(n) X" against "The image contains a(n) Y" for the 45 animals: own prompt beats the best other
-    # prompt by 0.21 on average (min 0.12) at layer 6, 0.07 (min 0.05) at layer 5. Plausible reason:
-    # the sentence-transformers contrastive fine-tuning shaped exactly this layer (the sentence
-    # embedding is the mean of its token states) for semantic similarity.
+    # layer (6) separates best. "a cat riding a bike" vs "a cat is riding a bicycle" /
+    # "a bowl of soup": 0.91 / 0.08 at layer 6, against 0.93 / 0.46 at layer 5 and 0.84 / 0.40 at
+    # layer 0; a caption "a(n) X" against "The image contains a(n) Y" for the 45 animals: own
+    # prompt beats the best other prompt by 0.21 on average (min 0.12) at layer 6, 0.07 (min 0.05)
+    # at layer 5. Plausible reason: the sentence-transformers contrastive fine-tuning shaped
+    # exactly this layer (the sentence embedding is the mean of its token states) for semantic
+    # similarity.
     MINILM: 6,
 }
 
@@ -111,7 +114,8 @@ class RewardModelUnavailable(RuntimeError):
 
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("", "0", "false", "no", "off")
+    return (os.environ.get("HF_HUB_OFFLINE", "0").strip().lower()
+            not in ("", "0", "false", "no", "off"))
 
 
 def _unavailable(what: str, name: str, option: str, alternative: str,
@@ -123,22 +127,27 @@ def _unavailable(what: str, name: str, option: str, alternative: str,
     elif _hub_offline():
         why = "it is not a local folder and the Hugging Face hub is offline (HF_HUB_OFFLINE=1)"
     else:
-        why = "it is not a local folder and the Hugging Face hub is unreachable (or the id is wrong)"
+        why = ("it is not a local folder and the Hugging Face hub is unreachable "
+               "(or the id is wrong)")
     return RewardModelUnavailable(
-        f"{what} '{name}' cannot be loaded: {why}. Fix: point {option}= (ddpo_min.py: --{option.replace('_', '-')}) "
+        f"{what} '{name}' cannot be loaded: {why}. "
+        f"Fix: point {option}= (ddpo_min.py: --{option.replace('_', '-')}) "
         f"at a local copy, or {alternative}."
     )
 
 
-def _from_pretrained(loader: Callable[..., Any], name: str, what: str, option: str, alternative: str, **kw):
-    """`loader(name, **kw)`, with hub/file errors re-raised as RewardModelUnavailable (chain dropped)."""
+def _from_pretrained(loader: Callable[..., Any], name: str, what: str, option: str,
+                     alternative: str, **kw):
+    """`loader(name, **kw)`, with hub/file errors re-raised as RewardModelUnavailable (chain
+    dropped)."""
     try:
         from huggingface_hub.errors import HFValidationError
     except ImportError:  # huggingface_hub < 0.23
         from huggingface_hub.utils import HFValidationError
     try:
         return loader(name, **kw)
-    except (OSError, HFValidationError) as err:  # missing files / no hub / not a valid repo id or folder
+    except (OSError, HFValidationError) as err:
+        # missing files / no hub / not a valid repo id or folder
         raise _unavailable(what, name, option, alternative, err) from None
 
 
@@ -149,7 +158,8 @@ def _dtype_kwargs(dtype: torch.dtype | None) -> dict[str, Any]:
     import transformers
     from packaging.version import Version
 
-    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+    return {("dtype" if Version(transformers.__version__) >= Version("4.56")
+             else "torch_dtype"): dtype}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,8 +181,9 @@ def to_uint8_images(images: ImageBatch) -> np.ndarray:
             images = images.permute(0, 2, 3, 1)  # (B, H, W, 3)
         images = images.cpu().numpy()
     images = np.asarray(images)
-    if np.issubdtype(images.dtype, np.floating):  # float numpy, channels first like the torch floats
-        images = np.clip(np.round(images.astype(np.float64) * 255), 0, 255).astype(np.uint8)  # (B, 3, H, W)
+    if np.issubdtype(images.dtype, np.floating):
+        # float numpy, channels first like the torch floats: (B, 3, H, W)
+        images = np.clip(np.round(images.astype(np.float64) * 255), 0, 255).astype(np.uint8)
         images = images.transpose(0, 2, 3, 1)  # (B, H, W, 3)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(
@@ -188,7 +199,8 @@ def to_uint8_images(images: ImageBatch) -> np.ndarray:
 
 
 def jpeg_size_kb(images: ImageBatch, quality: int = JPEG_QUALITY) -> np.ndarray:
-    """Size of each image saved as JPEG at `quality` (Pillow), in kB = bytes / 1000. float32 (B,)."""
+    """Size of each image saved as JPEG at `quality` (Pillow), in kB = bytes / 1000.
+    float32 (B,)."""
     sizes = []
     for image in to_uint8_images(images):  # (H, W, 3) each
         buffer = io.BytesIO()
@@ -197,12 +209,14 @@ def jpeg_size_kb(images: ImageBatch, quality: int = JPEG_QUALITY) -> np.ndarray:
     return np.asarray(sizes, dtype=np.float32)
 
 
-def jpeg_compressibility(images: ImageBatch, prompts: Sequence[str] = (), quality: int = JPEG_QUALITY):
+def jpeg_compressibility(images: ImageBatch, prompts: Sequence[str] = (),
+                         quality: int = JPEG_QUALITY):
     """Compressibility reward: r = -(JPEG file size in kB). Smaller files score higher."""
     return -jpeg_size_kb(images, quality), {}
 
 
-def jpeg_incompressibility(images: ImageBatch, prompts: Sequence[str] = (), quality: int = JPEG_QUALITY):
+def jpeg_incompressibility(images: ImageBatch, prompts: Sequence[str] = (),
+                           quality: int = JPEG_QUALITY):
     """Incompressibility reward: r = +(JPEG file size in kB). Larger files score higher."""
     return jpeg_size_kb(images, quality), {}
 
@@ -251,16 +265,15 @@ def clip_preprocess(images: ImageBatch) -> torch.Tensor:
       uint8 (B,H,W,3) via to_uint8_images -> resize the short side to 224, bicubic (PIL, on uint8)
       -> center crop 224x224 -> x / 255 -> (x - mean) / std per channel.
 
-    Why by hand. The paper's reward code handed images to transformers' CLIPProcessor, whose
-    `do_rescale` multiplies by 1/255 whatever the dtype: float images already in [0, 1] end up in
-    [0, 1/255], i.e. CLIP is shown an almost black picture and the score no longer depends on the
-    image. DESIGN.md records this double rescale as the known bug behind the paper's aesthetic curve.
-    (Hedged: the paper's footnote and the first author's account in kvablack/ddpo-pytorch issue #3
-    locate the mismatch in the CLIP image encoder of the original JAX/TPU run -- "Google Cloud TPUs,
-    floating point formats" -- whose embeddings differed from PyTorch's for pixel-identical images;
-    we could not check the full mechanism offline.) Here the bug cannot happen: every input is first
+    Why by hand. A transformers CLIP image processor rescales by 1/255 whatever the input dtype
+    (`do_rescale`), so float images already in [0, 1] end up in [0, 1/255]: CLIP is shown an almost
+    black picture and the score no longer depends on the image. Feeding float images to such a
+    processor is a generic pitfall, and this function makes it impossible: every input is first
     turned into the uint8 image you would save (to_uint8_images), and the divide-by-255 happens
-    exactly once, below. No processor is involved. tests/test_rewards.py checks the result against
+    exactly once, below. No processor is involved. The paper's own aesthetic-score discrepancy
+    (its results vs. the PyTorch reimplementation's) is a different matter: its first author traced
+    it to JAX and PyTorch CLIP giving different embeddings for pixel-identical images
+    (kvablack/ddpo-pytorch issue #3). tests/test_rewards.py checks the result against
     CLIPImageProcessor fed uint8, and that floats and uint8 give the same pixels.
     """
     out = []
@@ -268,12 +281,14 @@ def clip_preprocess(images: ImageBatch) -> torch.Tensor:
         pil = Image.fromarray(image)
         w, h = pil.size
         scale = CLIP_IMAGE_SIZE / min(w, h)
-        new_w, new_h = (CLIP_IMAGE_SIZE, int(h * scale)) if w <= h else (int(w * scale), CLIP_IMAGE_SIZE)
+        new_w, new_h = ((CLIP_IMAGE_SIZE, int(h * scale)) if w <= h
+                        else (int(w * scale), CLIP_IMAGE_SIZE))
         pil = pil.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
         left, top = (new_w - CLIP_IMAGE_SIZE) // 2, (new_h - CLIP_IMAGE_SIZE) // 2
         pil = pil.crop((left, top, left + CLIP_IMAGE_SIZE, top + CLIP_IMAGE_SIZE))
         out.append(torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()))
-    x = torch.stack(out).permute(0, 3, 1, 2).float() / 255  # (B, 3, 224, 224) in [0, 1]: the ONE rescale
+    # (B, 3, 224, 224) in [0, 1]: the ONE rescale
+    x = torch.stack(out).permute(0, 3, 1, 2).float() / 255
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -287,10 +302,12 @@ class AestheticReward:
     (not needed: DDPO only uses reward values).
     """
 
-    def __init__(self, clip: torch.nn.Module, head: AestheticMLP, device: str | torch.device = "cpu"):
+    def __init__(self, clip: torch.nn.Module, head: AestheticMLP,
+                 device: str | torch.device = "cpu"):
         projection_dim, head_dim = clip.visual_projection.out_features, head.layers[0].in_features
         if projection_dim != head_dim:
-            raise ValueError(f"CLIP projects to {projection_dim}-d but the aesthetic head takes {head_dim}-d")
+            raise ValueError(f"CLIP projects to {projection_dim}-d "
+                             f"but the aesthetic head takes {head_dim}-d")
         self.device = torch.device(device)
         self.clip = clip.to(self.device).eval().requires_grad_(False)
         self.head = head.to(self.device).eval().requires_grad_(False)
@@ -301,11 +318,13 @@ class AestheticReward:
         """L2-normalised CLIP image embeddings, float32 (B, 768)."""
         pixels = clip_preprocess(images).to(self.device, self.dtype)  # (B, 3, 224, 224)
         with self._lock, torch.inference_mode():
-            pooled = self.clip.vision_model(pixel_values=pixels).pooler_output  # (B, 1024) for ViT-L/14
+            # (B, 1024) for ViT-L/14
+            pooled = self.clip.vision_model(pixel_values=pixels).pooler_output
             e = self.clip.visual_projection(pooled).float()  # (B, 768)
         return e / e.norm(dim=-1, keepdim=True)  # e / ||e||
 
-    def __call__(self, images: ImageBatch, prompts: Sequence[str] = ()) -> tuple[np.ndarray, dict[str, Any]]:
+    def __call__(self, images: ImageBatch,
+                 prompts: Sequence[str] = ()) -> tuple[np.ndarray, dict[str, Any]]:
         e = self.embed(images)
         with self._lock, torch.inference_mode():
             scores = self.head(e.to(self.device))  # (B,)
@@ -313,7 +332,8 @@ class AestheticReward:
 
 
 class ClipImageTower(torch.nn.Module):
-    """The two parts of a CLIPModel the aesthetic score uses: the vision transformer and its projection."""
+    """The two parts of a CLIPModel the aesthetic score uses: the vision transformer and its
+    projection."""
 
     def __init__(self, clip: torch.nn.Module):
         super().__init__()
@@ -321,8 +341,10 @@ class ClipImageTower(torch.nn.Module):
 
 
 def load_clip_image_tower(name: str = CLIP_MODEL, device: str | torch.device = "cpu",
-                          dtype: torch.dtype | None = None, cache_dir: str | None = None) -> ClipImageTower:
-    """CLIP's image tower (ViT-L/14: ~0.3B params, 1.2 GB fp32) from a full CLIP checkpoint, id or folder.
+                          dtype: torch.dtype | None = None,
+                          cache_dir: str | None = None) -> ClipImageTower:
+    """CLIP's image tower (ViT-L/14: ~0.3B params, 1.2 GB fp32) from a full CLIP checkpoint, id or
+    folder.
 
     We load the whole CLIPModel and drop the text tower rather than loading
     CLIPVisionModelWithProjection directly: the latter takes its projection width from the vision
@@ -339,7 +361,8 @@ def load_clip_image_tower(name: str = CLIP_MODEL, device: str | torch.device = "
     )
     bad = sorted(str(k) for k in [*info["missing_keys"], *info["mismatched_keys"]])
     if bad:
-        raise RewardModelUnavailable(f"CLIP checkpoint '{name}' is incomplete or mis-shaped: {bad[:3]} ...")
+        raise RewardModelUnavailable(f"CLIP checkpoint '{name}' is incomplete or mis-shaped: "
+                                     f"{bad[:3]} ...")
     return ClipImageTower(clip).to(device).eval()
 
 
@@ -348,13 +371,15 @@ def load_clip_image_tower(name: str = CLIP_MODEL, device: str | torch.device = "
 # ----------------------------------------------------------------------------------------------
 
 
-def bertscore_from_embeddings(cand: torch.Tensor, cand_mask: torch.Tensor, ref: torch.Tensor,
-                              ref_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BERTScore precision, recall, F1 from token embeddings (no idf weighting, no baseline rescale).
+def bertscore_from_embeddings(
+    cand: torch.Tensor, cand_mask: torch.Tensor, ref: torch.Tensor, ref_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BERTScore precision, recall, F1 from token embeddings (no idf weighting, no baseline
+    rescale).
 
         x_i = candidate token embeddings, y_j = reference token embeddings, both L2-normalised
-        R = 1/|y| sum_j max_i x_i . y_j        (every reference token finds its best candidate token)
-        P = 1/|x| sum_i max_j x_i . y_j        (every candidate token finds its best reference token)
+        R = 1/|y| sum_j max_i x_i . y_j   (every reference token finds its best candidate token)
+        P = 1/|x| sum_i max_j x_i . y_j   (every candidate token finds its best reference token)
         F = 2 P R / (P + R)
 
     cand (B, Lc, D), ref (B, Lr, D); masks bool (B, Lc) / (B, Lr), True for real (non-special,
@@ -375,7 +400,8 @@ def bertscore_from_embeddings(cand: torch.Tensor, cand_mask: torch.Tensor, ref: 
     precision = (best_for_cand * cand_mask).sum(-1) / n_cand.clamp(min=1)  # P
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)  # F
     zero = torch.zeros_like(recall)
-    return torch.where(ok, precision, zero), torch.where(ok, recall, zero), torch.where(ok, f1, zero)
+    return (torch.where(ok, precision, zero), torch.where(ok, recall, zero),
+            torch.where(ok, f1, zero))
 
 
 def _minilm_path() -> str:
@@ -394,16 +420,17 @@ class BERTScorer:
 
     `layer` indexes `hidden_states` as transformers returns them: 0 is the embedding layer, k the
     output of transformer block k (so layer 40 = bert_score's num_layers=40). Special tokens
-    ([CLS], [SEP], padding, ...) are dropped from the matching; they still take part in the encoder's
-    attention, as in the bert_score package. Not done (bert_score options off by default): idf
-    weighting, rescaling with a baseline.
+    ([CLS], [SEP], padding, ...) are dropped from the matching; they still take part in the
+    encoder's attention, as in the bert_score package. Not done (bert_score options off by
+    default): idf weighting, rescaling with a baseline.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, layer: int,
                  device: str | torch.device = "cpu"):
         n_layers = model.config.num_hidden_layers
         if not 0 <= layer <= n_layers:
-            raise ValueError(f"BERTScore layer {layer} out of range: the model has layers 0..{n_layers}")
+            raise ValueError(f"BERTScore layer {layer} out of range: "
+                             f"the model has layers 0..{n_layers}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.tokenizer, self.layer = tokenizer, layer
@@ -412,17 +439,19 @@ class BERTScorer:
     def embed(self, sentences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sentences -> (token embeddings float32 (B, L, D), mask of real tokens bool (B, L))."""
         with self._lock:  # one tokenizer call at a time (fast tokenizers are not re-entrant)
-            enc = self.tokenizer(list(sentences), padding=True, truncation=True, return_tensors="pt",
-                                 return_special_tokens_mask=True)
+            enc = self.tokenizer(list(sentences), padding=True, truncation=True,
+                                 return_tensors="pt", return_special_tokens_mask=True)
         special = enc.pop("special_tokens_mask").bool()  # (B, L)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         with self._lock, torch.inference_mode():
-            hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.layer]  # (B, L, D)
+            # (B, L, D)
+            hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.layer]
         mask = enc["attention_mask"].bool().cpu() & ~special  # real tokens only
         return hidden.float().cpu(), mask
 
     def score(self, candidates: Sequence[str], references: Sequence[str]) -> dict[str, np.ndarray]:
-        """BERTScore of each candidate against its reference: {"precision", "recall", "f1"}, float32 (B,)."""
+        """BERTScore of each candidate against its reference: {"precision", "recall", "f1"},
+        float32 (B,)."""
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
         if len(candidates) == 0:
@@ -436,12 +465,14 @@ class BERTScorer:
 
 def load_bertscore(name: str = PAPER_BERTSCORE_MODEL, layer: int | None = None,
                    device: str | torch.device = "cpu", cache_dir: str | None = None) -> BERTScorer:
-    """A BERTScorer from a hub id, a local folder, or "minilm" (offline). `layer` defaults per model."""
+    """A BERTScorer from a hub id, a local folder, or "minilm" (offline). `layer` defaults per
+    model."""
     from transformers import AutoModel, AutoTokenizer
 
     if layer is None:
         if name not in BERTSCORE_LAYERS:
-            raise ValueError(f"no default BERTScore layer for {name!r}: pass bertscore_layer=<int> to make_reward "
+            raise ValueError(f"no default BERTScore layer for {name!r}: "
+                             "pass bertscore_layer=<int> to make_reward "
                              f"(known defaults: {BERTSCORE_LAYERS})")
         layer = BERTSCORE_LAYERS[name]
     path = _minilm_path() if name == MINILM else name
@@ -489,25 +520,30 @@ class ChatVLM:
 
     def describe(self, images: np.ndarray, question: str) -> list[str]:
         pil = [Image.fromarray(image) for image in to_uint8_images(images)]
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        conversation = [{"role": "user",
+                         "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         with self._lock:
             prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
             # one list of images per sample: the batched form every current processor accepts
-            inputs = self.processor(images=[[p] for p in pil], text=[prompt] * len(pil), padding=True,
-                                    return_tensors="pt")
+            inputs = self.processor(images=[[p] for p in pil], text=[prompt] * len(pil),
+                                    padding=True, return_tensors="pt")
             inputs = inputs.to(self.device)
             if "pixel_values" in inputs:  # pixels in the model's dtype (bf16/fp16 on GPU)
                 inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
             with torch.inference_mode():
-                out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-            new_tokens = out[:, inputs["input_ids"].shape[1] :]  # (B, generated): drop the echoed prompt
+                out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
+                                          do_sample=False)
+            # (B, generated): drop the echoed prompt
+            new_tokens = out[:, inputs["input_ids"].shape[1] :]
             answers = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         return [a.strip() for a in answers]
 
 
-def load_vlm(name: str = DEFAULT_VLM, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-             max_new_tokens: int = VLM_MAX_NEW_TOKENS, cache_dir: str | None = None) -> ChatVLM:
-    """A ChatVLM from a hub id or local folder. dtype: bf16 on GPU (fp16 if no bf16), fp32 on CPU."""
+def load_vlm(name: str = DEFAULT_VLM, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None, max_new_tokens: int = VLM_MAX_NEW_TOKENS,
+             cache_dir: str | None = None) -> ChatVLM:
+    """A ChatVLM from a hub id or local folder. dtype: bf16 on GPU (fp16 if no bf16), fp32 on
+    CPU."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if dtype is None:
@@ -524,7 +560,8 @@ def load_vlm(name: str = DEFAULT_VLM, device: str | torch.device = "cpu", dtype:
 
 
 class TinyCaptionerDescriber:
-    """The tiny world's stand-in for the VLM: `tiny.load_captioner()` names the emoji in a 32x32 image.
+    """The tiny world's stand-in for the VLM: `tiny.load_captioner()` names the emoji in a 32x32
+    image.
 
     # DEVIATION: at tiny scale the "answer" is a caption like "a cat" from a small CNN classifier;
     # the question is ignored. Why: no VLM runs offline on a laptop CPU. Effect: the reward can only
@@ -536,7 +573,8 @@ class TinyCaptionerDescriber:
         self._lock = threading.Lock()
 
     def describe(self, images: np.ndarray, question: str = "") -> list[str]:
-        x = torch.from_numpy(to_uint8_images(images)).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
+        # (B, 3, H, W)
+        x = torch.from_numpy(to_uint8_images(images)).permute(0, 3, 1, 2).float() / 255
         if x.shape[-2:] != (self.size, self.size):  # the captioner was trained on 32x32 renders
             x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="area")
         with self._lock, torch.inference_mode():
@@ -559,16 +597,19 @@ class AlignmentReward:
 
     def __init__(self, describer: Describer, scorer: BERTScorer, question: str = ALIGNMENT_QUESTION,
                  reference: str = ALIGNMENT_REFERENCE):
-        self.describer, self.scorer, self.question, self.reference = describer, scorer, question, reference
+        (self.describer, self.scorer, self.question, self.reference) = (
+            describer, scorer, question, reference)
 
-    def __call__(self, images: ImageBatch, prompts: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    def __call__(self, images: ImageBatch,
+                 prompts: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
         images = to_uint8_images(images)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         captions = self.describer.describe(images, self.question)
         references = [self.reference.format(prompt=p) for p in prompts]
         s = self.scorer.score(captions, references)
-        extras = {"captions": captions, "bertscore_precision": s["precision"], "bertscore_f1": s["f1"]}
+        extras = {"captions": captions, "bertscore_precision": s["precision"],
+                  "bertscore_f1": s["f1"]}
         return s["recall"].astype(np.float32), extras
 
 
@@ -596,31 +637,36 @@ def _build_aesthetic(scale: str, device: str, *, clip_model: str = CLIP_MODEL,
                      cache_dir: str | None = None) -> RewardFn:
     if scale == "tiny":
         raise ValueError(
-            "the aesthetic reward has no tiny-scale version: it needs CLIP ViT-L/14 image weights, which "
-            "cannot be had offline; at tiny scale use compressibility, incompressibility or alignment"
+            "the aesthetic reward has no tiny-scale version: it needs CLIP ViT-L/14 image weights, "
+            "which cannot be had offline; at tiny scale use compressibility, incompressibility or "
+            "alignment"
         )
     clip = load_clip_image_tower(clip_model, device, dtype, cache_dir)
     return AestheticReward(clip, load_aesthetic_head(head), device)
 
 
-def _build_alignment(scale: str, device: str, *, vlm: str = DEFAULT_VLM, vlm_dtype: torch.dtype | None = None,
+def _build_alignment(scale: str, device: str, *, vlm: str = DEFAULT_VLM,
+                     vlm_dtype: torch.dtype | None = None,
                      max_new_tokens: int = VLM_MAX_NEW_TOKENS, bertscore_model: str | None = None,
                      bertscore_layer: int | None = None, cache_dir: str | None = None) -> RewardFn:
     if scale == "tiny":
         import tiny  # lazy: the tiny world is only imported when used
 
+        # tiny.load_captioner raises FileNotFoundError, naming the command that trains the
+        # weights, if they are missing
         try:
             captioner = tiny.load_captioner(device=device)
-        except (SystemExit, FileNotFoundError) as err:  # tiny.py exits with a message if weights are missing
+        except (SystemExit, FileNotFoundError) as err:
             raise RewardModelUnavailable(f"tiny captioner unavailable: {err}") from None
         describer: Describer = TinyCaptionerDescriber(captioner)
-        # DEVIATION: BERTScore on all-MiniLM-L6-v2 (layer 6) instead of DeBERTa-xlarge-MNLI (layer 40).
-        # Why: MiniLM is the only text encoder available offline. Effect: different absolute values;
-        # the ordering checked in the tests (right animal > wrong animal) holds.
+        # DEVIATION: BERTScore on all-MiniLM-L6-v2 (layer 6) instead of DeBERTa-xlarge-MNLI
+        # (layer 40). Why: MiniLM is the only text encoder available offline. Effect: different
+        # absolute values; the ordering checked in the tests (right animal > wrong animal) holds.
         scorer = load_bertscore(bertscore_model or MINILM, bertscore_layer, device)
     else:
         describer = load_vlm(vlm, device, vlm_dtype, max_new_tokens, cache_dir)
-        scorer = load_bertscore(bertscore_model or PAPER_BERTSCORE_MODEL, bertscore_layer, device, cache_dir)
+        scorer = load_bertscore(bertscore_model or PAPER_BERTSCORE_MODEL, bertscore_layer, device,
+                                cache_dir)
     return AlignmentReward(describer, scorer)
 
 
@@ -633,16 +679,17 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
 SCALES = ("paper", "tiny")
 
 
-def make_reward(name: str, *, scale: str = "paper", device: str = "cpu", **options: Any) -> RewardFn:
+def make_reward(name: str, *, scale: str = "paper", device: str = "cpu",
+                **options: Any) -> RewardFn:
     """The reward `name` ("--reward") at `scale`, its models on `device`. Options by reward:
 
     compressibility / incompressibility: quality (95)
-    aesthetic:  clip_model (hub id or local folder; openai/clip-vit-large-patch14), head (.pth path),
-                dtype, cache_dir
-    alignment:  vlm (hub id or folder; Qwen/Qwen2-VL-2B-Instruct, the paper: llava-hf/llava-1.5-7b-hf),
-                vlm_dtype, max_new_tokens (48), bertscore_model (hub id, folder or "minilm"; default
-                microsoft/deberta-xlarge-mnli at paper scale, minilm at tiny scale), bertscore_layer,
-                cache_dir
+    aesthetic:  clip_model (hub id or local folder; openai/clip-vit-large-patch14),
+                head (.pth path), dtype, cache_dir
+    alignment:  vlm (hub id or folder; Qwen/Qwen2-VL-2B-Instruct, the paper:
+                llava-hf/llava-1.5-7b-hf), vlm_dtype, max_new_tokens (48), bertscore_model (hub
+                id, folder or "minilm"; default microsoft/deberta-xlarge-mnli at paper scale,
+                minilm at tiny scale), bertscore_layer, cache_dir
     """
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose one of: {', '.join(REWARDS)}")

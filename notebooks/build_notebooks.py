@@ -1,4 +1,4 @@
-"""Build the notebooks from their sources: notebooks/src/**/*.py (percent format) -> notebooks/**/*.ipynb.
+"""Build notebooks/**/*.ipynb from their sources, notebooks/src/**/*.py (percent format).
 
 The sources are plain Python files in the "percent" format that Jupytext, VS Code and Spyder read:
 
@@ -9,11 +9,11 @@ The sources are plain Python files in the "percent" format that Jupytext, VS Cod
     # %%
     x = 1  # a code cell
 
-Why: a .py source diffs and reviews like code, ruff lints it, and the .ipynb files that people open are
-generated from it with no outputs (outputs are never committed). Edit the source, then run
+Why: a .py source diffs and reviews like code, ruff lints it, and the .ipynb files that people
+open are generated from it with no outputs (outputs are never committed). Edit the source, then run
 
     python notebooks/build_notebooks.py           # write the .ipynb files
-    python notebooks/build_notebooks.py --check   # exit 1 if an .ipynb is missing or differs from its source
+    python notebooks/build_notebooks.py --check   # exit 1 if an .ipynb is missing or stale
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def split_cells(text: str) -> list[nbformat.NotebookNode]:
     def flush():
         body = "\n".join(lines).strip("\n")
         if kind == "markdown":
-            body = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#") for line in body.split("\n"))
+            body = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#")
+                             for line in body.split("\n"))
             cells.append(nbformat.v4.new_markdown_cell(body))
         elif kind == "code" and body:
             cells.append(nbformat.v4.new_code_cell(body))
@@ -56,7 +57,8 @@ def split_cells(text: str) -> list[nbformat.NotebookNode]:
 def notebook_for(src: Path) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.cells = split_cells(src.read_text())
-    for i, cell in enumerate(nb.cells):  # stable ids: rebuilding an unchanged source changes nothing
+    # stable ids: rebuilding an unchanged source changes nothing
+    for i, cell in enumerate(nb.cells):
         cell.id = f"{src.stem[:40]}-{i}".replace("_", "-")
     nb.metadata = {
         "kernelspec": KERNEL,
@@ -67,12 +69,15 @@ def notebook_for(src: Path) -> nbformat.NotebookNode:
 
 
 def targets() -> list[tuple[Path, Path]]:
-    return [(src, HERE / src.relative_to(SRC).with_suffix(".ipynb")) for src in sorted(SRC.rglob("*.py"))]
+    return [(src, HERE / src.relative_to(SRC).with_suffix(".ipynb"))
+            for src in sorted(SRC.rglob("*.py"))]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only verify the .ipynb files are up to date")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="only verify the .ipynb files are up to date")
     args = parser.parse_args(argv)
     stale = []
     for src, out in targets():

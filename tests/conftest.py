@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny randomly initialised models built from configs (nothing is downloaded)."""
+"""Shared test fixtures: tiny randomly initialised models built from configs (nothing is
+downloaded)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # import the repo's modules from any cwd
+# import the repo's modules from any cwd
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
-diffusers_logging.set_verbosity_error()  # quiet the 'cast with .to()' notice for half-precision test UNets
+# quiet the 'cast with .to()' notice for half-precision test UNets
+diffusers_logging.set_verbosity_error()
 
 TINY_LATENT = (4, 8, 8)  # (C, H, W)
 TINY_EMBED_DIM = 16  # D
@@ -39,12 +42,14 @@ def build_tiny_unet(seed: int = 0, dtype: torch.dtype = torch.float32) -> UNet2D
         attention_head_dim=2,
         norm_num_groups=4,
     )
-    # Random init leaves the output conv at default scale; that is fine for oracles (any function will do).
+    # Random init leaves the output conv at default scale; that is fine for oracles (any function
+    # will do).
     return unet.to(dtype).eval()
 
 
 def build_sd_scheduler(**overrides) -> DDIMScheduler:
-    """A DDIMScheduler configured like Stable Diffusion v1.4's (scaled_linear, steps_offset=1, ...)."""
+    """A DDIMScheduler configured like Stable Diffusion v1.4's (scaled_linear, steps_offset=1,
+    ...)."""
     config = dict(
         num_train_timesteps=1000,
         beta_start=0.00085,

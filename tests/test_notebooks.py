@@ -1,9 +1,9 @@
-"""The notebooks are committed without outputs and in sync with their sources; the exercise self-checks
-accept the reference and name the usual mistakes.
+"""The notebooks are committed without outputs and in sync with their sources; the exercise
+self-checks accept the reference and name the usual mistakes.
 
-The notebooks themselves are executed by nbmake, which pyproject's addopts turn on for every pytest run
-(`python -m pytest -q notebooks` for those alone); notebooks/conftest.py sets DDPO_SOLUTIONS=1, so the
-exercises run with the reference solutions.
+The notebooks themselves are executed by nbmake, which pyproject's addopts turn on for every pytest
+run (`python -m pytest -q notebooks` for those alone); notebooks/conftest.py sets DDPO_SOLUTIONS=1,
+so the exercises run with the reference solutions.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import sampler  # noqa: E402
 
 
 def test_notebooks_are_built_from_their_sources():
-    assert build_notebooks.main(["--check"]) == 0, "run `python notebooks/build_notebooks.py`, commit the .ipynb"
+    assert build_notebooks.main(["--check"]) == 0, (
+        "run `python notebooks/build_notebooks.py`, commit the .ipynb")
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.rglob("*.ipynb")), ids=lambda p: p.name)
@@ -37,7 +38,8 @@ def test_notebooks_are_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip outputs"
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{path.name}: strip outputs")
 
 
 def test_every_derivation_notebook_has_a_numeric_check():
@@ -45,9 +47,9 @@ def test_every_derivation_notebook_has_a_numeric_check():
         assert "nbutils.check(" in src.read_text(), src.name
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The exercise checkers: the reference passes, each typical mistake gets its own message
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _fails_with(check, fn, needle: str) -> None:
@@ -79,24 +81,32 @@ def _summed_log_prob(*args, **kwargs):
     return x, log_prob * 256  # C*H*W of the check's (4, 8, 8) latents
 
 
-def _no_constants(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None):
-    x, log_prob = sampler.ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample, generator)
+def _no_constants(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None,
+                  generator=None):
+    x, log_prob = sampler.ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta,
+                                                 prev_sample, generator)
     gap = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     abar = scheduler.alphas_cumprod
     a_t = abar[timestep].item()
-    a_prev = abar[timestep - gap].item() if timestep - gap >= 0 else scheduler.final_alpha_cumprod.item()
+    a_prev = (abar[timestep - gap].item() if timestep - gap >= 0
+              else scheduler.final_alpha_cumprod.item())
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
     return x, log_prob + math.log(sigma) + 0.5 * math.log(2 * math.pi)
 
 
-def _mean_only(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None):
-    mean = scheduler.step(model_output, timestep, sample, eta=eta, variance_noise=torch.zeros_like(sample)).prev_sample
-    _, log_prob = sampler.ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample, generator)
+def _mean_only(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None,
+               generator=None):
+    mean = scheduler.step(model_output, timestep, sample, eta=eta,
+                          variance_noise=torch.zeros_like(sample)).prev_sample
+    _, log_prob = sampler.ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta,
+                                                 prev_sample, generator)
     return (mean if prev_sample is None else prev_sample), log_prob
 
 
-def _undetached_action(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None):
-    x, log_prob = sampler.ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample, generator)
+def _undetached_action(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None,
+                       generator=None):
+    x, log_prob = sampler.ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta,
+                                                 prev_sample, generator)
     return x + 0 * model_output, log_prob  # the action now carries the model output's gradient
 
 
@@ -176,7 +186,8 @@ def _per_prompt(f):
 
 @pytest.mark.parametrize("fn, needle", [
     (_batch_norm, "whole batch"),
-    (_per_prompt(lambda x: (x - x.mean()) / ((x.std(ddof=1) if len(x) > 1 else 0.0) + 1e-6)), "ddof=1"),
+    (_per_prompt(lambda x: (x - x.mean()) / ((x.std(ddof=1) if len(x) > 1 else 0.0) + 1e-6)),
+     "ddof=1"),
     (_per_prompt(lambda x: (x - x.mean()) / x.std()), "1e-6"),
     (_per_prompt(lambda x: x - x.mean()), "did not divide"),
 ])  # fmt: skip
@@ -186,5 +197,6 @@ def test_advantage_diagnoses(fn, needle):
 
 
 def test_clip_diagnoses():
-    _fails_with(checks.check_clip_advantages, lambda a, m: a.clip(None, m) if isinstance(a, np.ndarray) else a,
+    _fails_with(checks.check_clip_advantages,
+                lambda a, m: a.clip(None, m) if isinstance(a, np.ndarray) else a,
                 "clip both sides")

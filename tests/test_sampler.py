@@ -1,4 +1,5 @@
-"""Oracles for sampler.py: diffusers' DDIMScheduler.step, a float64 closed form, torch.distributions.Normal.
+"""Oracles for sampler.py: diffusers' DDIMScheduler.step, a float64 closed form,
+torch.distributions.Normal.
 
 Shapes: B batch, T steps, C,H,W latent, L tokens, D embed dim.
 """
@@ -47,7 +48,8 @@ def noise(seed: int) -> torch.Tensor:
 def closed_form_mean_sigma(
     scheduler: DDIMScheduler, model_output: torch.Tensor, t: int, x_t: torch.Tensor, eta: float
 ) -> tuple[torch.Tensor, float]:
-    """Independent float64 DDIM mean mu and std sigma for an epsilon-predicting, unclipped scheduler."""
+    """Independent float64 DDIM mean mu and std sigma for an epsilon-predicting, unclipped
+    scheduler."""
     abar = scheduler.alphas_cumprod.double()
     t_prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     a_t = abar[t].item()
@@ -60,9 +62,9 @@ def closed_form_mean_sigma(
     return mean, sigma
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One step against diffusers
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("eta", [0.5, 1.0])
@@ -71,7 +73,8 @@ def closed_form_mean_sigma(
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
 @pytest.mark.parametrize("clip_sample", [False, True])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_step_matches_diffusers(prediction_type, clip_sample, set_alpha_to_one, steps_offset, num_steps, eta):
+def test_step_matches_diffusers(prediction_type, clip_sample, set_alpha_to_one, steps_offset,
+                                num_steps, eta):
     scheduler = make_scheduler(
         num_steps,
         beta_schedule="scaled_linear",
@@ -90,7 +93,8 @@ def test_step_matches_diffusers(prediction_type, clip_sample, set_alpha_to_one, 
         x_t = 2 * torch.randn(SHAPE, generator=gen)  # scale 2 so clip_sample actually clips x̂_0
         model_output = 2 * torch.randn(SHAPE, generator=gen)
         z = noise(seed=i)
-        ours, log_prob = ddim_step_with_logprob(scheduler, model_output, t, x_t, eta=eta, generator=rng(i))
+        ours, log_prob = ddim_step_with_logprob(scheduler, model_output, t, x_t, eta=eta,
+                                                generator=rng(i))
         ref = scheduler.step(model_output, t, x_t, eta=eta, variance_noise=z).prev_sample
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
         assert ours.dtype == torch.float32 and log_prob.dtype == torch.float32
@@ -112,28 +116,31 @@ def test_step_accepts_other_schedules_and_dtypes():
         assert ours_half.dtype == torch.float32 and log_prob_half.dtype == torch.float32
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The Gaussian: closed-form mean and sigma, and the log-density
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
 @pytest.mark.parametrize("eta", [0.5, 1.0])
 def test_log_prob_equals_normal_log_prob_float64(set_alpha_to_one, eta):
-    scheduler = make_scheduler(20, clip_sample=False, set_alpha_to_one=set_alpha_to_one, steps_offset=1)
+    scheduler = make_scheduler(20, clip_sample=False, set_alpha_to_one=set_alpha_to_one,
+                               steps_offset=1)
     for i in (0, 7, 18):  # not the last step: sigma_t > 0 there
         t = int(scheduler.timesteps[i])
         x_t, eps = torch.randn(SHAPE), torch.randn(SHAPE)
         mean64, sigma64 = closed_form_mean_sigma(scheduler, eps, t, x_t, eta)
         # the mean agrees with diffusers' noiseless step
-        ref_mean = scheduler.step(eps, t, x_t, eta=eta, variance_noise=torch.zeros(SHAPE)).prev_sample
+        ref_mean = scheduler.step(eps, t, x_t, eta=eta,
+                                  variance_noise=torch.zeros(SHAPE)).prev_sample
         torch.testing.assert_close(mean64.float(), ref_mean, rtol=1e-5, atol=1e-5)
         # the sampled action is mean + sigma z
         x_prev, log_prob = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, generator=rng(i))
         torch.testing.assert_close(
             x_prev.double(), mean64 + sigma64 * noise(i).double(), rtol=1e-5, atol=1e-5
         )
-        # log_prob is Normal(mean, sigma).log_prob averaged over (C, H, W), for sampled and for given actions
+        # log_prob is Normal(mean, sigma).log_prob averaged over (C, H, W), for sampled and for
+        # given actions
         for x in (x_prev, mean64.float() + 2 * sigma64 * torch.randn(SHAPE) + 0.01):
             _, ours = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x)
             normal = torch.distributions.Normal(mean64, sigma64)
@@ -142,7 +149,8 @@ def test_log_prob_equals_normal_log_prob_float64(set_alpha_to_one, eta):
 
 
 def test_gradient_flows_through_the_mean_only():
-    """d log p / d eps = k (x_{t-1} - mu) / (sigma^2 CHW) with k = d mu / d eps; the action is detached."""
+    """d log p / d eps = k (x_{t-1} - mu) / (sigma^2 CHW) with k = d mu / d eps; the action is
+    detached."""
     scheduler = make_scheduler(10, clip_sample=False, set_alpha_to_one=False)
     t, eta = int(scheduler.timesteps[4]), 1.0
     x_t = torch.randn(SHAPE)
@@ -179,14 +187,15 @@ def test_per_sample_timesteps_equal_scalar_steps():
     new, _ = ddim_step_with_logprob(scheduler, eps, ts, x_t, generator=rng(5))
     z = noise(5)
     for b in range(SHAPE[0]):
-        ref = scheduler.step(eps[b : b + 1], int(ts[b]), x_t[b : b + 1], eta=1.0, variance_noise=z[b : b + 1])
+        ref = scheduler.step(eps[b : b + 1], int(ts[b]), x_t[b : b + 1], eta=1.0,
+                             variance_noise=z[b : b + 1])
         torch.testing.assert_close(new[b : b + 1], ref.prev_sample, rtol=1e-5, atol=1e-5)
     assert torch.equal(sampled, x_prev)  # a given action comes back unchanged
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Errors and the deterministic last step
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def test_eta_zero_thresholding_and_unset_grid_raise():
@@ -207,38 +216,44 @@ def test_sigma_zero_last_step_is_deterministic_with_zero_log_prob():
     eps = torch.randn(SHAPE, requires_grad=True)
     x_prev, log_prob = ddim_step_with_logprob(scheduler, eps, last, x_t, generator=rng(0))
     assert torch.equal(log_prob, torch.zeros(SHAPE[0]))
-    ref_mean = scheduler.step(eps.detach(), last, x_t, eta=1.0, variance_noise=torch.zeros(SHAPE)).prev_sample
+    ref_mean = scheduler.step(eps.detach(), last, x_t, eta=1.0,
+                              variance_noise=torch.zeros(SHAPE)).prev_sample
     torch.testing.assert_close(x_prev, ref_mean)  # the action is the mean
     log_prob.sum().backward()
     assert torch.equal(eps.grad, torch.zeros(SHAPE))  # no gradient, and no nan from 0/0
 
-    # mixed batch: the deterministic sample gives 0, the others a finite nonzero log-prob with gradient
+    # mixed batch: the deterministic sample gives 0, the others a finite nonzero log-prob with
+    # gradient
     ts = torch.tensor([last, int(scheduler.timesteps[-2]), last])  # (B,)
     eps.grad = None
     _, log_prob = ddim_step_with_logprob(scheduler, eps, ts, x_t, prev_sample=torch.randn(SHAPE))
-    assert torch.isfinite(log_prob).all() and log_prob[0] == 0 and log_prob[2] == 0 and log_prob[1] != 0
+    assert (torch.isfinite(log_prob).all() and log_prob[0] == 0 and log_prob[2] == 0
+            and log_prob[1] != 0)
     log_prob.sum().backward()
-    assert torch.isfinite(eps.grad).all() and eps.grad[1].abs().sum() > 0 and eps.grad[0].abs().sum() == 0
+    assert (torch.isfinite(eps.grad).all() and eps.grad[1].abs().sum() > 0
+            and eps.grad[0].abs().sum() == 0)
 
 
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_step_sigmas_match_diffusers_variance(set_alpha_to_one, spacing):
-    scheduler = make_scheduler(20, beta_schedule="squaredcos_cap_v2", set_alpha_to_one=set_alpha_to_one,
-                               timestep_spacing=spacing)
+    scheduler = make_scheduler(20, beta_schedule="squaredcos_cap_v2",
+                               set_alpha_to_one=set_alpha_to_one, timestep_spacing=spacing)
     step = scheduler.config.num_train_timesteps // 20
-    ref = torch.stack([0.7 * scheduler._get_variance(t, t - step).sqrt() for t in scheduler.timesteps])  # (T,)
+    ref = torch.stack([0.7 * scheduler._get_variance(t, t - step).sqrt()
+                       for t in scheduler.timesteps])  # (T,)
     sig = step_sigmas(scheduler, scheduler.timesteps, eta=0.7)
     torch.testing.assert_close(sig, ref.float())
-    # the last step is deterministic when alphā_{t-1} = alphā_t: with set_alpha_to_one (alphā_{-1} = 1), or
-    # with "leading" spacing and no offset (t = 0 steps to alphā_{-1} = alphā_0)
+    # the last step is deterministic when alphā_{t-1} = alphā_t: with set_alpha_to_one
+    # (alphā_{-1} = 1), or with "leading" spacing and no offset (t = 0 steps to
+    # alphā_{-1} = alphā_0)
     assert (sig[-1] == 0) == (set_alpha_to_one or spacing == "leading")
     assert (sig[:-1] > 0).all()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A tiny real UNet: CFG, trajectories, and rescoring
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 B, T, L, D = 3, 6, 5, 16
 LATENT = (4, 8, 8)  # (C, H, W)
@@ -246,7 +261,8 @@ LATENT = (4, 8, 8)  # (C, H, W)
 
 def embeds(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = rng(seed)
-    return torch.randn(B, L, D, generator=gen), torch.randn(1, L, D, generator=gen)  # (B,L,D), (1,L,D)
+    return (torch.randn(B, L, D, generator=gen),
+            torch.randn(1, L, D, generator=gen))  # (B,L,D), (1,L,D)
 
 
 def test_guidance_one_forward_per_call(tiny_unet_factory):
@@ -257,9 +273,11 @@ def test_guidance_one_forward_per_call(tiny_unet_factory):
     x_t = torch.randn(B, *LATENT)
     with torch.no_grad():
         cond = guided_model_output(unet, x_t, 500, prompt, None, guidance_scale=1.0)
-        guided = guided_model_output(unet, x_t, torch.tensor(500), prompt, negative, guidance_scale=5.0)
+        guided = guided_model_output(unet, x_t, torch.tensor(500), prompt, negative,
+                                     guidance_scale=5.0)
         uncond = unet(x_t, 500, encoder_hidden_states=negative.expand(B, -1, -1)).sample
-    assert batch_sizes == [B, 2 * B, B]  # w = 1: conditional only; w = 5: one batched [uncond; cond] pass
+    # w = 1: conditional only; w = 5: one batched [uncond; cond] pass
+    assert batch_sizes == [B, 2 * B, B]
     torch.testing.assert_close(guided, uncond + 5.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
     assert cond.dtype == guided.dtype == torch.float32
 
@@ -313,7 +331,8 @@ def rescore(unet, scheduler, traj, prompt, negative, pairs, guidance, eta):
     )  # (N,)
 
 
-def rescore_in_sampling_order(unet, scheduler, traj, prompt, negative, guidance, eta) -> torch.Tensor:
+def rescore_in_sampling_order(unet, scheduler, traj, prompt, negative, guidance,
+                              eta) -> torch.Tensor:
     """Recompute every step's log-prob with the batch laid out as during sampling: (B, T)."""
     steps = traj.timesteps.shape[0]
     return torch.stack(
@@ -342,25 +361,30 @@ def test_recompute_reproduces_recorded_log_probs_float32(tiny_unet_factory, sd_s
         generator=rng(0),
     )
     # step by step, same batch composition as sampling
-    new = rescore_in_sampling_order(unet, scheduler, traj, prompt, negative, guidance, eta)  # (B, T)
+    new = rescore_in_sampling_order(unet, scheduler, traj, prompt, negative, guidance,
+                                    eta)  # (B, T)
     assert (torch.exp(new - traj.log_probs) - 1).abs().max() < 1e-6
     # shuffled (b, j) pairs, a different batch composition, with gradient
     pairs = shuffled_pairs(B, T)  # (B*T, 2)
     new = rescore(unet, scheduler, traj, prompt, negative, pairs, guidance, eta)  # (B*T,)
     old = traj.log_probs[pairs[:, 0], pairs[:, 1]]  # (B*T,)
-    # A different batch composition picks different float32 CPU kernels, so the UNet output moves by a few
-    # ulps: measured max |ratio - 1| = 4.8e-7 on 1 thread and 1.9e-6 on 2 threads (NOTES.md). That is still
-    # 50x inside the clip range 1e-4; rescoring in the sampling batch composition (above) is held to 1e-6.
+    # A different batch composition picks different float32 CPU kernels, so the UNet output moves by
+    # a few ulps: measured max |ratio - 1| = 4.8e-7 on 1 thread and 1.9e-6 on 2 threads (NOTES.md).
+    # That is still 50x inside the clip range 1e-4; rescoring in the sampling batch composition
+    # (above) is held to 1e-6.
     assert (torch.exp(new.detach() - old) - 1).abs().max() < 1e-5
     new.mean().backward()
     grads = [p.grad for p in unet.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert (grads and all(torch.isfinite(g).all() for g in grads)
+            and sum(g.abs().sum() for g in grads) > 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_recompute_mismatch_half_precision_is_measured(tiny_unet_factory, sd_scheduler_factory, dtype):
-    """Half-precision UNets do not reproduce log-probs exactly in another batch composition. Measure it:
-    the IS clip range is 1e-4, so a mismatch of that size makes the ratio clip before any update."""
+def test_recompute_mismatch_half_precision_is_measured(tiny_unet_factory, sd_scheduler_factory,
+                                                        dtype):
+    """Half-precision UNets do not reproduce log-probs exactly in another batch composition.
+    Measure it: the IS clip range is 1e-4, so a mismatch of that size makes the ratio clip before
+    any update."""
     unet, scheduler = tiny_unet_factory(dtype=dtype), sd_scheduler_factory()
     prompt, negative = embeds(2)
     guidance, eta, steps = 5.0, 1.0, 10
@@ -381,10 +405,12 @@ def test_recompute_mismatch_half_precision_is_measured(tiny_unet_factory, sd_sch
     pairs = shuffled_pairs(B, steps)  # (B*T, 2)
     with torch.no_grad():
         new = rescore(unet, scheduler, traj, prompt, negative, pairs, guidance, eta)  # (B*T,)
-        same = rescore_in_sampling_order(unet, scheduler, traj, prompt, negative, guidance, eta)  # (B, T)
+        same = rescore_in_sampling_order(unet, scheduler, traj, prompt, negative, guidance,
+                                         eta)  # (B, T)
     old = traj.log_probs[pairs[:, 0], pairs[:, 1]]  # (B*T,)
     shuffled = (torch.exp(new - old) - 1).abs().max().item()
     same_batch = (torch.exp(same - traj.log_probs) - 1).abs().max().item()
-    print(f"\n{dtype}: max |ratio - 1| shuffled batch = {shuffled:.3g}, same batch = {same_batch:.3g}")
+    print(f"\n{dtype}: max |ratio - 1| shuffled batch = {shuffled:.3g}, "
+          f"same batch = {same_batch:.3g}")
     assert math.isfinite(shuffled) and math.isfinite(same_batch)
     assert same_batch < 1e-6  # the same batch composition is reproducible even in half precision

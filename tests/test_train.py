@@ -1,8 +1,9 @@
-"""The training loop end to end: paper-scale code on a tiny random SD pipeline, exact resume, guards.
+"""The training loop end to end: paper-scale code on a tiny random SD pipeline, exact resume,
+guards.
 
-Everything here runs on CPU with no network: the "Stable Diffusion" is built from configs (same classes as
-SD v1.4: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer) and saved to a local folder,
-which is exactly the `--model /local/folder` path a user without the hub takes.
+Everything here runs on CPU with no network: the "Stable Diffusion" is built from configs (same
+classes as SD v1.4: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer) and saved to
+a local folder, which is exactly the `--model /local/folder` path a user without the hub takes.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import ddpo_min
+import loading
+import plumbing
 import tiny
-from ddpo_min import Config, ConfigError, TrainingDiverged, parse_args, train
+from config import Config, ConfigError, TrainingDiverged, parse_args
+from ddpo_min import train
 
 # ----------------------------------------------------------------------------------------------
 # A tiny random Stable Diffusion pipeline, saved like a real one
@@ -25,81 +30,97 @@ from ddpo_min import Config, ConfigError, TrainingDiverged, parse_args, train
 
 
 def _tiny_clip_tokenizer(folder: Path):
-    """A real CLIPTokenizer with a character-level vocabulary (no merges): enough to tokenise offline."""
+    """A real CLIPTokenizer with a character-level vocabulary (no merges): enough to tokenise
+    offline."""
     from transformers import CLIPTokenizer
 
-    # byte-level BPE maps each byte to a printable symbol: printable bytes map to themselves, the others to
-    # code points from 256 upwards
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    # byte-level BPE maps each byte to a printable symbol: printable bytes map to themselves, the
+    # others to code points from 256 upwards
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
-    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars]
+                                            + ["<|startoftext|>", "<|endoftext|>"])}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                         model_max_length=16)
 
 
 @pytest.fixture(scope="module")
 def tiny_sd_folder(tmp_path_factory) -> Path:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = tmp_path_factory.mktemp("tiny_sd")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
     )  # fmt: skip
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        norm_num_groups=8, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=16,
     )  # fmt: skip
     tok_dir = folder / "tok_src"
     tok_dir.mkdir()
     tokenizer = _tiny_clip_tokenizer(tok_dir)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
-                                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16))
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32,
+                                                intermediate_size=37, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=16))
     # SD v1.4's scheduler settings (scaled_linear betas, steps_offset 1, set_alpha_to_one False)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
+                                   tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder / "pipe")
     return folder / "pipe"
 
 
 def _sd_config(folder: Path, out: Path, **kw) -> Config:
-    base = dict(model=str(folder), reward="compressibility", prompts="simple_animals", num_steps=3,
-                guidance_scale=5.0, sample_batch_size=2, sample_batches=2, train_batch_size=2, minibatches=2,
-                lora_rank=4, epochs=1, output_dir=str(out), device="cpu", mixed_precision="no", grid_size=4)
+    base = dict(model=str(folder), reward="compressibility", prompts="simple_animals",
+                num_steps=3, guidance_scale=5.0, sample_batch_size=2, sample_batches=2,
+                train_batch_size=2, minibatches=2, lora_rank=4, epochs=1, output_dir=str(out),
+                device="cpu", mixed_precision="no", grid_size=4)
     base.update(kw)
     return Config(**base)
 
 
 def test_paper_scale_epoch_with_lora_and_cfg(tiny_sd_folder, tmp_path):
-    """One full epoch of the SD code path (LoRA + CFG) on CPU; the saved LoRA loads into a pipeline."""
+    """One full epoch of the SD code path (LoRA + CFG) on CPU; the saved LoRA loads into a
+    pipeline."""
     from diffusers import StableDiffusionPipeline
 
     run_dir = train(_sd_config(tiny_sd_folder, tmp_path / "run"))
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1
     m = metrics[0]
-    for key in ("reward/mean", "reward/std", "loss/policy", "loss/approx_kl", "loss/clipfrac", "time/sample",
-                "time/reward", "time/train", "samples_per_second"):
+    for key in ("reward/mean", "reward/std", "loss/policy", "loss/approx_kl", "loss/clipfrac",
+                "time/sample", "time/reward", "time/train", "samples_per_second"):
         assert key in m and np.isfinite(m[key]), key
     assert m["step"] == 2  # 2 minibatches -> 2 optimizer steps
-    assert (run_dir / "samples_epoch0000.png").is_file() and (run_dir / "reward_curve.png").is_file()
+    assert ((run_dir / "samples_epoch0000.png").is_file()
+            and (run_dir / "reward_curve.png").is_file())
     assert json.loads((run_dir / "config.json").read_text())["lora_rank"] == 4
 
-    # the LoRA file is what StableDiffusionPipeline.load_lora_weights reads, and it changes the output
+    # the LoRA file is what StableDiffusionPipeline.load_lora_weights reads, and it changes the
+    # output
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder, safety_checker=None)
 
     def render():
         g = torch.Generator().manual_seed(0)
-        return pipe("a cat", num_inference_steps=3, generator=g, output_type="np", guidance_scale=5.0).images
+        return pipe("a cat", num_inference_steps=3, generator=g, output_type="np",
+                    guidance_scale=5.0).images
 
     before = render()
     pipe.load_lora_weights(run_dir / "weights")
@@ -118,14 +139,15 @@ def test_lora_trains_only_adapter_weights(tiny_sd_folder, tmp_path):
 
 
 def test_cross_attention_lora_targets_only_attn2_and_loads(tiny_sd_folder, tmp_path):
-    """--trainable cross_attention with LoRA: adapters on the attn2 projections only; the file still loads."""
+    """--trainable cross_attention with LoRA: adapters on the attn2 projections only; the file still
+    loads."""
     from diffusers import StableDiffusionPipeline
 
     cfg = _sd_config(tiny_sd_folder, tmp_path / "run", trainable="cross_attention")
     names = [n for n, p in ddpo_min.Run(cfg).model.unet.named_parameters() if p.requires_grad]
     assert names and all("lora" in n and ".attn2." in n for n in names)
-    every = [n for n, p in ddpo_min.Run(_sd_config(tiny_sd_folder, tmp_path / "all")).model.unet.named_parameters()
-             if p.requires_grad]
+    every = [n for n, p in ddpo_min.Run(_sd_config(tiny_sd_folder, tmp_path / "all"))
+             .model.unet.named_parameters() if p.requires_grad]
     assert set(names) == {n for n in every if ".attn2." in n} and len(names) < len(every)
     run_dir = train(cfg)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_folder, safety_checker=None)
@@ -135,7 +157,8 @@ def test_cross_attention_lora_targets_only_attn2_and_loads(tiny_sd_folder, tmp_p
 
 
 def test_first_minibatch_is_on_policy(tiny_sd_folder, tmp_path):
-    """At theta = theta_old the recomputed log-probs equal the sampled ones: approx_kl 0, clipfrac 0."""
+    """At theta = theta_old the recomputed log-probs equal the sampled ones: approx_kl 0, clipfrac
+    0."""
     run_dir = train(_sd_config(tiny_sd_folder, tmp_path / "run", minibatches=1, sample_batches=1))
     m = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert m["loss/approx_kl"] < 1e-10 and m["loss/clipfrac"] == 0.0
@@ -148,7 +171,8 @@ def test_first_minibatch_is_on_policy(tiny_sd_folder, tmp_path):
 
 @pytest.fixture()
 def random_tiny_weights(tmp_path, monkeypatch):
-    """Point the tiny loader at random (seeded) weights: these tests check mechanics, not quality."""
+    """Point the tiny loader at random (seeded) weights: these tests check mechanics, not
+    quality."""
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
@@ -164,8 +188,9 @@ def _tiny_config(out: Path, **kw) -> Config:
     return Config(**base)
 
 
-TINY_ARGS = dict(ddpo_min.TINY_DEFAULTS, model="tiny", num_steps=3, sample_batch_size=4, sample_batches=2,
-                 samples_per_prompt=2, train_batch_size=4, minibatches=2, epochs=3, grid_size=4, device="cpu")
+TINY_ARGS = dict(config.TINY_DEFAULTS, model="tiny", num_steps=3, sample_batch_size=4,
+                 sample_batches=2, samples_per_prompt=2, train_batch_size=4, minibatches=2,
+                 epochs=3, grid_size=4, device="cpu")
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -180,8 +205,9 @@ def test_resume_after_kill_mid_epoch_is_exact(random_tiny_weights, tmp_path, mon
 
     def killed_in_epoch_1(*args, **kwargs):  # Ctrl-C in the middle of epoch 1's training phase
         calls["n"] += 1
-        # each epoch makes 2 minibatches x 1 chunk x 1 timestep (half of the 2 stochastic steps of 3) = 2
-        # calls; call 4 is in epoch 1's second minibatch, after epoch 1 has already taken one optimizer step
+        # each epoch makes 2 minibatches x 1 chunk x 1 timestep (half of the 2 stochastic steps of
+        # 3) = 2 calls; call 4 is in epoch 1's second minibatch, after epoch 1 has already taken one
+        # optimizer step
         if calls["n"] == 4:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
@@ -201,7 +227,8 @@ def test_resume_after_kill_mid_epoch_is_exact(random_tiny_weights, tmp_path, mon
 
 
 def test_cross_attention_full_fine_tuning_moves_only_attn2(random_tiny_weights, tmp_path):
-    """--trainable cross_attention without LoRA: attn2 weights change, every other weight stays bit-identical."""
+    """--trainable cross_attention without LoRA: attn2 weights change, every other weight stays
+    bit-identical."""
     from safetensors.torch import load_file
 
     before = load_file(str(random_tiny_weights))
@@ -213,27 +240,26 @@ def test_cross_attention_full_fine_tuning_moves_only_attn2(random_tiny_weights, 
 
 
 def test_resume_keeps_the_saved_run_but_takes_how_long_to_go_on(tmp_path):
-    # what the run is (reward, lr, seed, ...) comes from the folder; epochs and the wall-time limit of this
-    # invocation come from the new command line (bench.py resumes in timed chunks this way)
+    # what the run is (reward, lr, seed, ...) comes from the folder; epochs and the wall-time limit
+    # of this invocation come from the new command line (tools/bench.py resumes in timed chunks)
     saved = Config.tiny(reward="alignment", seed=7, epochs=3, max_minutes=5.0)
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(saved)))
     (tmp_path / "checkpoint.pt").write_bytes(b"")
-    cfg = ddpo_min.resume_config(Config(resume=str(tmp_path), epochs=10, max_minutes=2.5, lr=1.0, seed=0))
+    cfg = config.resume_config(Config(resume=str(tmp_path), epochs=10, max_minutes=2.5, lr=1.0,
+                                      seed=0))
     assert (cfg.reward, cfg.lr, cfg.seed) == ("alignment", saved.lr, 7)
     assert (cfg.epochs, cfg.max_minutes, cfg.output_dir, cfg.resume) == (10, 2.5, str(tmp_path), "")
-    assert ddpo_min.resume_config(Config(resume=str(tmp_path), epochs=0)).epochs == 3  # 0 = as saved
+    assert config.resume_config(Config(resume=str(tmp_path), epochs=0)).epochs == 3  # 0 = as saved
 
 
 def test_nan_reward_stops_with_epoch_and_phase(random_tiny_weights, tmp_path, monkeypatch):
-    import rewards
-
-    real = rewards.make_reward
+    real = ddpo_min.make_reward
 
     def nan_reward(*args, **kwargs):
         real(*args, **kwargs)  # still validates the name
         return lambda images, prompts: (np.full(len(prompts), np.nan, np.float32), {})
 
-    monkeypatch.setattr(rewards, "make_reward", nan_reward)
+    monkeypatch.setattr(ddpo_min, "make_reward", nan_reward)
     with pytest.raises(TrainingDiverged, match="epoch 0, phase reward"):
         train(_tiny_config(tmp_path / "nan", epochs=1))
 
@@ -242,20 +268,23 @@ def test_rewards_run_inline_on_cpu_and_on_a_worker_thread_elsewhere():
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    inline = ddpo_min.reward_executor(torch.device("cpu"))
-    assert isinstance(inline, ddpo_min.InlineExecutor)
-    assert inline.submit(threading.get_ident).result() == threading.get_ident()  # ran on this thread
+    inline = plumbing.reward_executor(torch.device("cpu"))
+    assert isinstance(inline, plumbing.InlineExecutor)
+    # ran on this thread
+    assert inline.submit(threading.get_ident).result() == threading.get_ident()
     assert inline.submit(lambda a, b=0: a + b, 2, b=3).result() == 5
-    failed = inline.submit(lambda: 1 / 0)  # an error surfaces at .result(), as a worker thread's would
+    # an error surfaces at .result(), as a worker thread's would
+    failed = inline.submit(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         failed.result()
 
     def ctrl_c():
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C stops the loop at once, not at the next .result()
+    # Ctrl-C stops the loop at once, not at the next .result()
+    with pytest.raises(KeyboardInterrupt):
         inline.submit(ctrl_c)
-    pool = ddpo_min.reward_executor(torch.device("cuda"))  # building it needs no GPU
+    pool = plumbing.reward_executor(torch.device("cuda"))  # building it needs no GPU
     try:
         assert isinstance(pool, ThreadPoolExecutor)
         assert pool.submit(threading.get_ident).result() != threading.get_ident()
@@ -287,11 +316,12 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(random_tiny_weights, tmp_path,
 
 def test_tiny_defaults_apply_and_explicit_flags_win():
     cfg = parse_args(["--model", "tiny", "--lr", "5e-5"])
-    assert cfg.num_steps == ddpo_min.TINY_DEFAULTS["num_steps"] and cfg.lr == 5e-5 and cfg.lora_rank == 0
+    assert (cfg.num_steps == config.TINY_DEFAULTS["num_steps"] and cfg.lr == 5e-5
+            and cfg.lora_rank == 0)
     paper = parse_args([])
     assert (paper.model, paper.num_steps, paper.guidance_scale, paper.lora_rank) == (
         "CompVis/stable-diffusion-v1-4", 50, 5.0, 4)
-    assert ddpo_min.samples_per_epoch(paper) == 256  # the paper's 256 samples per epoch
+    assert config.samples_per_epoch(paper) == 256  # the paper's 256 samples per epoch
 
 
 def test_config_tiny_is_what_the_cli_gives():
@@ -299,11 +329,11 @@ def test_config_tiny_is_what_the_cli_gives():
         ["--model", "tiny", "--lr", "5e-5", "--reward", "alignment"])
     assert Config.tiny().model == "tiny"
     # per-reward tiny defaults apply on the CLI and in Python; an explicit flag still wins
-    gentle = ddpo_min.TINY_REWARD_DEFAULTS["alignment"]["lr"]
+    gentle = config.TINY_REWARD_DEFAULTS["alignment"]["lr"]
     assert parse_args(["--model", "tiny", "--reward", "alignment"]).lr == gentle
     assert Config.tiny(reward="alignment").lr == gentle
     assert parse_args(["--model", "tiny", "--reward", "alignment", "--lr", "1e-3"]).lr == 1e-3
-    assert parse_args(["--model", "tiny"]).lr == ddpo_min.TINY_DEFAULTS["lr"]
+    assert parse_args(["--model", "tiny"]).lr == config.TINY_DEFAULTS["lr"]
 
 
 def test_samples_per_prompt_repeats_each_drawn_prompt(random_tiny_weights, tmp_path, monkeypatch):
@@ -322,13 +352,14 @@ def test_samples_per_prompt_repeats_each_drawn_prompt(random_tiny_weights, tmp_p
 
 
 def test_training_skips_the_deterministic_last_step(random_tiny_weights, tmp_path, monkeypatch):
-    # the tiny scheduler has set_alpha_to_one=True: its last step has sigma_t = 0, no density, no gradient
+    # the tiny scheduler has set_alpha_to_one=True: its last step has sigma_t = 0, no density, no
+    # gradient
     trained = []
     real = ddpo_min.policy_loss
 
-    def spy(run, samples, idx, j, adv):
+    def spy(run, samples, idx, j, adv, objective):
         trained.extend(j.tolist())
-        return real(run, samples, idx, j, adv)
+        return real(run, samples, idx, j, adv, objective)
 
     monkeypatch.setattr(ddpo_min, "policy_loss", spy)
     train(_tiny_config(tmp_path / "steps", epochs=1, timestep_fraction=1.0))
@@ -336,9 +367,15 @@ def test_training_skips_the_deterministic_last_step(random_tiny_weights, tmp_pat
     assert len(trained) == 8 * 2  # every sample trains on both stochastic steps
 
 
-def test_unknown_flag_fails():
+def test_unknown_flag_or_choice_fails_in_argparse(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--lerning-rate", "1"])
+    for flag, bad in (("--algo", "ppo"), ("--reward", "beauty"), ("--trainable", "mlp"),
+                      ("--mixed-precision", "fp8"), ("--log", "mlflow")):
+        with pytest.raises(SystemExit):
+            parse_args([flag, bad])
+        assert "invalid choice" in capsys.readouterr().err
+    assert parse_args(["--algo", "rwr", "--mixed-precision", "bf16"]).algo == "rwr"
 
 
 @pytest.mark.parametrize(
@@ -354,22 +391,23 @@ def test_unknown_flag_fails():
 )
 def test_bad_config_is_one_clear_error(kw, match):
     with pytest.raises(ConfigError, match=match):
-        ddpo_min.check_config(Config(**kw))
+        config.check_config(Config(**kw))
 
 
 def test_prompt_sets(tmp_path):
-    assert len(ddpo_min.load_prompts("simple_animals")) == 45
-    imagenet = ddpo_min.load_prompts("imagenet_animals")
+    assert len(loading.load_prompts("simple_animals")) == 45
+    imagenet = loading.load_prompts("imagenet_animals")
     assert len(imagenet) == 398 and imagenet[0] == "a tench"
-    acts = ddpo_min.load_prompts("animals_activities")
+    acts = loading.load_prompts("animals_activities")
     assert len(acts) == 135 and "a cat riding a bike" in acts
     f = tmp_path / "p.txt"
     f.write_text("a red cube\n\na blue ball\n")
-    assert ddpo_min.load_prompts(str(f)) == ["a red cube", "a blue ball"]
+    assert loading.load_prompts(str(f)) == ["a red cube", "a blue ball"]
     with pytest.raises(ConfigError, match="neither"):
-        ddpo_min.load_prompts(str(tmp_path / "missing.txt"))
+        loading.load_prompts(str(tmp_path / "missing.txt"))
 
 
 def test_unloadable_model_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="--model tiny"):
-        ddpo_min.load_model(Config(model=str(tmp_path / "no_such_model"), device="cpu"), torch.device("cpu"))
+        loading.load_model(Config(model=str(tmp_path / "no_such_model"), device="cpu"),
+                           torch.device("cpu"))

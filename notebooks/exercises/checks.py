@@ -1,13 +1,14 @@
-"""Self-checks for the exercise notebooks: compare a student's function with the project's reference on
-random inputs and, when they differ, say *what* is wrong.
+"""Self-checks for the exercise notebooks: compare a student's function with the project's reference
+on random inputs and, when they differ, say *what* is wrong.
 
 Each `check_*` prints its findings, ends with `match: True` when everything agrees, and raises
 `ExerciseError` (an AssertionError, so a notebook cell fails) with the first diagnosis otherwise.
 
-How the diagnoses work: besides the reference, each check computes a few *known-wrong variants* of the
-same quantity (summed instead of averaged, sign flipped, the max forgotten, ...). If the student's output
-equals one of them, the message names that mistake. The variants are deliberately wrong formulas; the
-right answer always comes from the project's code (sampler.py, ddpo_min.py) or from diffusers.
+How the diagnoses work: besides the reference, each check computes a few *known-wrong variants* of
+the same quantity (summed instead of averaged, sign flipped, the max forgotten, ...). If the
+student's output equals one of them, the message names that mistake. The variants are deliberately
+wrong formulas; the right answer always comes from the project's code (sampler.py, ddpo_min.py) or
+from diffusers.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _call(fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except NotImplementedError:
-        raise ExerciseError("not implemented yet: replace `raise NotImplementedError` with your code") from None
+        raise ExerciseError("not implemented yet: "
+                            "replace `raise NotImplementedError` with your code") from None
 
 
 def _fail(message: str) -> None:
@@ -54,7 +56,8 @@ def _fail(message: str) -> None:
 
 
 def _diagnose(got, variants: dict[str, object], what: str, tol: float = 1e-5) -> None:
-    """Fail with the message of the first known-wrong variant that `got` equals, or a generic one."""
+    """Fail with the message of the first known-wrong variant that `got` equals, or a generic
+    one."""
     for message, value in variants.items():
         if value is not None and _close(got, value, tol):
             _fail(f"{what}: {message}")
@@ -66,9 +69,9 @@ def _ok(what: str) -> None:
     print(f"✓ {what}")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Exercise 1: one DDIM step with its log-probability
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 SHAPE = (3, 4, 8, 8)  # (B, C, H, W)
 
@@ -76,15 +79,16 @@ SHAPE = (3, 4, 8, 8)  # (B, C, H, W)
 def sd_scheduler(num_steps: int = 50) -> DDIMScheduler:
     """A DDIMScheduler configured like Stable Diffusion v1.4's (epsilon prediction, no clipping)."""
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                              steps_offset=1, prediction_type="epsilon")
+                              beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
     scheduler.set_timesteps(num_steps)
     return scheduler
 
 
-def _step_pieces(scheduler: DDIMScheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor, eta: float):
-    """mu and sigma_t of the DDIM step read off diffusers (mu: z = 0; sigma: the response to z), plus the
-    alphas a wrong-variant formula needs."""
+def _step_pieces(scheduler: DDIMScheduler, eps: torch.Tensor, t: int, x_t: torch.Tensor,
+                 eta: float):
+    """mu and sigma_t of the DDIM step read off diffusers (mu: z = 0; sigma: the response to z),
+    plus the alphas a wrong-variant formula needs."""
     z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1234))
     mean = scheduler.step(eps, t, x_t, eta=eta, variance_noise=torch.zeros_like(x_t)).prev_sample
     noisy = scheduler.step(eps, t, x_t, eta=eta, variance_noise=z).prev_sample
@@ -98,7 +102,8 @@ def _step_pieces(scheduler: DDIMScheduler, eps: torch.Tensor, t: int, x_t: torch
 
 
 def _ddim_variant(eps, x_t, a_t, a_prev, sigma, z, *, direction_sigma: bool = True) -> torch.Tensor:
-    """A DDIM update x_{t-1} = sqrt(a_prev) x0_hat + sqrt(1 - a_prev [- sigma^2]) eps + sigma z (for variants)."""
+    """A DDIM update x_{t-1} = sqrt(a_prev) x0_hat + sqrt(1 - a_prev [- sigma^2]) eps + sigma z
+    (for variants)."""
     eps, x_t, z = eps.double(), x_t.double(), z.double()
     x0_hat = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     direction = math.sqrt(max(1 - a_prev - (sigma**2 if direction_sigma else 0.0), 0.0)) * eps
@@ -129,7 +134,8 @@ def check_logprob_step(fn: Callable) -> None:
             _fail("return a pair (x_prev, log_prob)")
         got_x, got_lp = got
         mean, sigma, a_t, a_prev, a_prev_lit = _step_pieces(scheduler, eps, t, x_t, eta)
-        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))  # the noise the reference drew
+        # the noise the reference drew
+        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
         # --- the sampled action x_{t-1} = mu + sigma z
         if tuple(got_x.shape) != SHAPE:
@@ -137,40 +143,53 @@ def check_logprob_step(fn: Callable) -> None:
         if not _close(got_x, ref_x, 1e-4):
             sigma_eta1 = _step_pieces(scheduler, eps, t, x_t, 1.0)[1]
             variants = {
-                "you added sigma_t^2 * z; the noise is scaled by the standard deviation sigma_t": mean + sigma**2 * z,
+                "you added sigma_t^2 * z; the noise is scaled by the standard deviation sigma_t":
+                    mean + sigma**2 * z,
                 "you returned the mean: add the noise sigma_t * z": mean,
-                "eta is ignored: sigma_t = eta * sqrt(...)": _ddim_variant(eps, x_t, a_t, a_prev, sigma_eta1, z),
-                "the direction term must be sqrt(1 - abar_prev - sigma_t^2) * eps_hat (you left out -sigma_t^2)":
+                "eta is ignored: sigma_t = eta * sqrt(...)":
+                    _ddim_variant(eps, x_t, a_t, a_prev, sigma_eta1, z),
+                "the direction term must be sqrt(1 - abar_prev - sigma_t^2) * eps_hat "
+                "(you left out -sigma_t^2)":
                     _ddim_variant(eps, x_t, a_t, a_prev, sigma, z, direction_sigma=False),
-                "t_prev is the next timestep on the sampling grid (t - 1000 // num_inference_steps), not t - 1":
+                "t_prev is the next timestep on the sampling grid "
+                "(t - 1000 // num_inference_steps), not t - 1":
                     _ddim_variant(eps, x_t, a_t, a_prev_lit, sigma, z),
             }
             residual = (got_x.double() - mean) / sigma  # should be exactly the reference's z
-            if not any(_close(got_x, v, 1e-4) for v in variants.values()) and abs(residual.std().item() - 1) < 0.1:
-                _fail(f"{where} x_prev = mu + sigma_t * (noise), but not the reference's noise: draw it with "
-                      "torch.randn(sample.shape, generator=generator), once, after computing the mean")
+            if (not any(_close(got_x, v, 1e-4) for v in variants.values())
+                    and abs(residual.std().item() - 1) < 0.1):
+                _fail(f"{where} x_prev = mu + sigma_t * (noise), but not the reference's noise: "
+                      "draw it with torch.randn(sample.shape, generator=generator), once, "
+                      "after computing the mean")
             _diagnose(got_x, variants, f"{where} x_prev", tol=1e-4)
         _ok(f"{where} x_prev matches the reference (same noise)")
 
         # --- the log-probability, sampled and scored
         for mode, lp in (("sampling", got_lp), ("scoring", None)):
             if mode == "scoring":
-                scored = _call(fn, scheduler, eps.clone(), t, x_t.clone(), eta=eta, prev_sample=ref_x.clone())
+                scored = _call(fn, scheduler, eps.clone(), t, x_t.clone(), eta=eta,
+                               prev_sample=ref_x.clone())
                 if not _close(scored[0], ref_x):
-                    _fail(f"{where} with prev_sample given, return it unchanged: the action is scored, not re-sampled")
+                    _fail(f"{where} with prev_sample given, return it unchanged: "
+                          "the action is scored, not re-sampled")
                 lp = scored[1]
             if lp.shape == SHAPE:
-                _fail(f"{where} log_prob has one value per element; average it over C, H, W to get shape (B,)")
+                _fail(f"{where} log_prob has one value per element; "
+                      "average it over C, H, W to get shape (B,)")
             if lp.dim() == 0:
-                _fail(f"{where} log_prob is a scalar: keep one log-prob per sample (average over C, H, W only)")
+                _fail(f"{where} log_prob is a scalar: "
+                      "keep one log-prob per sample (average over C, H, W only)")
             if not _close(lp, ref_lp, 1e-4):
                 x = ref_x.double()
                 const = math.log(sigma) + 0.5 * math.log(2 * math.pi)
                 _diagnose(lp, {
-                    "your log-prob is summed, not averaged, over C,H,W (it is D times too large)": ref_lp.double() * D,
-                    "the sign is flipped: log N(x | mu, sigma^2) = -(x-mu)^2/(2 sigma^2) - log sigma - log sqrt(2 pi)":
+                    "your log-prob is summed, not averaged, over C,H,W (it is D times too large)":
+                        ref_lp.double() * D,
+                    "the sign is flipped: "
+                    "log N(x | mu, sigma^2) = -(x-mu)^2/(2 sigma^2) - log sigma - log sqrt(2 pi)":
                         -ref_lp.double(),
-                    "the normalising terms -log sigma_t - 0.5 log(2 pi) are missing": ref_lp.double() + const,
+                    "the normalising terms -log sigma_t - 0.5 log(2 pi) are missing":
+                        ref_lp.double() + const,
                     "you used the variance sigma_t^2 where the standard deviation sigma_t belongs":
                         _gauss_mean_log_prob(x, mean, sigma**2),
                     "the quadratic term is missing its 1/2: -(x-mu)^2 / (2 sigma^2)":
@@ -185,23 +204,27 @@ def check_logprob_step(fn: Callable) -> None:
     x_t, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
     x_prev = torch.randn(SHAPE, generator=g) * 0.3 + x_t
     eps_ref, eps_got = eps.clone().requires_grad_(True), eps.clone().requires_grad_(True)
-    sampler.ddim_step_with_logprob(scheduler, eps_ref, t, x_t, prev_sample=x_prev)[1].sum().backward()
+    sampler.ddim_step_with_logprob(scheduler, eps_ref, t, x_t,
+                                   prev_sample=x_prev)[1].sum().backward()
     got_x, got_lp = _call(fn, scheduler, eps_got, t, x_t, prev_sample=x_prev)
     sampled_x, _ = _call(fn, scheduler, eps_got, t, x_t, generator=torch.Generator().manual_seed(0))
     if sampled_x.requires_grad:
-        _fail("the returned x_prev carries gradient: detach it (the action is data, not a function of theta)")
+        _fail("the returned x_prev carries gradient: "
+              "detach it (the action is data, not a function of theta)")
     if not got_lp.requires_grad:
-        _fail("log_prob has no gradient w.r.t. the model output: do not detach the mean or wrap it in no_grad")
+        _fail("log_prob has no gradient w.r.t. the model output: "
+              "do not detach the mean or wrap it in no_grad")
     got_lp.sum().backward()
     if not _close(eps_got.grad, eps_ref.grad, 1e-4):
-        _fail("d log_prob / d model_output differs from the reference (is sigma_t a constant? is x_prev detached?)")
+        _fail("d log_prob / d model_output differs from the reference "
+              "(is sigma_t a constant? is x_prev detached?)")
     _ok("gradient w.r.t. the model output matches")
     print("match: True")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Exercise 2: the score-function loss
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def check_sf_loss(fn: Callable) -> None:
@@ -221,25 +244,29 @@ def check_sf_loss(fn: Callable) -> None:
         _fail("the loss has one value per sample: take the mean over the batch to get a scalar")
     if not _close(loss, ref):
         _diagnose(loss, {
-            "sign of the loss is flipped: the optimiser minimises, so the loss is -mean(A * log p)": -ref,
+            "sign of the loss is flipped: the optimiser minimises, so the loss is -mean(A * log p)":
+                -ref,
             "you summed over the batch; use the mean (the learning rate assumes a mean)": ref * B,
-            "you multiplied the means, mean(A) * mean(log p); the estimator is the mean of the products":
+            "you multiplied the means, mean(A) * mean(log p); "
+            "the estimator is the mean of the products":
                 -(adv.mean() * base_lp.mean()),
-            "use the log-probability, not the probability exp(log p)": -(adv * base_lp.exp()).mean(),
+            "use the log-probability, not the probability exp(log p)":
+                -(adv * base_lp.exp()).mean(),
         }, "loss value")
     _ok("loss value matches")
     loss.backward()
     if a.grad is not None and a.grad.abs().sum() > 0:
-        _fail("gradient flows into the advantages: detach them (A is a constant weight, not a function of theta)")
+        _fail("gradient flows into the advantages: "
+              "detach them (A is a constant weight, not a function of theta)")
     if lp.grad is None or not _close(lp.grad, -adv / B):
         _fail("d loss / d log_prob should be -A / B for each sample")
     _ok("gradient: d loss / d log_prob = -A / B, none into A")
     print("match: True")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Exercise 3: the clipped importance-sampling loss
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def check_clipped_loss(fn: Callable) -> None:
@@ -249,7 +276,8 @@ def check_clipped_loss(fn: Callable) -> None:
     g = torch.Generator().manual_seed(0)
     B = 64
     old = torch.randn(B, generator=g, dtype=torch.float64)
-    log_ratio = (torch.rand(B, generator=g, dtype=torch.float64) - 0.5) * 0.6  # ratios in [0.74, 1.35]
+    # ratios in [0.74, 1.35]
+    log_ratio = (torch.rand(B, generator=g, dtype=torch.float64) - 0.5) * 0.6
     new = old + log_ratio
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     ref_loss, ref_info = ddpo_min.ddpo_is_loss(new, old, adv, eps)
@@ -265,17 +293,21 @@ def check_clipped_loss(fn: Callable) -> None:
     clipped = rho.clamp(1 - eps, 1 + eps)
     if not _close(loss, ref_loss):
         _diagnose(loss, {
-            "you clipped the ratio but forgot the max: loss = mean(max(-A rho, -A clip(rho)))": (-adv * clipped).mean(),
-            "max and min are swapped: the loss keeps the larger (pessimistic) of -A rho and -A clip(rho)":
+            "you clipped the ratio but forgot the max: loss = mean(max(-A rho, -A clip(rho)))":
+                (-adv * clipped).mean(),
+            "max and min are swapped: "
+            "the loss keeps the larger (pessimistic) of -A rho and -A clip(rho)":
                 torch.minimum(-adv * rho, -adv * clipped).mean(),
-            "there is no clipping: add the clipped branch -A clip(rho, 1-eps, 1+eps) and take the max":
+            "there is no clipping: "
+            "add the clipped branch -A clip(rho, 1-eps, 1+eps) and take the max":
                 (-adv * rho).mean(),
             "sign of the loss is flipped": -ref_loss,
             "rho must be exp(log_prob - old_log_prob), not the log-ratio itself":
                 torch.maximum(-adv * log_ratio, -adv * log_ratio.clamp(1 - eps, 1 + eps)).mean(),
             "the ratio is p_new / p_old = exp(log_prob - old_log_prob); yours is inverted":
                 torch.maximum(-adv / rho, -adv * (1 / rho).clamp(1 - eps, 1 + eps)).mean(),
-            "clip the ratio, not the advantages": torch.maximum(-adv * rho, -adv.clamp(1 - eps, 1 + eps) * rho).mean(),
+            "clip the ratio, not the advantages":
+                torch.maximum(-adv * rho, -adv.clamp(1 - eps, 1 + eps) * rho).mean(),
         }, "loss value")
     _ok("loss value matches")
     loss.backward()
@@ -284,7 +316,8 @@ def check_clipped_loss(fn: Callable) -> None:
     ref_lp = new.clone().requires_grad_(True)
     ddpo_min.ddpo_is_loss(ref_lp, old, adv, eps)[0].backward()
     if lp.grad is None or not _close(lp.grad, ref_lp.grad):
-        _fail("d loss / d log_prob differs from the reference: it must be 0 exactly where the clipped branch wins")
+        _fail("d loss / d log_prob differs from the reference: "
+              "it must be 0 exactly where the clipped branch wins")
     _ok("gradient matches, including the zero-gradient (clipped) samples")
 
     for key in ("approx_kl", "clipfrac"):
@@ -297,14 +330,18 @@ def check_clipped_loss(fn: Callable) -> None:
                 0.5 * log_ratio.mean() ** 2,
             "approx_kl uses the log-ratio, 0.5 * mean((log p - log p_old)^2), not rho - 1":
                 0.5 * ((rho - 1) ** 2).mean(),
-            "mean(log_ratio) is not a KL estimate (it can be negative); use 0.5 * mean(log_ratio^2)":
+            "mean(log_ratio) is not a KL estimate (it can be negative); "
+            "use 0.5 * mean(log_ratio^2)":
                 log_ratio.mean(),
         }, "approx_kl")
     if not _close(info["clipfrac"], ref_info["clipfrac"]):
         _diagnose(info["clipfrac"], {
-            "clipfrac counts |rho - 1| > eps on both sides, not only rho > 1 + eps": (rho > 1 + eps).double().mean(),
-            "clipfrac is a fraction of samples (a mean), not a count": (rho - 1).abs().gt(eps).double().sum(),
-            "clipfrac is the share of samples OUTSIDE 1 ± eps": (rho - 1).abs().le(eps).double().mean(),
+            "clipfrac counts |rho - 1| > eps on both sides, not only rho > 1 + eps":
+                (rho > 1 + eps).double().mean(),
+            "clipfrac is a fraction of samples (a mean), not a count":
+                (rho - 1).abs().gt(eps).double().sum(),
+            "clipfrac is the share of samples OUTSIDE 1 ± eps":
+                (rho - 1).abs().le(eps).double().mean(),
         }, "clipfrac")
     for key in ("approx_kl", "clipfrac"):
         if torch.as_tensor(info[key]).requires_grad:
@@ -313,17 +350,17 @@ def check_clipped_loss(fn: Callable) -> None:
     print("match: True")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Exercise 4: per-prompt advantage normalisation and clipping
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def advantage_inputs() -> tuple[list[str], np.ndarray]:
     """Prompts with very different reward levels, one with identical rewards, one seen only once."""
     rng = np.random.default_rng(0)
     prompts, rewards = [], []
-    for prompt, level, spread, n in (("a cat", -60.0, 5.0, 6), ("a dog", -20.0, 1.0, 5), ("a frog", -35.0, 0.0, 3),
-                                     ("a whale", -5.0, 2.0, 1)):
+    for prompt, level, spread, n in (("a cat", -60.0, 5.0, 6), ("a dog", -20.0, 1.0, 5),
+                                     ("a frog", -35.0, 0.0, 3), ("a whale", -5.0, 2.0, 1)):
         prompts += [prompt] * n
         rewards += list(level + spread * rng.standard_normal(n))
     order = rng.permutation(len(prompts))  # interleave the prompts
@@ -331,13 +368,15 @@ def advantage_inputs() -> tuple[list[str], np.ndarray]:
 
 
 def reference_batch_advantages(prompts, rewards) -> np.ndarray:
-    """Per-prompt normalisation within one batch: the tracker with every prompt using its own statistics."""
+    """Per-prompt normalisation within one batch: the tracker with every prompt using its own
+    statistics."""
     tracker = ddpo_min.PerPromptStatTracker(buffer_size=max(1, len(rewards)), min_count=1)
     return tracker.update(prompts, rewards)
 
 
 def check_advantages(fn: Callable) -> None:
-    """fn(prompts, rewards) -> (B,) advantages (r - mean_c) / (std_c + 1e-6), stats per prompt in the batch."""
+    """fn(prompts, rewards) -> (B,) advantages (r - mean_c) / (std_c + 1e-6), stats per prompt in
+    the batch."""
     prompts, r = advantage_inputs()
     ref = reference_batch_advantages(prompts, r)
     got = _call(fn, list(prompts), r.copy())
@@ -345,7 +384,8 @@ def check_advantages(fn: Callable) -> None:
     if got.shape != r.shape:
         _fail(f"return one advantage per sample, shape {r.shape}; got {got.shape}")
     if not np.all(np.isfinite(got)):
-        _fail("non-finite advantages: 'a frog' has identical rewards (std 0) and 'a whale' a single one; "
+        _fail("non-finite advantages: "
+              "'a frog' has identical rewards (std 0) and 'a whale' a single one; "
               "divide by (std + 1e-6)")
     if not np.allclose(got, ref, atol=1e-4):
         arr = np.asarray(prompts, dtype=object)
@@ -361,33 +401,41 @@ def check_advantages(fn: Callable) -> None:
         _diagnose(got, {
             "you normalised over the whole batch; group the rewards by prompt first":
                 (r - r.mean()) / (r.std() + 1e-6),
-            "you used the sample std (ddof=1); the tracker uses the population std (np.std's default, ddof=0)":
-                per_prompt(lambda x: (x - x.mean()) / ((x.std(ddof=1) if len(x) > 1 else 0.0) + 1e-6)),
+            "you used the sample std (ddof=1); "
+            "the tracker uses the population std (np.std's default, ddof=0)":
+                per_prompt(lambda x: (x - x.mean())
+                           / ((x.std(ddof=1) if len(x) > 1 else 0.0) + 1e-6)),
             "you subtracted the per-prompt mean but did not divide by the per-prompt std":
                 per_prompt(lambda x: x - x.mean()),
             "divide by the standard deviation, not the variance":
                 per_prompt(lambda x: (x - x.mean()) / (x.var() + 1e-6)),
-            "you divided by the std but did not subtract the mean first": per_prompt(lambda x: x / (x.std() + 1e-6)),
-            "the advantages are grouped by prompt: return them in the order of the input rewards": sorted_ref,
+            "you divided by the std but did not subtract the mean first":
+                per_prompt(lambda x: x / (x.std() + 1e-6)),
+            "the advantages are grouped by prompt: return them in the order of the input rewards":
+                sorted_ref,
         }, "advantages", tol=1e-4)
     _ok("per-prompt advantages match (incl. a constant-reward prompt and a single-sample prompt)")
     print("match: True")
 
 
 def check_clip_advantages(fn: Callable) -> None:
-    """fn(advantages, max_abs) -> advantages clipped to [-max_abs, max_abs], like ddpo_min.clip_advantages."""
+    """fn(advantages, max_abs) -> advantages clipped to [-max_abs, max_abs], like
+    ddpo_min.clip_advantages."""
     a = np.array([-9.0, -5.0, -4.9, -0.5, 0.0, 0.7, 4.99, 5.0, 12.0])
     ref = ddpo_min.clip_advantages(a, 5.0)
     got = np.asarray(_call(fn, a.copy(), 5.0), dtype=np.float64)
     if got.shape != a.shape or not np.allclose(got, ref):
         _diagnose(got, {
             "clip both sides: values below -max_abs become -max_abs too": np.minimum(a, 5.0),
-            "clip, do not rescale: values inside [-max_abs, max_abs] must not change": a / np.abs(a).max() * 5.0,
-            "clipping keeps the sign: clip(A, -5, 5), not clip(|A|, 0, 5)": np.clip(np.abs(a), 0, 5.0),
+            "clip, do not rescale: values inside [-max_abs, max_abs] must not change":
+                a / np.abs(a).max() * 5.0,
+            "clipping keeps the sign: clip(A, -5, 5), not clip(|A|, 0, 5)":
+                np.clip(np.abs(a), 0, 5.0),
         }, "clipped advantages")
     t = torch.tensor(a)
     got_t = _call(fn, t.clone(), 5.0)
     if not isinstance(got_t, torch.Tensor) or not _close(got_t, torch.as_tensor(ref)):
-        _fail("the function must also work on torch tensors and return a tensor (hint: both have .clip)")
+        _fail("the function must also work on torch tensors and return a tensor "
+              "(hint: both have .clip)")
     _ok("clipping matches for numpy arrays and torch tensors")
     print("match: True")

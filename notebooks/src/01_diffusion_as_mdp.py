@@ -29,16 +29,19 @@ import torch
 import ddpo_min
 import rewards
 import sampler
+from config import Config
+from loading import load_model
 
 torch.manual_seed(0)
 if SCALE == "tiny":
     import tiny
+    from tools import tiny_data
 
     model = tiny.load_tiny()  # the shipped weights, assets/tiny_unet.safetensors
     PROMPTS = ["a cat", "a frog", "a whale", "a bee"]
     NUM_STEPS, GUIDANCE = 50, 5.0
 else:
-    model = ddpo_min.load_model(ddpo_min.Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 (+ LoRA), fp32
+    model = load_model(Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 + LoRA, fp32
     PROMPTS = ["a cat", "a frog"]
     NUM_STEPS, GUIDANCE = 50, 5.0
 unet, scheduler = model.unet, model.scheduler
@@ -60,7 +63,7 @@ print(model.name, "latent (C, H, W) =", model.latent_shape, "| scheduler:", sche
 #   \tilde\mu(x_t, x_0) = \underbrace{\frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1-\bar\alpha_t}}_{a_t}\,x_0
 #   + \underbrace{\frac{\sqrt{\alpha_t}\,(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}}_{b_t}\,x_t .$$
 #
-# The model learns a mean predictor $\mu_\theta(x_t, t, c)$ for this posterior, which is seed 001's Eq. 1:
+# The model learns a mean predictor $\mu_\theta(x_t, t, c)$ for this posterior, which is the paper's Eq. 1 (arXiv 2305.13301, Sec. 3.1):
 #
 # $$\mathcal L_{\text{DDPM}}(\theta) = \mathbb E\big[\,\|\tilde\mu(x_t, x_0) - \mu_\theta(x_t, t, c)\|^2\,\big]
 #   \tag{1}$$
@@ -86,7 +89,7 @@ print(model.name, "latent (C, H, W) =", model.latent_shape, "| scheduler:", sche
 
 # %%
 if SCALE == "tiny":
-    x0 = tiny.to_model_space(tiny.render_prompt_images(["a cat"], seed=1)).to(device)  # (1, 3, 32, 32)
+    x0 = tiny.to_model_space(tiny_data.render_prompt_images(["a cat"], seed=1)).to(device)  # (1, 3, 32, 32)
 else:
     x0 = torch.randn(1, *model.latent_shape, device=device)  # stand-in latent (paper scale: encode an image)
 c = model.encode_prompts(["a cat"])  # (1, L, D)
@@ -185,7 +188,7 @@ plt.show()
 #
 # $$\mathcal J_{\text{DDRL}}(\theta) = \mathbb E_{c\sim p(c),\ x_0 \sim p_\theta(\cdot\mid c)}\,[\,r(x_0, c)\,].$$
 #
-# Seed 001 gives two MDPs for which $\mathcal J_{\text{RL}} = \mathcal J_{\text{DDRL}}$:
+# The paper (Secs. 4.2 and 4.3) gives two MDPs for which $\mathcal J_{\text{RL}} = \mathcal J_{\text{DDRL}}$:
 #
 # | | **one-step MDP** (RWR) | **multi-step MDP** (DDPO) |
 # |---|---|---|

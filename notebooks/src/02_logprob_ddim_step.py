@@ -23,15 +23,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-import ddpo_min
 import sampler
+from config import Config
+from loading import load_model
 
 if SCALE == "tiny":
     import tiny
 
     model = tiny.load_tiny()
 else:
-    model = ddpo_min.load_model(ddpo_min.Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 (+ LoRA), fp32
+    model = load_model(Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 + LoRA, fp32
 unet, scheduler = model.unet, model.scheduler
 C, H, W = model.latent_shape
 D = C * H * W
@@ -70,7 +71,7 @@ print(f"{model.name}: x_t has C*H*W = {C}*{H}*{W} = {D} dimensions; prediction: 
 #
 # *Why the policy is Gaussian.* Given the state $(c, t, x_t)$, $\mu_\theta$ is one deterministic network
 # evaluation (classifier-free guidance included) and $\sigma_t$ is a number, so the only randomness is
-# $z$: the action $x_{t-1} = \mu_\theta + \sigma_t z$ is an isotropic Gaussian, seed 001's Eq. 2. Its log-density
+# $z$: the action $x_{t-1} = \mu_\theta + \sigma_t z$ is an isotropic Gaussian, the paper's Eq. 2 (Sec. 3.1). Its log-density
 #
 # $$\log p_\theta(x_{t-1}\mid x_t, c) = -\frac{\|x_{t-1}-\mu_\theta\|^2}{2\sigma_t^2} - D\log\sigma_t - \frac D2\log 2\pi$$
 #

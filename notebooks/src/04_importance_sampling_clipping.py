@@ -23,10 +23,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-import ddpo_min
 import rewards
 import sampler
+from config import Config
 from ddpo_min import PerPromptStatTracker, clip_advantages, ddpo_is_loss, ddpo_sf_loss
+from loading import load_model
 
 if SCALE == "tiny":
     import tiny
@@ -34,7 +35,7 @@ if SCALE == "tiny":
     model = tiny.load_tiny()
     model.unet.requires_grad_(True)  # full fine-tuning at tiny scale
 else:
-    model = ddpo_min.load_model(ddpo_min.Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 (+ LoRA), fp32
+    model = load_model(Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 + LoRA, fp32
 unet, scheduler = model.unet, model.scheduler
 
 # %% [markdown]

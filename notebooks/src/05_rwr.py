@@ -7,7 +7,7 @@
 # loss and weight each self-generated sample by how good it is: reward-weighted regression (RWR). The
 # paper uses two versions as baselines and finds both clearly worse than DDPO. This notebook computes the
 # two weightings with the project's functions, derives why RWR optimises the reward only through *two*
-# layers of approximation (seed 001), checks each layer numerically, and runs RWR at tiny scale through
+# layers of approximation (arXiv 2305.13301, Sec. 4.2), checks each layer numerically, and runs RWR at tiny scale through
 # the training loop.
 
 # %%
@@ -27,16 +27,19 @@ import torch
 import ddpo_min
 import rewards
 import sampler
+from config import Config
 from ddpo_min import diffusion_mse_loss, rwr_weights, sparse_rwr_mask
+from loading import load_model, load_prompts
 
 if SCALE == "tiny":
     import tiny
+    from tools import tiny_data
 
     model = tiny.load_tiny()
     PROMPTS = tiny.ANIMAL_PROMPTS[:16]
 else:
-    model = ddpo_min.load_model(ddpo_min.Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 (+ LoRA), fp32
-    PROMPTS = ddpo_min.load_prompts("simple_animals")[:16]
+    model = load_model(Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 + LoRA, fp32
+    PROMPTS = load_prompts("simple_animals")[:16]
 
 # %% [markdown]
 # ## 5.1 Two weightings
@@ -160,7 +163,7 @@ beta_tilde = (1 - abar[:-1]) / (1 - abar[1:]) * betas_s[1:]  # posterior varianc
 lam = a_coef**2 * (1 - abar[1:]) / (2 * beta_tilde)  # lambda_t, t = 1..999
 
 if SCALE == "tiny":
-    x0 = tiny.to_model_space(tiny.render_prompt_images(["a cat"], seed=3))  # (1, 3, 32, 32)
+    x0 = tiny.to_model_space(tiny_data.render_prompt_images(["a cat"], seed=3))  # (1, 3, 32, 32)
 else:
     x0 = traj.x0[:1]
 device = next(unet.parameters()).device
@@ -216,9 +219,9 @@ beta_tiny = float(1 / r.std())  # inverse temperature on the scale of this rewar
 histories = {}
 for algo in ("rwr", "rwr_sparse"):
     if SCALE == "tiny":
-        cfg = ddpo_min.Config.tiny(algo=algo, epochs=EPOCHS, rwr_beta=beta_tiny)  # what `--model tiny` selects
+        cfg = Config.tiny(algo=algo, epochs=EPOCHS, rwr_beta=beta_tiny)  # what `--model tiny` selects
     else:
-        cfg = ddpo_min.Config(reward="compressibility", algo=algo, epochs=EPOCHS)
+        cfg = Config(reward="compressibility", algo=algo, epochs=EPOCHS)
     run_dir = ddpo_min.train(cfg)  # a fresh folder under runs/ (a finished run's folder would be resumed)
     nbutils.restore_inline_plots()
     histories[algo] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -29,16 +29,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-import ddpo_min
 import rewards
 import sampler
+from config import Config
+from loading import load_model
 
 if SCALE == "tiny":
     import tiny
+    from tools import tiny_data
 
     model = tiny.load_tiny()
 else:
-    model = ddpo_min.load_model(ddpo_min.Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 (+ LoRA), fp32
+    model = load_model(Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 + LoRA, fp32
 
 # %% [markdown]
 # ## 6.1 JPEG size
@@ -122,9 +124,10 @@ nbutils.check(all(k in ("Linear", "Dropout") for k in kinds) and torch.allclose(
 # does so whatever the input dtype. A VAE decode or the tiny model returns **floats already in
 # $[0,1]$**; handed to the processor they are divided by 255 a second time, land in $[0, 1/255]$, and CLIP
 # sees an almost black image: every normalised pixel sits within $(1/255)/\text{std}\approx 0.015$ of
-# $-\text{mean}/\text{std}$. The score then barely depends on the image. DESIGN.md records this as the
-# known bug behind the paper's aesthetic curve (the paper's footnote points to a related mismatch in the
-# CLIP encoder of its TPU code; see the note in `rewards.clip_preprocess`).
+# $-\text{mean}/\text{std}$. The score then barely depends on the image. This is a generic pitfall of
+# any pipeline that hands decoded floats to a CLIP processor. It is *not* what bent the paper's own
+# aesthetic curve: the first author traced that to JAX and PyTorch CLIP giving different embeddings for
+# pixel-identical images (kvablack/ddpo-pytorch, issue 3), which rules preprocessing out.
 #
 # The project avoids it by construction: every reward first converts its input to the uint8 image you
 # would save (`to_uint8_images`), and `clip_preprocess` divides by 255 exactly once.
@@ -134,7 +137,9 @@ nbutils.check(all(k in ("Linear", "Dropout") for k in kinds) and torch.allclose(
 
 # %%
 try:  # transformers >= 5: the PIL-based processor (the default one in earlier versions)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as CLIPProcessorClass
+    from transformers.models.clip.image_processing_pil_clip import (
+        CLIPImageProcessorPil as CLIPProcessorClass,
+    )
 except ImportError:
     from transformers import CLIPImageProcessor as CLIPProcessorClass
 processor = CLIPProcessorClass()  # OpenAI CLIP defaults; nothing is downloaded
@@ -205,7 +210,7 @@ else:
 scorer = rewards.load_bertscore(rewards.MINILM)  # offline MiniLM-L6, layer 6
 
 if SCALE == "tiny":
-    examples = tiny.render_prompt_images(["a cat", "a frog"], seed=7)  # clean renders: the captioner's home turf
+    examples = tiny_data.render_prompt_images(["a cat", "a frog"], seed=7)  # clean renders: the captioner's home turf
 else:
     examples = images[:2]
 caption = describer.describe(rewards.to_uint8_images(examples), rewards.ALIGNMENT_QUESTION)

@@ -19,7 +19,7 @@
 # defaults (each epoch: 8 prompts x 8 samples, advantages normalised within each prompt's 8, 4 optimizer
 # steps, 20 denoising steps). That is enough to see every phase work and the metrics move, not to see
 # where the reward leads. Section 7.4 shows that from the repository's own 10-minute runs
-# (`python bench.py learning`); to watch a run of your own, set `EPOCHS = 25` (about 10-20 minutes on a
+# (`python -m tools.bench learning`); to watch a run of your own, set `EPOCHS = 25` (about 10-20 minutes on a
 # laptop CPU) or run the same thing from the shell:
 #
 #     python ddpo_min.py --model tiny --reward compressibility --epochs 25
@@ -47,11 +47,13 @@ import torch
 import ddpo_min
 import rewards
 import sampler
+from config import Config
+from plumbing import format_metrics
 
 if SCALE == "tiny":
-    cfg = ddpo_min.Config.tiny(reward="compressibility", algo="ddpo_is", epochs=EPOCHS)  # = `--model tiny`
+    cfg = Config.tiny(reward="compressibility", algo="ddpo_is", epochs=EPOCHS)  # = `--model tiny`
 else:
-    cfg = ddpo_min.Config(reward="compressibility", algo="ddpo_is", epochs=EPOCHS)  # the paper's settings
+    cfg = Config(reward="compressibility", algo="ddpo_is", epochs=EPOCHS)  # the paper's settings
 for f in ("reward", "algo", "num_steps", "guidance_scale", "sample_batch_size", "sample_batches", "minibatches",
           "train_batch_size", "timestep_fraction", "lr", "clip_range", "adv_clip_max", "epochs"):
     print(f"{f:18s} {getattr(cfg, f)}")
@@ -96,7 +98,7 @@ for ax in axes:
 fig.tight_layout()
 plt.show()
 for m in history:
-    print(ddpo_min.format_metrics(m))
+    print(format_metrics(m))
 
 # %% [markdown]
 # **Check.** The logged diagnostics are what notebook 4 says they are: a KL estimate is non-negative, a
@@ -176,7 +178,7 @@ print("compressibility rises monotonically as content is removed:", bool(np.all(
 # %% [markdown]
 # ## 7.5 What the model turned into
 #
-# `python bench.py learning` fine-tunes the shipped tiny model for 10 minutes on each JPEG reward (2 CPU
+# `python -m tools.bench learning` fine-tunes the shipped tiny model for 10 minutes on each JPEG reward (2 CPU
 # cores, tiny defaults) and scores a fixed held-out set (45 animals x 4 seeds) before and after, with the
 # same initial noise. Its figures are committed in `assets/`. Besides the JPEG size it records the
 # captioner's top-1 rate: the share of samples in which the animal can still be recognised.
@@ -186,7 +188,7 @@ ROOT = Path(ddpo_min.__file__).resolve().parent
 for reward in ("compressibility", "incompressibility"):
     path = ROOT / "assets" / f"bench_learning_{reward}.json"
     if not path.exists():
-        print(f"{path.name} missing: run `python bench.py learning`")
+        print(f"{path.name} missing: run `python -m tools.bench learning`")
         continue
     res = json.loads(path.read_text())
     b = res["before"]

@@ -1,0 +1,149 @@
+"""Loading what a run trains on: prompt sets, the model (tiny or Stable Diffusion with LoRA), and
+exporting the trained weights.
+
+Everything downstream of `load_model` sees a `sampler.TextToImage` and never branches on scale.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+import tiny
+from config import PROMPT_SETS, Config, ConfigError
+from sampler import TextToImage
+
+PROMPTS_DIR = Path(__file__).resolve().parent / "assets" / "prompts"
+
+
+def load_prompts(name: str) -> list[str]:
+    """A prompt set of the paper (assets/prompts/<name>.txt), or one prompt per line of a file."""
+    path = PROMPTS_DIR / f"{name}.txt" if name in PROMPT_SETS else Path(name)
+    if not path.is_file():
+        raise ConfigError(f"--prompts {name!r} is neither one of {', '.join(PROMPT_SETS)} nor a "
+                          "text file")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--prompts file {name} has no prompts (one per line)")
+    return prompts
+
+
+def load_model(cfg: Config, device: torch.device) -> TextToImage:
+    """The tiny model, or Stable Diffusion (hub id / local folder) with LoRA or full fine-tuning."""
+    if cfg.model != "tiny":
+        return load_stable_diffusion(cfg, device)
+    try:
+        model = tiny.load_tiny(device)
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.lora_rank > 0:
+        add_lora(model.unet, cfg.lora_rank, cfg.trainable)
+    else:
+        full_fine_tuning(model.unet, cfg.trainable)  # in fp32 at tiny scale
+    return model
+
+
+# The UNet's attention blocks come in pairs: attn1 is self-attention (pixels attend to pixels),
+# attn2 is cross-attention (pixels attend to the prompt's tokens). attn2 is the only place the
+# prompt enters the UNet, so `--trainable cross_attention` trains the weights that map text to
+# image.
+CROSS_ATTENTION = ".attn2."
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections (paper: LoRA here)
+
+
+def full_fine_tuning(unet: torch.nn.Module, trainable: str = "all") -> None:
+    """Train the UNet's own weights (kept in float32): all of them, or only the cross-attention."""
+    unet.float()
+    for name, p in unet.named_parameters():
+        p.requires_grad_(trainable == "all" or CROSS_ATTENTION in name)
+
+
+def add_lora(unet: torch.nn.Module, rank: int, trainable: str = "all") -> None:
+    """LoRA (peft) on the attention projections to_q, to_k, to_v, to_out.0; only LoRA weights train.
+
+    trainable="cross_attention" puts LoRA on the cross-attention (attn2) projections only.
+    LoRA weights stay in float32 even when the base UNet is fp16/bf16 (autocast mixes them).
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    targets: list[str] | str = LORA_TARGETS
+    if trainable == "cross_attention":  # a string: a regex peft matches against whole module names
+        targets = f".*{re.escape(CROSS_ATTENTION)}({'|'.join(map(re.escape, LORA_TARGETS))})"
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                        target_modules=targets)
+    unet.add_adapter(config)
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def load_stable_diffusion(cfg: Config, device: torch.device) -> TextToImage:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+    dtype = dtypes[cfg.mixed_precision]
+    if device.type == "cpu" and dtype != torch.float32:
+        print(f"note: --mixed-precision {cfg.mixed_precision} ignored on CPU (float32)")
+        dtype = torch.float32
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(cfg.model, safety_checker=None,
+                                                       requires_safety_checker=False)
+    except (OSError, ValueError) as err:
+        hub = "" if Path(cfg.model).is_dir() else " The Hugging Face hub is unreachable or offline."
+        raise ConfigError(
+            f"cannot load Stable Diffusion from {cfg.model!r} ({type(err).__name__}).{hub} Pass "
+            "--model with a local folder holding a saved StableDiffusionPipeline, or use --model "
+            "tiny (no download)."
+        ) from None
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the paper's sampler (eta = 1)
+    vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
+    for module in (vae, text_encoder):
+        module.requires_grad_(False).to(device, dtype).eval()
+    if cfg.lora_rank > 0:
+        unet.to(device, dtype)
+        add_lora(unet, cfg.lora_rank, cfg.trainable)
+    else:
+        unet.to(device)
+        full_fine_tuning(unet, cfg.trainable)  # full fine-tuning stays in fp32
+
+    @torch.no_grad()
+    def encode_prompts(prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        return text_encoder(ids)[0]  # (B, 77, 768)
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        scaled = latents.to(dtype) / vae.config.scaling_factor
+        images = vae.decode(scaled).sample  # (B, 3, 512, 512) in [-1, 1]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    size = unet.config.sample_size
+    return TextToImage(unet=unet, scheduler=scheduler, encode_prompts=encode_prompts,
+                       decode=decode, latent_shape=(unet.config.in_channels, size, size),
+                       name=cfg.model)
+
+
+def trainable_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in unet.named_parameters() if v.requires_grad}
+
+
+def save_weights(model: TextToImage, cfg: Config, folder: Path) -> None:
+    """LoRA in the format `StableDiffusionPipeline.load_lora_weights` reads; else the full UNet."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg.lora_rank > 0:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora,
+                                                  safe_serialization=True)
+    else:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in model.unet.state_dict().items()}
+        save_file(state, str(folder / "unet.safetensors"))

@@ -1,0 +1,216 @@
+"""Run plumbing: checkpoints, the reward executor, image grids, the reward curve, loggers, printing.
+
+Nothing here is DDPO; ddpo_min.py calls these so that the loop stays about the algorithm.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config import Config, ConfigError
+from loading import trainable_state
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: everything that must survive a restart for the run to continue exactly
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    epoch: int = 0
+    step: int = 0  # optimizer steps so far
+    history: list = field(default_factory=list)  # per-epoch metric dicts
+
+
+def save_checkpoint(run) -> None:
+    """Trainable weights, optimizer, reward statistics, every RNG and the history, atomically."""
+    state = {
+        "trainable": trainable_state(run.model.unet),
+        "optimizer": run.optimizer.state_dict(),
+        "tracker": run.tracker.state_dict(),
+        "prompt_rng": run.prompt_rng.bit_generator.state,
+        "sample_gen": run.sample_gen.get_state(),
+        "train_gen": run.train_gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "epoch": run.state.epoch,
+        "step": run.state.step,
+        "history": run.state.history,
+    }
+    tmp = run.ckpt_path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, run.ckpt_path)  # atomic: a kill during the save keeps the previous checkpoint
+
+
+def load_checkpoint(run) -> None:
+    s = torch.load(run.ckpt_path, map_location="cpu", weights_only=False)
+    params = dict(run.model.unet.named_parameters())
+    with torch.no_grad():
+        for k, v in s["trainable"].items():
+            params[k].copy_(v)
+    run.optimizer.load_state_dict(s["optimizer"])
+    run.tracker.load_state_dict(s["tracker"])
+    run.prompt_rng.bit_generator.state = s["prompt_rng"]
+    run.sample_gen.set_state(s["sample_gen"])
+    run.train_gen.set_state(s["train_gen"])
+    torch.set_rng_state(s["torch_rng"])
+    if s["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda_rng"])
+    run.state = State(epoch=s["epoch"], step=s["step"], history=s["history"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the rewards run: a worker thread on a GPU, inline on a CPU
+# ----------------------------------------------------------------------------------------------
+
+
+class InlineExecutor(Executor):
+    """Runs each job at once on the calling thread (the CPU stand-in for a worker thread).
+
+    On a GPU the reward worker thread overlaps real work: the GPU samples batch i+1 while the CPU
+    scores batch i. On a CPU there is nothing to overlap: torch already runs the UNet on every core,
+    and a second thread running torch ops makes OpenMP start a second team of threads on the same
+    cores, which slowed whole epochs by about a third (measured on 2 cores; NOTES.md, "Speed").
+    """
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as error:  # re-raised by future.result(), as a worker thread's would be
+            # (KeyboardInterrupt is not caught: Ctrl-C must stop the loop at once)
+            future.set_exception(error)
+        return future
+
+
+def reward_executor(device: torch.device) -> Executor:
+    """A one-thread pool for the rewards on an accelerator; inline on a CPU (see InlineExecutor)."""
+    if device.type == "cpu":
+        return InlineExecutor()
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+
+
+def timed(fn, *args):
+    """(fn(*args), wall seconds)."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run writes: an image grid per epoch, the reward curve, optional external loggers
+# ----------------------------------------------------------------------------------------------
+
+
+def save_grid(samples, path: Path, n: int) -> None:
+    """The first n images with their prompt and reward underneath."""
+    from PIL import Image, ImageDraw
+
+    n = min(n, len(samples.prompts))
+    tile = 128 if samples.images.shape[-1] <= 128 else 256
+    cols = min(n, 8)
+    rows = math.ceil(n / cols)
+    text_h = 28
+    sheet = Image.new("RGB", (cols * tile, rows * (tile + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    captions = samples.extras.get("captions")
+    for i in range(n):
+        arr = (samples.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        resample = Image.NEAREST if arr.shape[0] < tile else Image.BILINEAR
+        im = Image.fromarray(arr).resize((tile, tile), resample)
+        x, y = (i % cols) * tile, (i // cols) * (tile + text_h)
+        sheet.paste(im, (x, y))
+        label = f"{samples.prompts[i][:22]}\nr={samples.rewards[i]:.3g}"
+        if captions:
+            label = (f"{samples.prompts[i][:13]}>{str(captions[i])[:9]}\n"
+                     f"r={samples.rewards[i]:.3g}")
+        draw.multiline_text((x + 2, y + tile + 1), label, fill="black", spacing=1)
+    sheet.save(path)
+
+
+def save_reward_curve(history: list[dict], path: Path, reward: str) -> None:
+    # a bare Figure, not pyplot: no global backend switch, so notebooks keep their inline plots
+    from matplotlib.figure import Figure
+
+    epochs = [h["epoch"] for h in history]
+    mean = np.array([h["reward/mean"] for h in history])
+    std = np.array([h["reward/std"] for h in history])
+    fig = Figure(figsize=(5, 3.2), dpi=120)
+    ax = fig.subplots()
+    ax.plot(epochs, mean, marker="o", ms=3)
+    ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    ax.set(xlabel="epoch", ylabel=f"reward ({reward})", title="reward/mean ± reward/std")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+class ExternalLogger:
+    """Optional tensorboard / wandb mirror of metrics.jsonl (only imported when asked for)."""
+
+    def __init__(self, cfg: Config, folder: Path):
+        self.kind, self.writer = cfg.log, None
+        try:
+            if cfg.log == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(folder / "tb"))
+            elif cfg.log == "wandb":
+                import wandb
+
+                self.writer = wandb.init(project="ddpo-min", config=asdict(cfg), dir=str(folder))
+        except ImportError as err:
+            raise ConfigError(f"--log {cfg.log} needs its package: pip install {cfg.log} "
+                              f"({err})") from None
+
+    def log(self, metrics: dict, step: int) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.kind == "tensorboard":
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        elif self.kind == "wandb":
+            self.writer.log(scalars, step=step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Printing
+# ----------------------------------------------------------------------------------------------
+
+
+def print_sizes(cfg: Config, run, n_samples: int, n_stochastic: int, n_trained: int) -> None:
+    """The derived sizes of the run, printed once at the start."""
+    n_train = sum(p.numel() for p in run.params)
+    lora = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"
+    only = ", cross-attention only" if cfg.trainable == "cross_attention" else ""
+    per_step = n_samples // cfg.minibatches
+    if cfg.algo.startswith("rwr"):
+        terms = " (RWR: one diffusion loss per sample)"
+    else:
+        terms = f" x {n_trained}/{n_stochastic} stochastic timesteps (of {cfg.num_steps})"
+    print(
+        f"model {cfg.model} on {run.device} | trainable params {n_train / 1e6:.2f}M "
+        f"({lora}{only})\n"
+        f"samples/epoch {n_samples} = {cfg.sample_batches} batches x {cfg.sample_batch_size} | "
+        f"{len(run.prompts)} prompts ({cfg.prompts}) | reward {cfg.reward} | algo {cfg.algo}\n"
+        f"optimizer steps/epoch {cfg.minibatches * cfg.inner_epochs} = {cfg.minibatches} "
+        f"minibatches of {per_step} samples x {cfg.inner_epochs} inner epochs, each accumulating "
+        f"{per_step // cfg.train_batch_size} forward chunks{terms}"
+    )
+
+
+def format_metrics(m: dict) -> str:
+    parts = [f"epoch {m['epoch']}", f"reward {m['reward/mean']:.4g} ± {m['reward/std']:.3g}"]
+    for k in ("loss/policy", "loss/approx_kl", "loss/clipfrac"):
+        if m.get(k) is not None:
+            parts.append(f"{k.split('/')[1]} {m[k]:.3g}")
+    parts.append(f"{m['time/epoch']:.1f}s (sample {m['time/sample']:.1f}, "
+                 f"train {m['time/train']:.1f})")
+    return " | ".join(parts)
