@@ -33,8 +33,16 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient or reward: the run stops, keeping its last good checkpoint."""
 
 
-def _help(text: str, default, choices: tuple[str, ...] | None = None):
-    return field(default=default, metadata={"help": text, "choices": choices})
+def _help(text: str, default, choices: tuple[str, ...] | None = None, need: str = ""):
+    """A field with its help text, and either its choices or a range `need` ("> 0", ">= 1", ...)."""
+    return field(default=default, metadata={"help": text, "choices": choices, "need": need})
+
+
+_NEED = {  # the ranges a field may declare, as predicates
+    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 100]": lambda v: 0 <= v <= 100,
+}
 
 
 @dataclass
@@ -54,52 +62,56 @@ class Config:
     bertscore_model: str = _help("alignment: BERTScore model, hub id, folder or `minilm` "
                                  "(offline)", "")
     # sampling
-    num_steps: int = _help("DDIM denoising steps T", 50)
+    num_steps: int = _help("DDIM denoising steps T", 50, need=">= 1")
     eta: float = _help("DDIM noise scale; must be > 0 for a stochastic policy", 1.0)
     guidance_scale: float = _help("classifier-free guidance weight w (negative prompt: empty)", 5.0)
-    sample_batch_size: int = _help("images per sampling forward pass", 8)
+    sample_batch_size: int = _help("images per sampling forward pass", 8, need=">= 1")
     sample_batches: int = _help("sampling batches per epoch (samples/epoch = this x "
-                                "sample_batch_size)", 32)
+                                "sample_batch_size)", 32, need=">= 1")
     samples_per_prompt: int = _help("images per drawn prompt in a sampling batch; 1 = every "
-                                    "image draws its own prompt (the paper)", 1)
+                                    "image draws its own prompt (the paper)", 1, need=">= 1")
     # training
     train_batch_size: int = _help("samples per training forward pass (gradients accumulate "
-                                  "over them)", 2)
+                                  "over them)", 2, need=">= 1")
     minibatches: int = _help("optimizer steps per inner epoch (paper: 4 for ddpo_is, 1 for "
-                             "ddpo_sf)", 4)
-    inner_epochs: int = _help("passes over each epoch's samples", 1)
+                             "ddpo_sf)", 4, need=">= 1")
+    inner_epochs: int = _help("passes over each epoch's samples", 1, need=">= 1")
     timestep_fraction: float = _help("fraction of the T steps trained per sample (shuffled per "
-                                     "sample)", 1.0)
-    lr: float = _help("AdamW learning rate", 3e-4)
-    adam_beta1: float = _help("AdamW beta1", 0.9)
-    adam_beta2: float = _help("AdamW beta2", 0.999)
-    weight_decay: float = _help("AdamW weight decay", 1e-4)
-    max_grad_norm: float = _help("gradient-norm clip", 1.0)
-    clip_range: float = _help("PPO clip range eps on the ratio (ddpo_is)", 1e-4)
-    adv_clip_max: float = _help("advantages are clipped to [-this, this]", 5.0)
+                                     "sample)", 1.0, need="in (0, 1]")
+    lr: float = _help("AdamW learning rate", 3e-4, need="> 0")
+    adam_beta1: float = _help("AdamW beta1", 0.9, need="in [0, 1)")
+    adam_beta2: float = _help("AdamW beta2", 0.999, need="in [0, 1)")
+    weight_decay: float = _help("AdamW weight decay", 1e-4, need=">= 0")
+    max_grad_norm: float = _help("gradient-norm clip", 1.0, need="> 0")
+    clip_range: float = _help("PPO clip range eps on the ratio (ddpo_is)", 1e-4, need="> 0")
+    adv_clip_max: float = _help("advantages are clipped to [-this, this]", 5.0, need="> 0")
     per_prompt_stats: bool = _help("normalise rewards per prompt (else over the batch)", True)
-    stat_buffer: int = _help("per-prompt reward buffer length", 32)
-    stat_min_count: int = _help("rewards a prompt needs before its own stats are used", 16)
+    stat_buffer: int = _help("per-prompt reward buffer length", 32, need=">= 1")
+    stat_min_count: int = _help("rewards a prompt needs before its own stats are used", 16,
+                                need=">= 1")
     rwr_beta: float = _help("RWR inverse temperature beta in exp(beta r)", 0.2)
     rwr_percentile: float = _help("sparse RWR keeps samples with reward >= this batch "
-                                  "percentile", 90.0)
-    lora_rank: int = _help("LoRA rank on the UNet attention projections; 0 = full fine-tuning", 4)
+                                  "percentile", 90.0, need="in [0, 100]")
+    lora_rank: int = _help("LoRA rank on the UNet attention projections; 0 = full fine-tuning", 4,
+                           need=">= 0")
     trainable: str = _help("which UNet weights train: all (LoRA: every attention projection; "
                            "full fine-tuning: every weight) | cross_attention (only the "
                            "text-to-image attention blocks, attn2)", "all", TRAINABLE)
     mixed_precision: str = _help("dtype of the frozen base model (GPU only)", "fp16", PRECISIONS)
     # run
-    epochs: int = _help("sampling+training epochs", 100)
+    epochs: int = _help("sampling+training epochs", 100, need=">= 0")
     max_minutes: float = _help("stop (with a checkpoint) after the epoch that passes this many "
                                "minutes of this invocation (a resumed run counts afresh); 0 = off",
-                               0.0)
-    seed: int = _help("random seed (sampling, prompts, shuffles)", 0)
+                               0.0, need=">= 0")
+    seed: int = _help("random seed (sampling, prompts, shuffles)", 0, need=">= 0")
     output_dir: str = _help("run folder (default: runs/<reward>-<algo>-<model>-<time>)", "")
     resume: str = _help("a run folder to continue exactly from its last checkpoint", "")
-    save_every: int = _help("checkpoint every N epochs (and always at the end)", 1)
-    device: str = _help("cuda | cpu | mps (default: cuda if available)", "")
+    save_every: int = _help("checkpoint every N epochs (and always at the end)", 1, need=">= 1")
+    device: str = _help("cuda | cpu (default: cuda if available)", "")
+    threads: int = _help("CPU threads for torch; 0 = every core while the machine is idle, fewer "
+                         "while other processes keep cores busy", 0, need=">= 0")
     log: str = _help("besides metrics.jsonl", "none", LOGGERS)
-    grid_size: int = _help("images in each epoch's sample grid", 16)
+    grid_size: int = _help("images in each epoch's sample grid", 16, need=">= 1")
 
     @classmethod
     def tiny(cls, **overrides) -> Config:
@@ -142,15 +154,19 @@ def samples_per_epoch(cfg: Config) -> int:
 
 def check_config(cfg: Config) -> None:
     """Fail early, with the numbers, on what argparse cannot check (or a Config built in Python)."""
-    for f in fields(Config):  # argparse rejects these on the CLI; a Config made in Python, here
-        choices, value = f.metadata["choices"], getattr(cfg, f.name)
-        if choices and value not in choices:
+    for f in fields(Config):
+        value, choices, need = getattr(cfg, f.name), f.metadata["choices"], f.metadata["need"]
+        if choices and value not in choices:  # argparse rejects these on the CLI already
             raise ConfigError(f"unknown --{_flag(f.name)} {value!r}; choose one of "
                               f"{', '.join(choices)}")
+        if need and not _NEED[need](value):
+            raise ConfigError(f"--{_flag(f.name)} {value}: must be {need} (default: "
+                              f"{f.default!r})")
     if cfg.eta <= 0:
         raise ConfigError(f"--eta {cfg.eta}: DDPO needs a stochastic sampler, eta > 0 (paper: 1)")
-    if not 0 < cfg.timestep_fraction <= 1:
-        raise ConfigError(f"--timestep-fraction {cfg.timestep_fraction} must be in (0, 1]")
+    if cfg.stat_min_count > cfg.stat_buffer:
+        raise ConfigError(f"--stat-min-count {cfg.stat_min_count} must be <= --stat-buffer "
+                          f"{cfg.stat_buffer} (a prompt's buffer never holds more)")
     if cfg.samples_per_prompt < 1 or cfg.sample_batch_size % cfg.samples_per_prompt:
         raise ConfigError(f"--samples-per-prompt {cfg.samples_per_prompt} must divide "
                           f"--sample-batch-size {cfg.sample_batch_size}")
@@ -167,13 +183,14 @@ def check_config(cfg: Config) -> None:
 def resume_config(cfg: Config) -> Config:
     """The config a resumed run continues with: the saved one, but how long to go on is new."""
     folder = Path(cfg.resume)
-    if not (folder / "config.json").is_file() or not (folder / "checkpoint.pt").is_file():
+    checkpoints = [folder / "checkpoint.pt", folder / "checkpoint.prev.pt"]
+    if not (folder / "config.json").is_file() or not any(p.is_file() for p in checkpoints):
         raise ConfigError(f"--resume {cfg.resume}: no config.json + checkpoint.pt there")
     saved = Config(**json.loads((folder / "config.json").read_text()))
-    # the saved config wins (the run continues as it began); only the number of epochs and this
-    # invocation's wall-time limit may change
+    # the saved config wins (the run continues as it began); only the number of epochs, this
+    # invocation's wall-time limit and its CPU threads may change
     return replace(saved, epochs=cfg.epochs or saved.epochs, max_minutes=cfg.max_minutes,
-                   output_dir=str(folder), resume="")
+                   threads=cfg.threads, output_dir=str(folder), resume="")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+import loading
+import plumbing
 from config import (
     REWARD_OPTIONS,
     Config,
@@ -49,19 +51,6 @@ from config import (
     parse_args,
     resume_config,
     samples_per_epoch,
-)
-from loading import load_model, load_prompts, save_weights
-from plumbing import (
-    ExternalLogger,
-    State,
-    format_metrics,
-    load_checkpoint,
-    print_sizes,
-    reward_executor,
-    save_checkpoint,
-    save_grid,
-    save_reward_curve,
-    timed,
 )
 from rewards import RewardModelUnavailable, make_reward
 from sampler import recompute_log_prob, sample_with_logprob, step_sigmas
@@ -287,9 +276,10 @@ class Run:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = loading.resolve_device(cfg.device)
         self.dir = Path(cfg.output_dir)
-        self.prompts = load_prompts(cfg.prompts)
+        self.prompts = loading.load_prompts(cfg.prompts)
+        loading.check_model_source(cfg.model)  # before the reward, whose models load slowly
         scale = "tiny" if cfg.model == "tiny" else "paper"
         options = {k: getattr(cfg, k) for k in REWARD_OPTIONS.get(cfg.reward, ())
                    if getattr(cfg, k)}
@@ -298,7 +288,7 @@ class Run:
                                          **options)
         except (ValueError, RewardModelUnavailable) as err:
             raise ConfigError(str(err)) from None
-        self.model = load_model(cfg, self.device)  # after the cheap checks: SD takes a while
+        self.model = loading.load_model(cfg, self.device)  # after the cheap checks: SD is slow
         self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
@@ -309,14 +299,11 @@ class Run:
         self.prompt_rng = np.random.default_rng(cfg.seed)
         self.sample_gen = torch.Generator(self.device).manual_seed(cfg.seed)
         self.train_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.state = State()
+        self.state = plumbing.State()
+        self.cpu_threads = plumbing.ThreadGovernor(cfg.threads)  # yields cores to busy neighbours
         dtype = next(self.model.unet.parameters()).dtype
         half = self.device.type == "cuda" and dtype != torch.float32
         self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=half)
-
-    @property
-    def ckpt_path(self) -> Path:
-        return self.dir / "checkpoint.pt"
 
 
 def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
@@ -332,6 +319,7 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
     model.unet.eval()
     for _ in tqdm(range(cfg.sample_batches), desc=f"epoch {run.state.epoch}: sampling",
                   leave=False):
+        run.cpu_threads.adjust()
         # sample_batch_size / k prompts, each repeated k times (k = 1: i.i.d., as in the paper)
         k = cfg.samples_per_prompt
         drawn = run.prompt_rng.choice(run.prompts, cfg.sample_batch_size // k)
@@ -343,7 +331,7 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
                                        eta=cfg.eta, latent_shape=model.latent_shape,
                                        generator=run.sample_gen)
         images = model.decode(traj.x0).cpu()  # (B, 3, H', W') in [0, 1]
-        futures.append(pool.submit(timed, run.reward_fn, images, prompts))
+        futures.append(pool.submit(plumbing.timed, run.reward_fn, images, prompts))
         batches.append((traj, embeds, prompts, images))
     t_sample = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -510,6 +498,7 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
     for _ in range(cfg.inner_epochs):
         for terms in tqdm(minibatches(run, samples, adv), total=cfg.minibatches, leave=False,
                           desc=f"epoch {run.state.epoch}: training"):
+            run.cpu_threads.adjust()
             for loss, n_terms, info in terms:
                 backward(run, loss / n_terms, "train")
                 stats["loss/policy"].append(loss.item())
@@ -552,24 +541,24 @@ def train(cfg: Config) -> Path:
     run = Run(cfg)
     run.dir.mkdir(parents=True, exist_ok=True)
     (run.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    if run.ckpt_path.exists():
-        load_checkpoint(run)
+    if plumbing.has_checkpoint(run.dir):
+        plumbing.load_checkpoint(run)
         print(f"resumed {run.dir} at epoch {run.state.epoch} (optimizer step {run.state.step})")
     run.model.scheduler.set_timesteps(cfg.num_steps)
     steps, T_train = trainable_steps(cfg, run.model.scheduler, run.model.scheduler.timesteps)
-    print_sizes(cfg, run, samples_per_epoch(cfg), len(steps), T_train)
+    plumbing.print_sizes(cfg, run, samples_per_epoch(cfg), len(steps), T_train)
     metrics_path = run.dir / "metrics.jsonl"
     # keep only the epochs the checkpoint holds (a crash between the two writes leaves one extra)
     metrics_path.write_text("".join(json.dumps(h) + "\n" for h in run.state.history))
-    logger = ExternalLogger(cfg, run.dir)
+    logger = plumbing.ExternalLogger(cfg, run.dir)
 
-    pool = reward_executor(run.device)  # rewards overlap the next batch's sampling on a GPU
+    pool = plumbing.reward_executor(run.device)  # on a GPU, rewards overlap the next sampling
     started = time.perf_counter()
     try:
         while run.state.epoch < cfg.epochs:
             if cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes:
                 print(f"--max-minutes {cfg.max_minutes} reached after epoch {run.state.epoch - 1}")
-                save_checkpoint(run)
+                plumbing.save_checkpoint(run)
                 break
             epoch, t0 = run.state.epoch, time.perf_counter()
             samples, timing = sample_epoch(run, pool)  # 1-2. sample with log-probs, rewards
@@ -591,23 +580,23 @@ def train(cfg: Config) -> Path:
             run.state.epoch += 1
             with metrics_path.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            save_grid(samples, run.dir / f"samples_epoch{epoch:04d}.png", cfg.grid_size)
-            save_reward_curve(run.state.history, run.dir / "reward_curve.png", cfg.reward)
+            plumbing.save_grid(samples, run.dir / f"samples_epoch{epoch:04d}.png", cfg.grid_size)
+            plumbing.save_reward_curve(run.state.history, run.dir / "reward_curve.png", cfg.reward)
             logger.log(metrics, run.state.step)
             if run.state.epoch % cfg.save_every == 0 or run.state.epoch == cfg.epochs:
-                save_checkpoint(run)
-            print(format_metrics(metrics))
+                plumbing.save_checkpoint(run)
+            print(plumbing.format_metrics(metrics))
     except KeyboardInterrupt:
         # The checkpoint on disk is the end of the last finished epoch: resuming from it repeats
         # the interrupted epoch exactly. The half-trained weights are exported too.
-        save_weights(run.model, cfg, run.dir / "interrupted_weights")
+        loading.save_weights(run.model, cfg, run.dir / "interrupted_weights")
         print(f"\ninterrupted in epoch {run.state.epoch}; resume exactly with: "
               f"python ddpo_min.py --resume {run.dir}\n"
               f"(current weights saved to {run.dir / 'interrupted_weights'})")
         raise
     finally:
         pool.shutdown(wait=True)
-    save_weights(run.model, cfg, run.dir / "weights")
+    loading.save_weights(run.model, cfg, run.dir / "weights")
     print(f"done: {run.dir} (weights in {run.dir / 'weights'})")
     return run.dir
 

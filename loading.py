@@ -18,6 +18,51 @@ from sampler import TextToImage
 PROMPTS_DIR = Path(__file__).resolve().parent / "assets" / "prompts"
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device: cuda when there is one and none was asked for, else cpu."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "is a CPU build" if torch.version.cuda is None else "sees no GPU"
+        raise ConfigError(f"--device {name}: CUDA is not available (this torch {why}); use "
+                          "--device cpu, or leave --device out to take cuda when there is one")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s)")
+    if device.type == "mps":
+        raise ConfigError("--device mps: Apple's GPU backend is not supported (no test covers "
+                          "it); use --device cpu, which trains the tiny model in minutes")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def check_model_source(name: str) -> None:
+    """Fail at once, before any reward model loads, on a --model that cannot be a pipeline."""
+    if name == "tiny":
+        return
+    path = Path(name).expanduser()
+    fix = ("pass a folder saved with StableDiffusionPipeline.save_pretrained, a hub id such as "
+           "CompVis/stable-diffusion-v1-4, or --model tiny")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(f"--model {name}: the folder has no model_index.json; {fix}")
+        return
+    hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and "\\" not in name
+    if not hub_id or path.exists():
+        raise ConfigError(f"--model {name}: no such folder; {fix}")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(
+            try_to_load_from_cache(name, "model_index.json"), str):
+        raise ConfigError(f"--model {name}: not in the local Hugging Face cache and the hub is "
+                          f"offline (HF_HUB_OFFLINE=1); {fix}")
+
+
 def load_prompts(name: str) -> list[str]:
     """A prompt set of the paper (assets/prompts/<name>.txt), or one prompt per line of a file."""
     path = PROMPTS_DIR / f"{name}.txt" if name in PROMPT_SETS else Path(name)

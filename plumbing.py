@@ -30,8 +30,19 @@ class State:
     history: list = field(default_factory=list)  # per-epoch metric dicts
 
 
+CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"  # the last save and the one before
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (folder / CHECKPOINT).is_file() or (folder / PREVIOUS).is_file()
+
+
 def save_checkpoint(run) -> None:
-    """Trainable weights, optimizer, reward statistics, every RNG and the history, atomically."""
+    """Trainable weights, optimizer, reward statistics, every RNG and the history, atomically.
+
+    The previous checkpoint is kept as checkpoint.prev.pt: if the new file is ever damaged (a full
+    disk, a copy cut short), --resume falls back to it.
+    """
     state = {
         "trainable": trainable_state(run.model.unet),
         "optimizer": run.optimizer.state_dict(),
@@ -45,13 +56,30 @@ def save_checkpoint(run) -> None:
         "step": run.state.step,
         "history": run.state.history,
     }
-    tmp = run.ckpt_path.with_suffix(".tmp")
+    tmp = run.dir / "checkpoint.tmp"
     torch.save(state, tmp)
-    os.replace(tmp, run.ckpt_path)  # atomic: a kill during the save keeps the previous checkpoint
+    if (run.dir / CHECKPOINT).is_file():
+        os.replace(run.dir / CHECKPOINT, run.dir / PREVIOUS)
+    os.replace(tmp, run.dir / CHECKPOINT)  # atomic: a kill mid-save leaves the old files whole
 
 
 def load_checkpoint(run) -> None:
-    s = torch.load(run.ckpt_path, map_location="cpu", weights_only=False)
+    """Restore the last readable checkpoint: checkpoint.pt, else the one saved before it."""
+    for path in (run.dir / CHECKPOINT, run.dir / PREVIOUS):
+        if not path.is_file():
+            continue
+        try:
+            s = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a truncated or corrupt file: torch raises zip/pickle errors
+            print(f"warning: {path} is unreadable ({type(err).__name__}); trying the previous "
+                  "checkpoint")
+            continue
+        if path.name == PREVIOUS:
+            print(f"resuming from {path}, saved one checkpoint before the damaged one")
+        break
+    else:
+        raise ConfigError(f"--resume {run.dir}: no readable {CHECKPOINT} or {PREVIOUS} there; "
+                          "start a new run")
     params = dict(run.model.unet.named_parameters())
     with torch.no_grad():
         for k, v in s["trainable"].items():
@@ -96,6 +124,50 @@ def reward_executor(device: torch.device) -> Executor:
     if device.type == "cpu":
         return InlineExecutor()
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+
+
+class ThreadGovernor:
+    """torch's CPU thread count: every core when the machine is idle, fewer while other processes
+    keep cores busy (measured from /proc/stat on Linux; elsewhere the count stays fixed).
+
+    torch splits each operation across its threads and waits for the slowest. When another
+    process holds a core, one of the threads waits for it at every step: a 2-thread tiny epoch on
+    2 cores beside one busy process took 2.9x its idle time, and 1.7x with that core given up
+    (`python -m tools.bench contention`). `--threads N` fixes the count instead.
+    """
+
+    def __init__(self, threads: int = 0):
+        self.fixed = threads > 0
+        affinity = getattr(os, "sched_getaffinity", None)
+        self.cores = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+        self.threads = threads if self.fixed else self.cores
+        torch.set_num_threads(self.threads)
+        self.last = None if self.fixed else self._reading()
+
+    @staticmethod
+    def _reading() -> tuple[float, float, float] | None:
+        """(seconds of CPU the machine has been busy, seconds of CPU this process used, now)."""
+        try:
+            with open("/proc/stat") as f:
+                jiffies = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None  # not Linux: no measurement, the count stays as it is
+        busy = sum(jiffies) - jiffies[3] - jiffies[4]  # all but idle and iowait
+        return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
+
+    def adjust(self) -> None:
+        """Set the thread count from the last second or more: the cores others left free."""
+        if self.last is None:
+            return
+        now = self._reading()
+        if now is None or now[2] - self.last[2] < 1.0:
+            return
+        others = ((now[0] - self.last[0]) - (now[1] - self.last[1])) / (now[2] - self.last[2])
+        self.last = now
+        threads = max(1, min(self.cores, round(self.cores - others)))  # cores others left free
+        if threads != self.threads:
+            self.threads = threads
+            torch.set_num_threads(threads)
 
 
 def timed(fn, *args):

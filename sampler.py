@@ -73,9 +73,19 @@ class TextToImage:
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None,
-           device: torch.device) -> torch.Tensor:
-    """Standard normal noise in float32, drawn on the generator's device (reproducible anywhere)."""
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def _randn(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
+    """Standard normal noise in float32, drawn on the generator's device (reproducible anywhere).
+
+    With a list of generators, one per sample, row b is drawn from generator[b]: a sample's noise
+    then does not depend on which batch (or which process) it is drawn in.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([_randn((1, *shape[1:]), g, device) for g in generator])
     draw_on = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=draw_on, dtype=torch.float32).to(device)
 
@@ -192,7 +202,7 @@ def ddim_step_with_logprob(
     sample: torch.Tensor,
     eta: float = 1.0,
     prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step as the Gaussian policy of Eq. 2: returns (x_{t-1}, log p(x_{t-1} | x_t, c)).
 
@@ -214,7 +224,8 @@ def ddim_step_with_logprob(
         sample: (B, C, H, W) x_t.
         eta: DDIM noise scale, must be > 0 (the paper uses 1).
         prev_sample: (B, C, H, W) x_{t-1} to score. If None, x_{t-1} is sampled from the policy.
-        generator: RNG for the sampled noise z (ignored when prev_sample is given).
+        generator: RNG for the sampled noise z (ignored when prev_sample is given), or a list
+            of one generator per sample.
 
     Returns:
         prev_sample: (B, C, H, W) float32 x_{t-1}, detached (the action is data, not a function
@@ -330,7 +341,7 @@ def sample_with_logprob(
     guidance_scale: float,
     eta: float,
     latent_shape: tuple[int, int, int],
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     latents: torch.Tensor | None = None,
     progress: bool = False,
 ) -> Trajectory:
@@ -346,7 +357,8 @@ def sample_with_logprob(
             guidance_scale == 1.
         latent_shape: (C, H, W). latents: optional (B, C, H, W) x_T to start from instead of
             fresh noise.
-        generator: RNG for x_T and for every step's noise.
+        generator: RNG for x_T and for every step's noise, or a list of one per sample (each
+            sample's chain then depends only on its own generator).
     """
     device = prompt_embeds.device
     batch = prompt_embeds.shape[0]

@@ -411,3 +411,71 @@ def test_unloadable_model_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="--model tiny"):
         loading.load_model(Config(model=str(tmp_path / "no_such_model"), device="cpu"),
                            torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--model", "tiny", "--num-steps", "0"], "--num-steps 0: must be >= 1"),
+        (["--model", "tiny", "--lr", "-1"], "--lr -1.0: must be > 0"),
+        (["--model", "tiny", "--stat-min-count", "9"], "--stat-min-count 9 must be <="),
+        (["--model", "tiny", "--device", "mps"], "--device mps: Apple's GPU backend"),
+        (["--model", "tiny", "--device", "tpu"], "--device 'tpu' is not a device"),
+        # the default reward is aesthetic: the bad path is named, not the CLIP model it would load
+        (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_fix(argv, says, tmp_path):
+    with pytest.raises(SystemExit) as exited:
+        ddpo_min.main([*argv, "--output-dir", str(tmp_path / "run")])
+    message = str(exited.value.code)
+    assert message.startswith("error: ") and says in message and "\n" not in message, message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as exited:
+        ddpo_min.main(["--model", "tiny", "--device", "cuda", "--output-dir", str(tmp_path)])
+    message = str(exited.value.code)
+    assert "--device cuda: CUDA is not available" in message and "--device cpu" in message
+    assert "\n" not in message
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(random_tiny_weights, tmp_path, capsys):
+    run_dir = train(_tiny_config(tmp_path / "run", epochs=2))
+    first = _history(run_dir)
+    ckpt = run_dir / "checkpoint.pt"
+    assert (run_dir / "checkpoint.prev.pt").is_file()  # the save before the last is kept
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # a copy cut short
+    resumed = _history(train(Config(resume=str(run_dir), epochs=3)))
+    out = capsys.readouterr().out
+    assert "checkpoint.pt is unreadable" in out and "resuming from" in out
+    assert [h["epoch"] for h in resumed] == [0, 1, 2]  # epoch 1 runs again, from the earlier save
+    assert resumed[1]["reward/mean"] == first[1]["reward/mean"]  # and exactly as the first time
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (run_dir / name).write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="no readable checkpoint.pt or checkpoint.prev.pt"):
+        train(Config(resume=str(run_dir), epochs=4))
+
+
+def test_thread_governor_yields_cores_to_busy_neighbours(monkeypatch):
+    readings = iter([
+        (0.0, 0.0, 0.0),  # at start: machine-busy seconds, our CPU seconds, wall seconds
+        (4.0, 2.0, 2.0),  # 2 s: busy 4 core-s, ours 2 -> others held 1 core
+        (4.5, 2.4, 2.5),  # 0.5 s later: too short to judge, nothing changes
+        (6.0, 4.0, 4.0),  # 2 s more: busy 2, ours 2 -> the neighbour is gone
+    ])
+    monkeypatch.setattr(plumbing.ThreadGovernor, "_reading", staticmethod(lambda: next(readings)))
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    governor = plumbing.ThreadGovernor(0)
+    governor.cores = 2
+    governor.adjust()
+    assert governor.threads == 1 and set_to[-1] == 1
+    governor.adjust()
+    assert governor.threads == 1
+    governor.adjust()
+    assert governor.threads == 2 and set_to[-1] == 2
+    fixed = plumbing.ThreadGovernor(3)  # --threads 3: set once, never measured
+    fixed.adjust()
+    assert fixed.threads == 3 and set_to[-1] == 3 and fixed.last is None

@@ -1,6 +1,7 @@
 """Benchmarks that print figures (speed and learning targets live here, not in timed tests).
 
     python -m tools.bench speed      # tiny defaults: seconds per epoch by phase, vs the UNet floor
+    python -m tools.bench contention # epoch time idle vs beside one busy process (~8 min)
     python -m tools.bench learning   # the tiny-scale learning bars, one seed (~1 hour on 2 cores)
     python -m tools.bench learning --only alignment --seeds 0 1 2   # 3 seeds, judged on the mean
 
@@ -26,7 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -126,6 +131,48 @@ def speed(rounds: int = 5) -> dict:
     print(f"  epoch / floor = {ratio:.3f} (target <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'}); "
           f"all pairs: {', '.join(format(r, '.3f') for r in result['all_ratios'])}")
     (ASSETS / "bench_speed.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# contention: a busy neighbour on the same cores
+# ----------------------------------------------------------------------------------------------
+
+
+def _epoch_seconds(extra: list[str], epochs: int) -> float:
+    """Median epoch time of a fresh `python ddpo_min.py --model tiny` run (epoch 0 warms up)."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, str(ROOT / "ddpo_min.py"), "--model", "tiny", "--epochs",
+                   str(epochs), "--output-dir", folder, *extra]
+        subprocess.run(command, check=True, capture_output=True)
+        history = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").open()]
+    return float(np.median([h["time/epoch"] for h in history[1:]]))
+
+
+def contention(epochs: int = 3) -> dict:
+    """Tiny epoch time idle and beside one single-thread busy loop, as a ratio, in one run.
+
+    A laptop is never idle. Each setting runs the tiny defaults in a fresh process, once on the
+    idle machine and once while `python -c "while True: pass"` holds a core. `auto` is the
+    default (--threads 0: torch gives cores up to busy neighbours); `fixed` pins one thread per
+    core, as torch does by itself. Target: auto's ratio <= 1.6.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    result: dict = dict(cores=cores, epochs=epochs, torch=torch.__version__, target=1.6)
+    for label, extra in (("auto", []), ("fixed", ["--threads", str(cores)])):
+        idle = _epoch_seconds(extra, epochs)
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            loaded = _epoch_seconds(extra, epochs)
+        finally:
+            busy.kill()
+        result[label] = dict(idle_seconds=idle, busy_seconds=loaded, ratio=loaded / idle)
+        print(f"{label:>5} ({'--threads 0' if not extra else ' '.join(extra)}): epoch {idle:.1f} s "
+              f"idle, {loaded:.1f} s beside a busy loop: {loaded / idle:.2f}x", flush=True)
+    result["passed"] = result["auto"]["ratio"] <= 1.6
+    print(f"auto: {result['auto']['ratio']:.2f}x (target <= 1.6: "
+          f"{'PASS' if result['passed'] else 'FAIL'})")
+    (ASSETS / "bench_contention.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -324,6 +371,7 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("speed", help="epoch time by phase vs the UNet floor")
+    sub.add_parser("contention", help="epoch time idle vs beside a busy process")
     pl = sub.add_parser("learning", help="the tiny-scale learning bars")
     pl.add_argument("--only", nargs="*",
                     choices=["compressibility", "incompressibility", "alignment"])
@@ -332,7 +380,12 @@ def main() -> None:
     pl.add_argument("--eval-every", type=float, default=5.0,
                     help="minutes of training between held-out checkpoints")
     args = p.parse_args()
-    speed() if args.cmd == "speed" else learning(args.only, args.seeds, args.eval_every)
+    if args.cmd == "speed":
+        speed()
+    elif args.cmd == "contention":
+        contention()
+    else:
+        learning(args.only, args.seeds, args.eval_every)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,7 @@ import numpy as np
 import torch
 
 import tiny
-from tiny import (
-    ANIMAL_PROMPTS,
-    GUIDANCE,
-    IMAGE,
-    Captioner,
-    generalisation_prompts,
-    load_captioner,
-)
+from tiny import ANIMAL_PROMPTS, GUIDANCE, IMAGE, Captioner, generalisation_prompts, load_captioner
 from tools.tiny_data import render_prompt_images
 from tools.tiny_train import captioner_accuracy
 
