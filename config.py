@@ -65,16 +65,19 @@ class Config:
     num_steps: int = _help("DDIM denoising steps T", 50, need=">= 1")
     eta: float = _help("DDIM noise scale; must be > 0 for a stochastic policy", 1.0)
     guidance_scale: float = _help("classifier-free guidance weight w (negative prompt: empty)", 5.0)
-    sample_batch_size: int = _help("images per sampling forward pass", 8, need=">= 1")
-    sample_batches: int = _help("sampling batches per epoch (samples/epoch = this x "
-                                "sample_batch_size)", 32, need=">= 1")
+    sample_batch_size: int = _help("images per sampling forward pass, on each process", 8,
+                                   need=">= 1")
+    sample_batches: int = _help("sampling batches per epoch over all processes: samples/epoch = "
+                                "this x sample_batch_size, and each of N processes samples "
+                                "sample_batches / N of them", 32, need=">= 1")
     samples_per_prompt: int = _help("images per drawn prompt in a sampling batch; 1 = every "
                                     "image draws its own prompt (the paper)", 1, need=">= 1")
     # training
-    train_batch_size: int = _help("samples per training forward pass (gradients accumulate "
-                                  "over them)", 2, need=">= 1")
-    minibatches: int = _help("optimizer steps per inner epoch (paper: 4 for ddpo_is, 1 for "
-                             "ddpo_sf)", 4, need=">= 1")
+    train_batch_size: int = _help("at most this many samples per training forward pass, on each "
+                                  "process (gradients accumulate over them)", 2, need=">= 1")
+    minibatches: int = _help("optimizer steps per pass over the epoch's samples, each on "
+                             "samples/epoch / minibatches samples over all processes (paper: 4 "
+                             "for ddpo_is, 1 for ddpo_sf)", 4, need=">= 1")
     inner_epochs: int = _help("passes over each epoch's samples", 1, need=">= 1")
     timestep_fraction: float = _help("fraction of the T steps trained per sample (shuffled per "
                                      "sample)", 1.0, need="in (0, 1]")
@@ -97,7 +100,9 @@ class Config:
     trainable: str = _help("which UNet weights train: all (LoRA: every attention projection; "
                            "full fine-tuning: every weight) | cross_attention (only the "
                            "text-to-image attention blocks, attn2)", "all", TRAINABLE)
-    mixed_precision: str = _help("dtype of the frozen base model (GPU only)", "fp16", PRECISIONS)
+    mixed_precision: str = _help("fp16 | bf16: the frozen weights in half precision and the UNet "
+                                 "under autocast, fp16 with loss scaling; no: fp32 (on a CPU "
+                                 "half precision runs, slowly)", "fp16", PRECISIONS)
     # run
     epochs: int = _help("sampling+training epochs", 100, need=">= 0")
     max_minutes: float = _help("stop (with a checkpoint) after the epoch that passes this many "
@@ -152,7 +157,7 @@ def samples_per_epoch(cfg: Config) -> int:
     return cfg.sample_batch_size * cfg.sample_batches
 
 
-def check_config(cfg: Config) -> None:
+def check_config(cfg: Config, num_processes: int = 1) -> None:
     """Fail early, with the numbers, on what argparse cannot check (or a Config built in Python)."""
     for f in fields(Config):
         value, choices, need = getattr(cfg, f.name), f.metadata["choices"], f.metadata["need"]
@@ -171,13 +176,13 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--samples-per-prompt {cfg.samples_per_prompt} must divide "
                           f"--sample-batch-size {cfg.sample_batch_size}")
     n = samples_per_epoch(cfg)
-    per_step = n // cfg.minibatches if n % cfg.minibatches == 0 else None
-    if per_step is None or per_step % cfg.train_batch_size:
-        raise ConfigError(
-            f"batch arithmetic: {cfg.sample_batch_size} x {cfg.sample_batches} = {n} samples per "
-            f"epoch must split into --minibatches {cfg.minibatches} of a multiple of "
-            f"--train-batch-size {cfg.train_batch_size}"
-        )
+    if n % cfg.minibatches:
+        raise ConfigError(f"batch arithmetic: {cfg.sample_batch_size} x {cfg.sample_batches} = "
+                          f"{n} samples per epoch must split into --minibatches {cfg.minibatches}")
+    if cfg.sample_batches % num_processes:
+        raise ConfigError(f"batch arithmetic: --sample-batches {cfg.sample_batches} must split "
+                          f"evenly over {num_processes} processes (each samples sample_batches / "
+                          f"{num_processes} batches of {cfg.sample_batch_size})")
 
 
 def resume_config(cfg: Config) -> Config:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
@@ -254,29 +255,44 @@ def clip_advantages(advantages: np.ndarray | torch.Tensor, max_abs: float = 5.0)
 
 # ==============================================================================================
 # The epoch: sample -> reward -> advantages -> train
+#
+# With N processes (`accelerate launch` or `torchrun`), the epoch's samples are numbered 0..S-1
+# and process r owns the block [r S/N, (r+1) S/N). A sample's prompt and noise are drawn from its
+# number alone, so N processes draw exactly the samples one process would. The rewards are
+# gathered, so every process computes the same advantages, the same shuffles and the same
+# minibatches, and trains on the part of each minibatch it owns; the gradients are summed over
+# processes before every optimizer step. With N = 1 all of this reduces to a plain loop.
 # ==============================================================================================
 
 
 @dataclass
 class Samples:
-    """One epoch of experience, N = samples per epoch, T = denoising steps."""
+    """This process's share of one epoch, M = its samples, T = denoising steps; S = all samples."""
 
-    latents: torch.Tensor  # (N, T+1, C, H, W) x_T ... x_0
-    log_probs: torch.Tensor  # (N, T) log p_θold(x_{t-1} | x_t, c) at sampling time
+    index: torch.Tensor  # (M,) each row's number in the epoch, 0..S-1
+    latents: torch.Tensor  # (M, T+1, C, H, W) x_T ... x_0
+    log_probs: torch.Tensor  # (M, T) log p_θold(x_{t-1} | x_t, c) at sampling time
     timesteps: torch.Tensor  # (T,)
-    prompt_embeds: torch.Tensor  # (N, L, D)
-    prompts: list[str]
-    images: torch.Tensor  # (N, 3, H', W') float in [0, 1], on CPU
-    rewards: np.ndarray  # (N,) float32
+    prompt_embeds: torch.Tensor  # (M, L, D)
+    prompts: list[str]  # (M,)
+    images: torch.Tensor  # (M, 3, H', W') float in [0, 1], on CPU
+    rewards: np.ndarray  # (M,) float32
     extras: dict
+    all_prompts: list[str]  # (S,) every process's prompts, in sample order
+    all_rewards: np.ndarray  # (S,) every process's rewards, gathered
 
 
 class Run:
-    """The model, optimizer, reward, statistics and RNGs of one training run."""
+    """The model, optimizer, reward, statistics and RNGs of one training run, on one process."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = loading.resolve_device(cfg.device)
+        device = loading.resolve_device(cfg.device)
+        # the process group, when launched with accelerate or torchrun (gloo on a CPU)
+        self.accelerator = Accelerator(cpu=device.type == "cpu")
+        check_config(cfg, self.accelerator.num_processes)
+        self.device = device if self.accelerator.num_processes == 1 else self.accelerator.device
+        self.is_main = self.accelerator.is_main_process  # only it writes files and prints
         self.dir = Path(cfg.output_dir)
         self.prompts = loading.load_prompts(cfg.prompts)
         loading.check_model_source(cfg.model)  # before the reward, whose models load slowly
@@ -292,65 +308,91 @@ class Run:
         self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
+        # Mixed precision: the frozen weights in fp16/bf16 (loading.py), the UNet run under
+        # autocast, and in fp16 the loss scaled up before backward (unscaled before the clip):
+        # the DDPO gradient at the UNet output is ~1e-8 per element, below fp16's normal range.
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        self.autocast = torch.autocast(self.device.type, dtype=half, enabled=half is not None)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=half is torch.float16)
         self.tracker = PerPromptStatTracker(cfg.stat_buffer, cfg.stat_min_count)
         self.negative_embeds = self.model.encode_prompts([""])  # (1, L, D) the empty prompt
-        # Three generators, all checkpointed: prompt choice (numpy), sampling noise (on the
-        # model's device), and training shuffles / RWR noise (CPU).
-        self.prompt_rng = np.random.default_rng(cfg.seed)
-        self.sample_gen = torch.Generator(self.device).manual_seed(cfg.seed)
+        # training shuffles and RWR noise (checkpointed; the same on every process); a sample's
+        # prompt and noise come from seeds made of (seed, epoch, its number), see sample_epoch
         self.train_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.state = plumbing.State()
-        self.cpu_threads = plumbing.ThreadGovernor(cfg.threads)  # yields cores to busy neighbours
-        dtype = next(self.model.unet.parameters()).dtype
-        half = self.device.type == "cuda" and dtype != torch.float32
-        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=half)
+        # CPU threads: this process's share of the cores, fewer while other processes are busy
+        self.cpu_threads = plumbing.ThreadGovernor(cfg.threads, self.accelerator.num_processes)
+
+
+def sample_seed(cfg: Config, epoch: int, number: int, stream: int) -> int:
+    """A seed for one sample's draws (stream 0: its prompt, 1: its noise), from its number."""
+    return int(np.random.SeedSequence([cfg.seed, epoch, number, stream]).generate_state(1)[0])
+
+
+def sample_prompt(run: Run, epoch: int, number: int) -> str:
+    """The prompt of sample `number`: each group of samples_per_prompt shares one (1 = i.i.d.)."""
+    group = number // run.cfg.samples_per_prompt
+    rng = np.random.default_rng(sample_seed(run.cfg, epoch, group, 0))
+    return run.prompts[rng.integers(len(run.prompts))]
 
 
 def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
-    """Phases 1-2: roll out the policy (no grad), then score the images.
+    """Phases 1-2: roll out the policy (no grad) on this process's samples, score them, gather
+    the rewards of all processes.
 
     On a GPU `pool` is a worker thread: the reward of batch i is computed while batch i+1 samples,
     so a slow reward (a VLM) overlaps the UNet. On a CPU it is an InlineExecutor: the same code
     path, each batch scored at once on this thread (time/sample then includes the rewards).
     """
-    cfg, model = run.cfg, run.model
+    cfg, model, epoch, acc = run.cfg, run.model, run.state.epoch, run.accelerator
+    total = samples_per_epoch(cfg)  # S, over all processes
+    mine = total // acc.num_processes  # M, this process's share
+    first = acc.process_index * mine
     t0 = time.perf_counter()
     batches, futures = [], []
     model.unet.eval()
-    for _ in tqdm(range(cfg.sample_batches), desc=f"epoch {run.state.epoch}: sampling",
-                  leave=False):
+    for b in tqdm(range(mine // cfg.sample_batch_size), desc=f"epoch {epoch}: sampling",
+                  leave=False, disable=not run.is_main):
         run.cpu_threads.adjust()
-        # sample_batch_size / k prompts, each repeated k times (k = 1: i.i.d., as in the paper)
-        k = cfg.samples_per_prompt
-        drawn = run.prompt_rng.choice(run.prompts, cfg.sample_batch_size // k)
-        prompts = [p for p in drawn for _ in range(k)]
+        numbers = range(first + b * cfg.sample_batch_size, first + (b + 1) * cfg.sample_batch_size)
+        prompts = [sample_prompt(run, epoch, i) for i in numbers]
+        noise = [torch.Generator(run.device).manual_seed(sample_seed(cfg, epoch, i, 1))
+                 for i in numbers]  # one generator per sample: x_T and every step's z
         embeds = model.encode_prompts(prompts)  # (B, L, D)
         with run.autocast:
             traj = sample_with_logprob(model.unet, model.scheduler, embeds, run.negative_embeds,
                                        num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                                        eta=cfg.eta, latent_shape=model.latent_shape,
-                                       generator=run.sample_gen)
+                                       generator=noise)
+        if not torch.isfinite(traj.latents).all():  # a NaN image would still get a reward
+            bad = (~torch.isfinite(traj.latents)).flatten(1).any(1).sum().item()
+            raise TrainingDiverged(f"epoch {epoch}, phase sample: non-finite latents in {bad} of "
+                                   f"{len(prompts)} samples")
         images = model.decode(traj.x0).cpu()  # (B, 3, H', W') in [0, 1]
         futures.append(pool.submit(plumbing.timed, run.reward_fn, images, prompts))
-        batches.append((traj, embeds, prompts, images))
+        batches.append((traj, embeds, prompts, images, numbers))
     t_sample = time.perf_counter() - t0
     t1 = time.perf_counter()
     results = [f.result() for f in futures]  # ((rewards, extras), seconds) per batch
     t_wait = time.perf_counter() - t1
-    rewards = np.concatenate([r for (r, _), _ in results]).astype(np.float32)  # (N,)
+    rewards = np.concatenate([r for (r, _), _ in results]).astype(np.float32)  # (M,)
+    all_rewards = acc.gather(torch.as_tensor(rewards, device=run.device)).cpu().numpy()  # (S,)
     extras: dict = {}
     for (_, ex), _ in results:
         for key, v in ex.items():
             extras.setdefault(key, []).extend(list(v))
     samples = Samples(
-        latents=torch.cat([b[0].latents for b in batches]),  # (N, T+1, C, H, W)
-        log_probs=torch.cat([b[0].log_probs for b in batches]),  # (N, T)
+        index=torch.tensor([i for b in batches for i in b[4]]),  # (M,)
+        latents=torch.cat([b[0].latents for b in batches]),  # (M, T+1, C, H, W)
+        log_probs=torch.cat([b[0].log_probs for b in batches]),  # (M, T)
         timesteps=batches[0][0].timesteps,  # (T,)
-        prompt_embeds=torch.cat([b[1] for b in batches]),  # (N, L, D)
+        prompt_embeds=torch.cat([b[1] for b in batches]),  # (M, L, D)
         prompts=[p for b in batches for p in b[2]],
-        images=torch.cat([b[3] for b in batches]),  # (N, 3, H', W')
+        images=torch.cat([b[3] for b in batches]),  # (M, 3, H', W')
         rewards=rewards,
         extras=extras,
+        all_prompts=[sample_prompt(run, epoch, i) for i in range(total)],
+        all_rewards=all_rewards,
     )
     timing = {"time/sample": t_sample, "time/reward": sum(s for _, s in results),
               "time/reward_wait": t_wait}
@@ -358,20 +400,26 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
 
 
 def compute_advantages(run: Run, samples: Samples) -> torch.Tensor:
-    """Phase 3: A = (r - mean) / (std + 1e-6) per prompt (or over the batch), clipped."""
+    """Phase 3: A = (r - mean) / (std + 1e-6) per prompt (or over the batch), clipped.
+
+    Computed from every process's rewards, identically on each; returns this process's rows."""
     cfg = run.cfg
     if cfg.per_prompt_stats:
-        adv = run.tracker.update(samples.prompts, samples.rewards)  # (N,)
+        adv = run.tracker.update(samples.all_prompts, samples.all_rewards)  # (S,)
     else:
-        r = samples.rewards.astype(np.float64)
+        r = samples.all_rewards.astype(np.float64)
         adv = ((r - r.mean()) / (r.std() + 1e-6)).astype(np.float32)
-    return torch.as_tensor(clip_advantages(adv, cfg.adv_clip_max), device=run.device)  # (N,)
+    adv = clip_advantages(adv, cfg.adv_clip_max)[samples.index.numpy()]  # (M,)
+    return torch.as_tensor(adv, device=run.device)
 
 
 # ---- Phase 4: the loss terms of each algorithm ------------------------------------------------
 #
-# Each algorithm is one generator: for every optimizer step of a pass over the epoch's samples, it
-# yields that step's loss terms, each as (loss, n, info); the step's loss is the sum of loss / n.
+# Each algorithm is one generator: for every optimizer step of a pass over the epoch's samples,
+# it yields that step's loss terms on this process, each as (loss, weight, info). A term is the
+# mean loss of a chunk of samples; its weight is the chunk's share of the whole minibatch (over
+# all processes and trained timesteps), so the weighted sum over processes is the minibatch mean
+# and every sample counts equally.
 
 
 def trainable_steps(cfg: Config, scheduler, timesteps: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -384,8 +432,16 @@ def trainable_steps(cfg: Config, scheduler, timesteps: torch.Tensor) -> tuple[to
     return steps, max(1, int(round(len(steps) * cfg.timestep_fraction)))
 
 
+def my_rows(samples: Samples, minibatch: torch.Tensor) -> torch.Tensor:
+    """The rows of `samples` whose numbers are in the minibatch (sample numbers), in its order."""
+    row = torch.full((len(samples.all_prompts),), -1, dtype=torch.long)  # number -> row, (S,)
+    row[samples.index] = torch.arange(len(samples.index))
+    rows = row[minibatch]
+    return rows[rows >= 0]
+
+
 def rescore(run: Run, samples: Samples, idx: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """log p_θ(x_{t-1} | x_t, c) of stored transitions (sample idx, step j) under the current θ."""
+    """log p_θ(x_{t-1} | x_t, c) of stored transitions (rows idx, steps j) under the current θ."""
     cfg, model = run.cfg, run.model
     x_t = samples.latents[idx, j]  # (b, C, H, W)
     x_prev = samples.latents[idx, j + 1]  # (b, C, H, W)
@@ -398,7 +454,7 @@ def rescore(run: Run, samples: Samples, idx: torch.Tensor, j: torch.Tensor) -> t
 
 def policy_loss(run: Run, samples: Samples, idx: torch.Tensor, j: torch.Tensor,
                 adv: torch.Tensor, objective: Callable) -> tuple[torch.Tensor, dict]:
-    """The DDPO loss of transitions (sample idx, step j): rescore under θ, compare with θ_old."""
+    """The DDPO loss of transitions (rows idx, steps j): rescore under θ, compare with θ_old."""
     return objective(run.cfg, rescore(run, samples, idx, j), samples.log_probs[idx, j], adv)
 
 
@@ -411,43 +467,39 @@ def is_objective(cfg: Config, log_prob, old_log_prob, adv):
 
 
 def ddpo_minibatches(run: Run, samples: Samples, adv: torch.Tensor, objective: Callable
-                     ) -> Iterator[Iterator[tuple[torch.Tensor, int, dict]]]:
+                     ) -> Iterator[Iterator[tuple[torch.Tensor, float, dict]]]:
     """DDPO (Sec. 4.4): shuffled samples, each trained on its own shuffled timesteps.
 
     One term per (chunk of train_batch_size samples, trained timestep): every optimizer step
     accumulates over all trained timesteps of its samples. DDPO_SF takes one step at θ = θ_old;
     DDPO_IS takes `minibatches` steps, kept close to θ_old by the clipped ratio.
     """
-    cfg, n = run.cfg, samples.log_probs.shape[0]
+    cfg, total = run.cfg, len(samples.all_prompts)
     steps, T_train = trainable_steps(cfg, run.model.scheduler, samples.timesteps)
-    order = torch.randperm(n, generator=run.train_gen)  # shuffled samples, (N,)
+    order = torch.randperm(total, generator=run.train_gen)  # shuffled sample numbers, (S,)
     # every sample's own shuffle of the stochastic steps: perms[i] is a permutation of `steps`
-    shuffle = torch.argsort(torch.rand(n, len(steps), generator=run.train_gen), dim=1)  # (N, T_s)
-    perms = steps[shuffle]  # (N, T_s)
+    shuffle = torch.argsort(torch.rand(total, len(steps), generator=run.train_gen), dim=1)
+    perms = steps[shuffle]  # (S, T_s)
 
     def terms(mb: torch.Tensor):
-        chunks = mb.split(cfg.train_batch_size)
-        for chunk in chunks:
+        for chunk in my_rows(samples, mb).split(cfg.train_batch_size):
             idx = chunk.to(run.device)
             for k in range(T_train):
-                j = perms[chunk, k].to(run.device)  # the k-th shuffled step of each sample, (b,)
+                j = perms[samples.index[chunk], k].to(run.device)  # each sample's k-th step, (b,)
                 loss, info = policy_loss(run, samples, idx, j, adv[idx], objective)
-                yield loss, len(chunks) * T_train, info
+                yield loss, len(chunk) / (len(mb) * T_train), info
 
     for mb in order.chunk(cfg.minibatches):
         yield terms(mb)
 
 
-def rwr_loss(run: Run, samples: Samples, idx: torch.Tensor, weights: torch.Tensor):
+def rwr_loss(run: Run, samples: Samples, idx: torch.Tensor, weights: torch.Tensor,
+             t: torch.Tensor, noise: torch.Tensor):
     """RWR / sparse RWR: the diffusion loss (Eq. 1) on the sampled x_0, weighted per sample."""
     x0 = samples.latents[idx, -1]  # (b, C, H, W)
-    num_train_timesteps = run.model.scheduler.config.num_train_timesteps
-    t = torch.randint(0, num_train_timesteps, (len(idx),), generator=run.train_gen)  # (b,)
-    noise = torch.randn(x0.shape, generator=run.train_gen)  # ε, (b, C, H, W)
     with run.autocast:
         return diffusion_mse_loss(run.model.unet, run.model.scheduler, x0,
-                                  samples.prompt_embeds[idx], t.to(x0.device),
-                                  noise.to(x0.device), weights)
+                                  samples.prompt_embeds[idx], t, noise, weights)
 
 
 def rwr_selection(cfg: Config, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,17 +514,22 @@ def sparse_rwr_selection(cfg: Config, rewards: torch.Tensor) -> tuple[torch.Tens
 
 
 def rwr_minibatches(run: Run, samples: Samples, adv: torch.Tensor, select: Callable
-                    ) -> Iterator[Iterator[tuple[torch.Tensor, int, dict]]]:
+                    ) -> Iterator[Iterator[tuple[torch.Tensor, float, dict]]]:
     """RWR (Sec. 4.2): one diffusion loss per chunk of the selected samples (advantages unused)."""
-    cfg = run.cfg
-    keep, weights = select(cfg, torch.as_tensor(samples.rewards))
+    cfg, total = run.cfg, len(samples.all_prompts)
+    keep, weights = select(cfg, torch.as_tensor(samples.all_rewards))  # sample numbers, (S,)
     order = keep[torch.randperm(len(keep), generator=run.train_gen)]  # shuffled kept samples
+    # each sample's diffusion timestep and noise ε, drawn for all S alike on every process
+    t_all = torch.randint(0, run.model.scheduler.config.num_train_timesteps, (total,),
+                          generator=run.train_gen)  # (S,)
+    noise_all = torch.randn((total, *run.model.latent_shape), generator=run.train_gen)
 
     def terms(mb: torch.Tensor):
-        chunks = mb.split(cfg.train_batch_size)
-        for chunk in chunks:
-            loss = rwr_loss(run, samples, chunk.to(run.device), weights[chunk].to(run.device))
-            yield loss, len(chunks), {}
+        for chunk in my_rows(samples, mb).split(cfg.train_batch_size):
+            number = samples.index[chunk]  # (b,)
+            loss = rwr_loss(run, samples, chunk.to(run.device), weights[number].to(run.device),
+                            t_all[number].to(run.device), noise_all[number].to(run.device))
+            yield loss, len(chunk) / len(mb), {}
 
     for mb in order.chunk(cfg.minibatches):
         yield terms(mb)
@@ -488,38 +545,79 @@ ALGORITHMS: dict[str, Callable] = {
 
 
 def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
-    """Phase 4: `inner_epochs` passes; each optimizer step accumulates its minibatch's terms,
-    clips the gradient norm and steps AdamW."""
+    """Phase 4: `inner_epochs` passes; each optimizer step accumulates its minibatch's terms, then
+    `optimizer_step` sums the gradients over processes, clips their norm and steps AdamW."""
     cfg = run.cfg
     run.model.unet.train()
     minibatches = ALGORITHMS[cfg.algo]
     stats: dict[str, list[float]] = {"loss/policy": [], "loss/approx_kl": [], "loss/clipfrac": [],
-                                     "grad_norm": []}
+                                     "grad_norm": [], "skipped_steps": []}
     for _ in range(cfg.inner_epochs):
         for terms in tqdm(minibatches(run, samples, adv), total=cfg.minibatches, leave=False,
-                          desc=f"epoch {run.state.epoch}: training"):
+                          desc=f"epoch {run.state.epoch}: training", disable=not run.is_main):
             run.cpu_threads.adjust()
-            for loss, n_terms, info in terms:
-                backward(run, loss / n_terms, "train")
+            nonfinite = 0
+            for loss, weight, info in terms:
+                if not torch.isfinite(loss):
+                    nonfinite += 1  # every process must learn of it: counted in optimizer_step
+                    continue
+                backward(run, loss, weight)
                 stats["loss/policy"].append(loss.item())
                 for key, v in info.items():
                     stats[f"loss/{key}"].append(v.item())
-            grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise TrainingDiverged(f"epoch {run.state.epoch}, phase train: non-finite "
-                                       "gradient norm")
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            run.state.step += 1
-            stats["grad_norm"].append(grad_norm.item())
-    return {k: (float(np.mean(v)) if v else None) for k, v in stats.items()}
+            grad_norm, skipped = optimizer_step(run, nonfinite)
+            stats["grad_norm"].append(grad_norm)
+            stats["skipped_steps"].append(float(skipped))
+    out = {k: (float(np.mean(v)) if v else None) for k, v in stats.items()}
+    out["skipped_steps"] = int(sum(stats["skipped_steps"]))
+    if run.accelerator.num_processes > 1:  # the loss statistics of all processes' terms
+        for key in ("loss/policy", "loss/approx_kl", "loss/clipfrac"):
+            total = torch.tensor([sum(stats[key]), len(stats[key])], dtype=torch.float64)
+            total = run.accelerator.reduce(total.to(run.device), reduction="sum").cpu()
+            out[key] = float(total[0] / total[1]) if total[1] else None
+    return out
 
 
-def backward(run: Run, loss: torch.Tensor, phase: str) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(f"epoch {run.state.epoch}, phase {phase}: non-finite loss "
-                               f"{loss.item()}")
-    loss.backward()
+def backward(run: Run, loss: torch.Tensor, weight: float) -> None:
+    """Accumulate the gradient of weight * loss; in fp16 the loss is scaled up first (GradScaler)
+    so that gradients of ~1e-8 do not underflow to 0 in the half-precision UNet."""
+    run.scaler.scale(loss * weight).backward()
+
+
+def optimizer_step(run: Run, nonfinite: int) -> tuple[float, bool]:
+    """Sum the gradients over processes, unscale, clip the norm, step AdamW; zero the gradients.
+
+    In fp16 the GradScaler skips a step whose gradients hold inf or NaN (and lowers its scale);
+    that is counted, and only many in a row stop the run. Returns (grad norm, skipped).
+    """
+    epoch = run.state.epoch
+    if run.accelerator.num_processes > 1:  # one all-reduce: every gradient and the NaN count
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
+        count = torch.tensor([float(nonfinite)], device=grads[0].device)
+        flat = run.accelerator.reduce(torch.cat([g.flatten() for g in grads] + [count]), "sum")
+        nonfinite = int(flat[-1].item())
+        for p, g in zip(run.params, flat[:-1].split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+    if nonfinite:
+        raise TrainingDiverged(f"epoch {epoch}, phase train: non-finite loss")
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
+    if not torch.isfinite(grad_norm) and not run.scaler.is_enabled():
+        raise TrainingDiverged(f"epoch {epoch}, phase train: non-finite gradient norm")
+    scale = run.scaler.get_scale()
+    run.scaler.step(run.optimizer)  # fp16: skipped if a gradient is inf/NaN
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    skipped = run.scaler.is_enabled() and run.scaler.get_scale() < scale
+    run.state.skips_in_a_row = run.state.skips_in_a_row + 1 if skipped else 0
+    if run.state.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+        raise TrainingDiverged(f"epoch {epoch}, phase train: {MAX_SKIPS_IN_A_ROW} optimizer steps "
+                               "in a row had inf/NaN gradients in fp16; try --mixed-precision bf16")
+    run.state.step += 1
+    return grad_norm.item(), skipped
+
+
+MAX_SKIPS_IN_A_ROW = 20  # the scale halves at each: 2^16 -> 2^-4, far past any fp16 overflow
 
 
 # ==============================================================================================
@@ -537,32 +635,35 @@ def train(cfg: Config) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         folder = ROOT / "runs" / f"{cfg.reward}-{cfg.algo}-{name}-{stamp}"
         cfg = replace(cfg, output_dir=str(folder))
-    torch.manual_seed(cfg.seed)
     run = Run(cfg)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    (run.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    say = run.accelerator.print  # prints on the main process only
+    if run.is_main:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        (run.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     if plumbing.has_checkpoint(run.dir):
         plumbing.load_checkpoint(run)
-        print(f"resumed {run.dir} at epoch {run.state.epoch} (optimizer step {run.state.step})")
+        say(f"resumed {run.dir} at epoch {run.state.epoch} (optimizer step {run.state.step})")
     run.model.scheduler.set_timesteps(cfg.num_steps)
     steps, T_train = trainable_steps(cfg, run.model.scheduler, run.model.scheduler.timesteps)
-    plumbing.print_sizes(cfg, run, samples_per_epoch(cfg), len(steps), T_train)
+    if run.is_main:
+        plumbing.print_sizes(cfg, run, samples_per_epoch(cfg), len(steps), T_train)
     metrics_path = run.dir / "metrics.jsonl"
     # keep only the epochs the checkpoint holds (a crash between the two writes leaves one extra)
-    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in run.state.history))
-    logger = plumbing.ExternalLogger(cfg, run.dir)
+    if run.is_main:
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in run.state.history))
+    logger = plumbing.ExternalLogger(cfg, run.dir) if run.is_main else None
 
     pool = plumbing.reward_executor(run.device)  # on a GPU, rewards overlap the next sampling
     started = time.perf_counter()
     try:
         while run.state.epoch < cfg.epochs:
-            if cfg.max_minutes and time.perf_counter() - started > 60 * cfg.max_minutes:
-                print(f"--max-minutes {cfg.max_minutes} reached after epoch {run.state.epoch - 1}")
+            if cfg.max_minutes and out_of_time(run, started):
+                say(f"--max-minutes {cfg.max_minutes} reached after epoch {run.state.epoch - 1}")
                 plumbing.save_checkpoint(run)
                 break
             epoch, t0 = run.state.epoch, time.perf_counter()
             samples, timing = sample_epoch(run, pool)  # 1-2. sample with log-probs, rewards
-            if not np.all(np.isfinite(samples.rewards)):
+            if not np.all(np.isfinite(samples.all_rewards)):
                 raise TrainingDiverged(f"epoch {epoch}, phase reward: non-finite reward from "
                                        f"{cfg.reward!r}")
             adv = compute_advantages(run, samples)  # 3. per-prompt advantages
@@ -571,34 +672,49 @@ def train(cfg: Config) -> Path:
             t_train = time.perf_counter() - t1
             metrics = {
                 "epoch": epoch, "step": run.state.step,
-                "reward/mean": float(samples.rewards.mean()),
-                "reward/std": float(samples.rewards.std()),
+                "reward/mean": float(samples.all_rewards.mean()),
+                "reward/std": float(samples.all_rewards.std()),
                 **losses, **timing, "time/train": t_train, "time/epoch": time.perf_counter() - t0,
-                "samples_per_second": len(samples.prompts) / (time.perf_counter() - t0),
+                "samples_per_second": len(samples.all_rewards) / (time.perf_counter() - t0),
             }  # fmt: skip
             run.state.history.append(metrics)
             run.state.epoch += 1
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            plumbing.save_grid(samples, run.dir / f"samples_epoch{epoch:04d}.png", cfg.grid_size)
-            plumbing.save_reward_curve(run.state.history, run.dir / "reward_curve.png", cfg.reward)
-            logger.log(metrics, run.state.step)
+            if run.is_main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                plumbing.save_grid(samples, run.dir / f"samples_epoch{epoch:04d}.png",
+                                   cfg.grid_size)
+                plumbing.save_reward_curve(run.state.history, run.dir / "reward_curve.png",
+                                           cfg.reward)
+                logger.log(metrics, run.state.step)
             if run.state.epoch % cfg.save_every == 0 or run.state.epoch == cfg.epochs:
                 plumbing.save_checkpoint(run)
-            print(plumbing.format_metrics(metrics))
+            say(plumbing.format_metrics(metrics))
     except KeyboardInterrupt:
         # The checkpoint on disk is the end of the last finished epoch: resuming from it repeats
         # the interrupted epoch exactly. The half-trained weights are exported too.
-        loading.save_weights(run.model, cfg, run.dir / "interrupted_weights")
-        print(f"\ninterrupted in epoch {run.state.epoch}; resume exactly with: "
-              f"python ddpo_min.py --resume {run.dir}\n"
-              f"(current weights saved to {run.dir / 'interrupted_weights'})")
+        if run.is_main:
+            loading.save_weights(run.model, cfg, run.dir / "interrupted_weights")
+        say(f"\ninterrupted in epoch {run.state.epoch}; resume exactly with: "
+            f"python ddpo_min.py --resume {run.dir}\n"
+            f"(current weights saved to {run.dir / 'interrupted_weights'})")
         raise
     finally:
         pool.shutdown(wait=True)
-    loading.save_weights(run.model, cfg, run.dir / "weights")
-    print(f"done: {run.dir} (weights in {run.dir / 'weights'})")
+    if run.is_main:
+        loading.save_weights(run.model, cfg, run.dir / "weights")
+    say(f"done: {run.dir} (weights in {run.dir / 'weights'})")
+    run.accelerator.wait_for_everyone()
     return run.dir
+
+
+def out_of_time(run: Run, started: float) -> bool:
+    """Past --max-minutes on any process (all must stop at the same epoch)."""
+    late = time.perf_counter() - started > 60 * run.cfg.max_minutes
+    if run.accelerator.num_processes == 1:
+        return late
+    flag = torch.tensor([float(late)], device=run.device)
+    return run.accelerator.reduce(flag, reduction="sum").item() > 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ from config import PROMPT_SETS, Config, ConfigError
 from sampler import TextToImage
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "assets" / "prompts"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}  # --mixed-precision
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,6 +85,7 @@ def load_model(cfg: Config, device: torch.device) -> TextToImage:
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
     if cfg.lora_rank > 0:
+        model.unet.to(DTYPES[cfg.mixed_precision])  # the frozen base, as for Stable Diffusion
         add_lora(model.unet, cfg.lora_rank, cfg.trainable)
     else:
         full_fine_tuning(model.unet, cfg.trainable)  # in fp32 at tiny scale
@@ -128,11 +130,7 @@ def add_lora(unet: torch.nn.Module, rank: int, trainable: str = "all") -> None:
 def load_stable_diffusion(cfg: Config, device: torch.device) -> TextToImage:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
-    dtype = dtypes[cfg.mixed_precision]
-    if device.type == "cpu" and dtype != torch.float32:
-        print(f"note: --mixed-precision {cfg.mixed_precision} ignored on CPU (float32)")
-        dtype = torch.float32
+    dtype = DTYPES[cfg.mixed_precision]  # of the frozen weights
     try:
         pipe = StableDiffusionPipeline.from_pretrained(cfg.model, safety_checker=None,
                                                        requires_safety_checker=False)

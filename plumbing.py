@@ -28,6 +28,7 @@ class State:
     epoch: int = 0
     step: int = 0  # optimizer steps so far
     history: list = field(default_factory=list)  # per-epoch metric dicts
+    skips_in_a_row: int = 0  # fp16 optimizer steps the GradScaler skipped, since the last taken
 
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"  # the last save and the one before
@@ -38,23 +39,26 @@ def has_checkpoint(folder: Path) -> bool:
 
 
 def save_checkpoint(run) -> None:
-    """Trainable weights, optimizer, reward statistics, every RNG and the history, atomically.
+    """Trainable weights, optimizer, loss scale, reward statistics, the training RNG and the
+    history, atomically, from the main process (every process holds the same).
 
+    A sample's prompt and noise are drawn from (seed, epoch, its number), so they need no state.
     The previous checkpoint is kept as checkpoint.prev.pt: if the new file is ever damaged (a full
     disk, a copy cut short), --resume falls back to it.
     """
+    if not run.is_main:
+        return
     state = {
         "trainable": trainable_state(run.model.unet),
         "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
         "tracker": run.tracker.state_dict(),
-        "prompt_rng": run.prompt_rng.bit_generator.state,
-        "sample_gen": run.sample_gen.get_state(),
         "train_gen": run.train_gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "epoch": run.state.epoch,
         "step": run.state.step,
         "history": run.state.history,
+        "skips_in_a_row": run.state.skips_in_a_row,
+        "num_processes": run.accelerator.num_processes,
     }
     tmp = run.dir / "checkpoint.tmp"
     torch.save(state, tmp)
@@ -71,11 +75,12 @@ def load_checkpoint(run) -> None:
         try:
             s = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # a truncated or corrupt file: torch raises zip/pickle errors
-            print(f"warning: {path} is unreadable ({type(err).__name__}); trying the previous "
-                  "checkpoint")
+            run.accelerator.print(f"warning: {path} is unreadable ({type(err).__name__}); "
+                                  "trying the previous checkpoint")
             continue
         if path.name == PREVIOUS:
-            print(f"resuming from {path}, saved one checkpoint before the damaged one")
+            run.accelerator.print(f"resuming from {path}, saved one checkpoint before the "
+                                  "damaged one")
         break
     else:
         raise ConfigError(f"--resume {run.dir}: no readable {CHECKPOINT} or {PREVIOUS} there; "
@@ -85,14 +90,11 @@ def load_checkpoint(run) -> None:
         for k, v in s["trainable"].items():
             params[k].copy_(v)
     run.optimizer.load_state_dict(s["optimizer"])
+    run.scaler.load_state_dict(s["scaler"])
     run.tracker.load_state_dict(s["tracker"])
-    run.prompt_rng.bit_generator.state = s["prompt_rng"]
-    run.sample_gen.set_state(s["sample_gen"])
     run.train_gen.set_state(s["train_gen"])
-    torch.set_rng_state(s["torch_rng"])
-    if s["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda_rng"])
-    run.state = State(epoch=s["epoch"], step=s["step"], history=s["history"])
+    run.state = State(epoch=s["epoch"], step=s["step"], history=s["history"],
+                      skips_in_a_row=s["skips_in_a_row"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,10 +138,11 @@ class ThreadGovernor:
     (`python -m tools.bench contention`). `--threads N` fixes the count instead.
     """
 
-    def __init__(self, threads: int = 0):
+    def __init__(self, threads: int = 0, num_processes: int = 1):
         self.fixed = threads > 0
         affinity = getattr(os, "sched_getaffinity", None)
-        self.cores = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+        cores = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+        self.cores = max(1, cores // num_processes)  # this process's share
         self.threads = threads if self.fixed else self.cores
         torch.set_num_threads(self.threads)
         self.last = None if self.fixed else self._reading()
@@ -259,22 +262,28 @@ class ExternalLogger:
 
 def print_sizes(cfg: Config, run, n_samples: int, n_stochastic: int, n_trained: int) -> None:
     """The derived sizes of the run, printed once at the start."""
+    n_proc = run.accelerator.num_processes
     n_train = sum(p.numel() for p in run.params)
     lora = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"
     only = ", cross-attention only" if cfg.trainable == "cross_attention" else ""
+    precision = {"no": "fp32"}.get(cfg.mixed_precision, cfg.mixed_precision)
     per_step = n_samples // cfg.minibatches
+    chunks = math.ceil(per_step / n_proc / cfg.train_batch_size)
     if cfg.algo.startswith("rwr"):
         terms = " (RWR: one diffusion loss per sample)"
     else:
         terms = f" x {n_trained}/{n_stochastic} stochastic timesteps (of {cfg.num_steps})"
+    where = (f" | {n_proc} processes, {cfg.sample_batches // n_proc} batches each"
+             if n_proc > 1 else "")
     print(
-        f"model {cfg.model} on {run.device} | trainable params {n_train / 1e6:.2f}M "
-        f"({lora}{only})\n"
-        f"samples/epoch {n_samples} = {cfg.sample_batches} batches x {cfg.sample_batch_size} | "
-        f"{len(run.prompts)} prompts ({cfg.prompts}) | reward {cfg.reward} | algo {cfg.algo}\n"
+        f"model {cfg.model} on {run.device} ({precision}) | trainable params "
+        f"{n_train / 1e6:.2f}M ({lora}{only})\n"
+        f"samples/epoch {n_samples} = {cfg.sample_batches} batches x {cfg.sample_batch_size}"
+        f"{where} | {len(run.prompts)} prompts ({cfg.prompts}) | reward {cfg.reward} | "
+        f"algo {cfg.algo}\n"
         f"optimizer steps/epoch {cfg.minibatches * cfg.inner_epochs} = {cfg.minibatches} "
         f"minibatches of {per_step} samples x {cfg.inner_epochs} inner epochs, each accumulating "
-        f"{per_step // cfg.train_batch_size} forward chunks{terms}"
+        f"about {chunks} forward chunks{' per process' if n_proc > 1 else ''}{terms}"
     )
 
 
