@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_sd_pipeline
 from safetensors.torch import load_file
+from tiny_sd import save_tiny_sd_pipeline
 
 import ddpo_min
 from config import Config

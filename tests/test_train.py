@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_sd_pipeline
+from tiny_sd import save_tiny_sd_pipeline
 
 import config
 import ddpo_min
