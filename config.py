@@ -76,8 +76,8 @@ class Config:
     train_batch_size: int = _help("at most this many samples per training forward pass, on each "
                                   "process (gradients accumulate over them)", 2, need=">= 1")
     minibatches: int = _help("optimizer steps per pass over the epoch's samples, each on "
-                             "samples/epoch / minibatches samples over all processes (paper: 4 "
-                             "for ddpo_is, 1 for ddpo_sf)", 4, need=">= 1")
+                             "samples/epoch / minibatches samples over all processes (ddpo_sf: "
+                             "always 1)", 2, need=">= 1")
     inner_epochs: int = _help("passes over each epoch's samples", 1, need=">= 1")
     timestep_fraction: float = _help("fraction of the T steps trained per sample (shuffled per "
                                      "sample)", 1.0, need="in (0, 1]")
@@ -104,7 +104,7 @@ class Config:
                                  "under autocast, fp16 with loss scaling; no: fp32 (on a CPU "
                                  "half precision runs, slowly)", "fp16", PRECISIONS)
     # run
-    epochs: int = _help("sampling+training epochs", 100, need=">= 0")
+    epochs: int = _help("sampling+training epochs", 200, need=">= 0")
     max_minutes: float = _help("stop (with a checkpoint) after the epoch that passes this many "
                                "minutes of this invocation (a resumed run counts afresh); 0 = off",
                                0.0, need=">= 0")
@@ -119,11 +119,40 @@ class Config:
     grid_size: int = _help("images in each epoch's sample grid", 16, need=">= 1")
 
     @classmethod
+    def paper(cls, **overrides) -> Config:
+        """The paper's recipe for the reward, as the command line gives it:
+        Config.paper(reward="compressibility") samples the ImageNet animals, and so on."""
+        reward = overrides.get("reward", cls.reward)
+        algo = overrides.get("algo", cls.algo)
+        recipe = {**PAPER_REWARD_DEFAULTS[reward], **ALGO_DEFAULTS.get(algo, {})}
+        return replace(cls(), **{**recipe, **overrides})
+
+    @classmethod
     def tiny(cls, **overrides) -> Config:
         """The tiny-scale config, as `--model tiny` gives it: Config.tiny(reward="alignment")."""
         reward = overrides.get("reward", TINY_DEFAULTS["reward"])
-        per_reward = TINY_REWARD_DEFAULTS.get(reward, {})
-        return replace(cls(), **{"model": "tiny", **TINY_DEFAULTS, **per_reward, **overrides})
+        algo = overrides.get("algo", cls.algo)
+        recipe = {**TINY_DEFAULTS, **TINY_REWARD_DEFAULTS.get(reward, {}),
+                  **ALGO_DEFAULTS.get(algo, {})}
+        return replace(cls(), **{"model": "tiny", **recipe, **overrides})
+
+
+# The paper's recipe per reward (arXiv 2305.13301, Sec. 6 and Appendix; the updates per epoch and
+# reward buffers are those of the authors' public PyTorch code, ddpo-pytorch's config/dgx.py).
+# The dataclass defaults above are aesthetic's.
+PAPER_REWARD_DEFAULTS = {
+    "compressibility": dict(prompts="imagenet_animals", minibatches=4, stat_buffer=16,
+                            stat_min_count=16, epochs=100),
+    "incompressibility": dict(prompts="imagenet_animals", minibatches=4, stat_buffer=16,
+                              stat_min_count=16, epochs=100),
+    "aesthetic": dict(prompts="simple_animals", minibatches=2, stat_buffer=32, stat_min_count=16,
+                      epochs=200),
+    "alignment": dict(prompts="animals_activities", minibatches=2, stat_buffer=32,
+                      stat_min_count=16, epochs=200),
+}
+# DDPO_SF's gradient is unbiased only at theta = theta_old: one optimizer step per round of
+# sampling (Sec. 4.4), whatever the reward or scale.
+ALGO_DEFAULTS = {"ddpo_sf": dict(minibatches=1, inner_epochs=1)}
 
 
 # Tiny-scale defaults (`--model tiny`): a 1.2M-parameter pixel-space model on a laptop CPU.
@@ -169,6 +198,12 @@ def check_config(cfg: Config, num_processes: int = 1) -> None:
                               f"{f.default!r})")
     if cfg.eta <= 0:
         raise ConfigError(f"--eta {cfg.eta}: DDPO needs a stochastic sampler, eta > 0 (paper: 1)")
+    if cfg.algo == "ddpo_sf" and cfg.minibatches * cfg.inner_epochs != 1:
+        raise ConfigError(
+            f"--algo ddpo_sf takes one optimizer step per epoch, at theta_old (Sec. 4.4); "
+            f"--minibatches {cfg.minibatches} x --inner-epochs {cfg.inner_epochs} would apply the "
+            "score-function gradient at an updated theta to theta_old's samples, with no "
+            "importance weight: use --minibatches 1 --inner-epochs 1 (or --algo ddpo_is)")
     if cfg.stat_min_count > cfg.stat_buffer:
         raise ConfigError(f"--stat-min-count {cfg.stat_min_count} must be <= --stat-buffer "
                           f"{cfg.stat_buffer} (a prompt's buffer never holds more)")
@@ -222,7 +257,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         explicit = {"epochs": 0, **explicit}  # 0 = keep the run's own epochs unless --epochs given
     if explicit.get("model") == "tiny":
         return Config.tiny(**explicit)
-    return replace(Config(), **explicit)
+    return Config.paper(**explicit)
 
 
 def _parse_bool(text: str) -> bool:

@@ -427,3 +427,71 @@ def test_thread_governor_yields_cores_to_busy_neighbours(monkeypatch):
     fixed = plumbing.ThreadGovernor(3)  # --threads 3: set once, never measured
     fixed.adjust()
     assert fixed.threads == 3 and set_to[-1] == 3 and fixed.last is None
+
+
+def test_the_paper_recipe_per_reward_and_explicit_flags_win():
+    jpeg = parse_args(["--reward", "compressibility"])
+    assert (jpeg.prompts, jpeg.minibatches, jpeg.stat_buffer, jpeg.stat_min_count, jpeg.epochs) == (
+        "imagenet_animals", 4, 16, 16, 100)
+    assert parse_args(["--reward", "incompressibility"]).prompts == "imagenet_animals"
+    aesthetic = parse_args([])  # the default reward
+    assert (aesthetic.prompts, aesthetic.minibatches, aesthetic.stat_buffer) == (
+        "simple_animals", 2, 32)
+    alignment = parse_args(["--reward", "alignment"])
+    assert (alignment.prompts, alignment.minibatches, alignment.stat_buffer) == (
+        "animals_activities", 2, 32)
+    assert parse_args(["--reward", "compressibility", "--prompts", "simple_animals"]).prompts == (
+        "simple_animals")
+    assert Config.paper(reward="alignment") == alignment
+    assert len(loading.load_prompts("imagenet_animals")) == 398
+    assert "an American alligator" in loading.load_prompts("imagenet_animals")  # not "a American"
+
+
+def test_ddpo_sf_takes_one_optimizer_step_per_epoch(random_tiny_weights, tmp_path):
+    assert parse_args(["--algo", "ddpo_sf"]).minibatches == 1
+    assert parse_args(["--model", "tiny", "--algo", "ddpo_sf"]).minibatches == 1
+    with pytest.raises(ConfigError, match="ddpo_sf takes one optimizer step per epoch"):
+        config.check_config(Config(algo="ddpo_sf", minibatches=4))
+    with pytest.raises(SystemExit):  # an explicit --minibatches 4 is refused, not obeyed
+        ddpo_min.main(["--model", "tiny", "--algo", "ddpo_sf", "--minibatches", "4",
+                       "--output-dir", str(tmp_path / "refused")])
+    run_dir = train(_tiny_config(tmp_path / "sf", algo="ddpo_sf", minibatches=1, epochs=2))
+    assert [h["step"] for h in _history(run_dir)] == [1, 2]  # one step per epoch, through the loop
+
+
+def test_sparse_rwr_weights_every_kept_sample_equally(random_tiny_weights, tmp_path, monkeypatch):
+    """Kept samples split into chunks of 2 and 1: each sample's term must weigh 1/3, not 1/4 and
+    1/2 (a mean over chunk means)."""
+    weights = []
+    real = ddpo_min.rwr_loss
+
+    def spy(run, samples, idx, w, t, noise):
+        loss = real(run, samples, idx, w, t, noise)
+        weights.append(len(idx))
+        return loss
+
+    monkeypatch.setattr(ddpo_min, "rwr_loss", spy)
+    seen = []
+    real_backward = ddpo_min.backward
+    monkeypatch.setattr(ddpo_min, "backward",
+                        lambda run, loss, weight: (seen.append(weight), real_backward(run, loss,
+                                                                                      weight)))
+    # 8 samples, the top 3 kept (percentile 70), one minibatch, chunks of 2
+    train(_tiny_config(tmp_path / "rwr", algo="rwr_sparse", rwr_percentile=70.0, minibatches=1,
+                       train_batch_size=2, epochs=1))
+    assert weights == [2, 1]
+    assert seen == pytest.approx([2 / 3, 1 / 3])  # the chunk's share of the kept samples
+
+
+def test_non_finite_latents_stop_the_run_in_the_sampling_phase(random_tiny_weights, tmp_path,
+                                                                monkeypatch):
+    real = ddpo_min.sample_with_logprob
+
+    def nan_latents(*args, **kwargs):
+        traj = real(*args, **kwargs)
+        traj.latents[0, -1] = float("nan")
+        return traj
+
+    monkeypatch.setattr(ddpo_min, "sample_with_logprob", nan_latents)
+    with pytest.raises(TrainingDiverged, match="epoch 0, phase sample: non-finite latents"):
+        train(_tiny_config(tmp_path / "nan", epochs=1))

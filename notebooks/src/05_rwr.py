@@ -221,7 +221,7 @@ for algo in ("rwr", "rwr_sparse"):
     if SCALE == "tiny":
         cfg = Config.tiny(algo=algo, epochs=EPOCHS, rwr_beta=beta_tiny)  # what `--model tiny` selects
     else:
-        cfg = Config(reward="compressibility", algo=algo, epochs=EPOCHS)
+        cfg = Config.paper(reward="compressibility", algo=algo, epochs=EPOCHS)
     run_dir = ddpo_min.train(cfg)  # a fresh folder under runs/ (a finished run's folder would be resumed)
     nbutils.restore_inline_plots()
     histories[algo] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

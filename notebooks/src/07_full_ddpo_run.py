@@ -53,7 +53,7 @@ from plumbing import format_metrics
 if SCALE == "tiny":
     cfg = Config.tiny(reward="compressibility", algo="ddpo_is", epochs=EPOCHS)  # = `--model tiny`
 else:
-    cfg = Config(reward="compressibility", algo="ddpo_is", epochs=EPOCHS)  # the paper's settings
+    cfg = Config.paper(reward="compressibility", algo="ddpo_is", epochs=EPOCHS)  # the paper's recipe
 for f in ("reward", "algo", "num_steps", "guidance_scale", "sample_batch_size", "sample_batches", "minibatches",
           "train_batch_size", "timestep_fraction", "lr", "clip_range", "adv_clip_max", "epochs"):
     print(f"{f:18s} {getattr(cfg, f)}")
