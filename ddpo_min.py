@@ -54,7 +54,7 @@ from config import (
     samples_per_epoch,
 )
 from rewards import RewardModelUnavailable, make_reward
-from sampler import recompute_log_prob, sample_with_logprob, step_sigmas
+from sampler import guided_model_output, recompute_log_prob, sample_with_logprob, step_sigmas
 
 ROOT = Path(__file__).resolve().parent
 
@@ -147,6 +147,8 @@ def diffusion_mse_loss(
     timesteps: torch.Tensor,
     noise: torch.Tensor,
     weights: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """The diffusion training loss (Sec. 3.1, Eq. 1), optionally weighted per sample for RWR:
 
@@ -160,16 +162,19 @@ def diffusion_mse_loss(
         loss = mean_b( w_b * mean_{CHW} (f_θ(x_t, t, c) - target)^2 ),
         target = ε (epsilon) | sqrt(alphā_t) ε - sqrt(1 - alphā_t) x_0 (v_prediction) | x_0
 
+    With guidance_scale w != 1, f_θ is the guidance-combined prediction f_uncond + w (f_cond -
+    f_uncond), the policy that sampling actually uses; RWR trains it, as the authors' code does.
+
     Args:
         x0: (B, C, H, W) clean latents; prompt_embeds: (B, L, D); timesteps: (B,) long in
-        [0, 1000); noise: (B, C, H, W) ε ~ N(0, I); weights: (B,) e.g. rwr_weights(r), or None.
+        [0, 1000); noise: (B, C, H, W) ε ~ N(0, I); weights: (B,) e.g. rwr_weights(r), or None;
+        negative_prompt_embeds: (1 or B, L, D), needed when guidance_scale != 1.
     Returns: scalar loss, float32.
     """
-    dtype = next(unet.parameters()).dtype
     x0, noise = x0.float(), noise.float()
     x_t = scheduler.add_noise(x0, noise, timesteps)  # sqrt(ā_t) x_0 + sqrt(1-ā_t) ε, (B,C,H,W)
-    context = prompt_embeds.to(dtype)
-    prediction = unet(x_t.to(dtype), timesteps, encoder_hidden_states=context).sample.float()
+    prediction = guided_model_output(unet, x_t, timesteps, prompt_embeds, negative_prompt_embeds,
+                                     guidance_scale)  # f_θ(x_t, t, c), float32, (B, C, H, W)
 
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -497,9 +502,10 @@ def rwr_loss(run: Run, samples: Samples, idx: torch.Tensor, weights: torch.Tenso
              t: torch.Tensor, noise: torch.Tensor):
     """RWR / sparse RWR: the diffusion loss (Eq. 1) on the sampled x_0, weighted per sample."""
     x0 = samples.latents[idx, -1]  # (b, C, H, W)
-    with run.autocast:
+    with run.autocast:  # the guided prediction: the policy that sampled x_0
         return diffusion_mse_loss(run.model.unet, run.model.scheduler, x0,
-                                  samples.prompt_embeds[idx], t, noise, weights)
+                                  samples.prompt_embeds[idx], t, noise, weights,
+                                  run.negative_embeds, run.cfg.guidance_scale)
 
 
 def rwr_selection(cfg: Config, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

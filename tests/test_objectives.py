@@ -249,6 +249,25 @@ def test_diffusion_loss_with_tiny_unet(tiny_unet_factory, sd_scheduler_factory):
             and all(torch.isfinite(g).all() for g in grads))
 
 
+def test_rwr_trains_the_guided_prediction(tiny_unet_factory, sd_scheduler_factory):
+    """With w != 1 the loss is that of f_uncond + w (f_cond - f_uncond), the sampled policy."""
+    unet, scheduler = tiny_unet_factory(), sd_scheduler_factory()
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    embeds, negative = torch.randn(3, 5, 16, generator=gen), torch.randn(1, 5, 16, generator=gen)
+    t = torch.tensor([10, 500, 990])
+    x_t = scheduler.add_noise(x0, noise, t)
+    with torch.no_grad():
+        cond = unet(x_t, t, encoder_hidden_states=embeds).sample
+        uncond = unet(x_t, t, encoder_hidden_states=negative.expand(3, -1, -1)).sample
+        by_hand = ((uncond + 3.0 * (cond - uncond) - noise) ** 2).mean()  # epsilon target
+        guided = diffusion_mse_loss(unet, scheduler, x0, embeds, t, noise, None, negative, 3.0)
+        conditional = diffusion_mse_loss(unet, scheduler, x0, embeds, t, noise)
+    assert guided.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert conditional.item() == pytest.approx(((cond - noise) ** 2).mean().item(), rel=1e-5)
+    assert abs(guided.item() - conditional.item()) > 1e-3  # the check can tell them apart
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-prompt advantages
 # --------------------------------------------------------------------------------------------------

@@ -476,11 +476,16 @@ def test_sparse_rwr_weights_every_kept_sample_equally(random_tiny_weights, tmp_p
     monkeypatch.setattr(ddpo_min, "backward",
                         lambda run, loss, weight: (seen.append(weight), real_backward(run, loss,
                                                                                       weight)))
+    guidance = []
+    real_loss = ddpo_min.diffusion_mse_loss
+    monkeypatch.setattr(ddpo_min, "diffusion_mse_loss",
+                        lambda *a: (guidance.append(a[-1]), real_loss(*a))[1])
     # 8 samples, the top 3 kept (percentile 70), one minibatch, chunks of 2
     train(_tiny_config(tmp_path / "rwr", algo="rwr_sparse", rwr_percentile=70.0, minibatches=1,
                        train_batch_size=2, epochs=1))
     assert weights == [2, 1]
     assert seen == pytest.approx([2 / 3, 1 / 3])  # the chunk's share of the kept samples
+    assert guidance == [3.0, 3.0]  # RWR trains the guided prediction, as it samples (tiny: w = 3)
 
 
 def test_non_finite_latents_stop_the_run_in_the_sampling_phase(random_tiny_weights, tmp_path,
