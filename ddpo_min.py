@@ -576,11 +576,8 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
             stats["skipped_steps"].append(float(skipped))
     out = {k: (float(np.mean(v)) if v else None) for k, v in stats.items()}
     out["skipped_steps"] = int(sum(stats["skipped_steps"]))
-    if run.accelerator.num_processes > 1:  # the loss statistics of all processes' terms
-        for key in ("loss/policy", "loss/approx_kl", "loss/clipfrac"):
-            total = torch.tensor([sum(stats[key]), len(stats[key])], dtype=torch.float64)
-            total = run.accelerator.reduce(total.to(run.device), reduction="sum").cpu()
-            out[key] = float(total[0] / total[1]) if total[1] else None
+    for key in ("loss/policy", "loss/approx_kl", "loss/clipfrac"):  # over every process's terms
+        out[key] = plumbing.mean_over_processes(run, stats[key])
     return out
 
 
@@ -597,13 +594,7 @@ def optimizer_step(run: Run, nonfinite: int) -> tuple[float, bool]:
     that is counted, and only many in a row stop the run. Returns (grad norm, skipped).
     """
     epoch = run.state.epoch
-    if run.accelerator.num_processes > 1:  # one all-reduce: every gradient and the NaN count
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
-        count = torch.tensor([float(nonfinite)], device=grads[0].device)
-        flat = run.accelerator.reduce(torch.cat([g.flatten() for g in grads] + [count]), "sum")
-        nonfinite = int(flat[-1].item())
-        for p, g in zip(run.params, flat[:-1].split([g.numel() for g in grads])):
-            p.grad = g.view_as(p)
+    nonfinite = plumbing.sum_gradients_over_processes(run, nonfinite)  # N = 1: nothing to do
     if nonfinite:
         raise TrainingDiverged(f"epoch {epoch}, phase train: non-finite loss")
     run.scaler.unscale_(run.optimizer)
@@ -663,7 +654,8 @@ def train(cfg: Config) -> Path:
     started = time.perf_counter()
     try:
         while run.state.epoch < cfg.epochs:
-            if cfg.max_minutes and out_of_time(run, started):
+            late = time.perf_counter() - started > 60 * cfg.max_minutes
+            if cfg.max_minutes and plumbing.any_process(run, late):  # all stop at the same epoch
                 say(f"--max-minutes {cfg.max_minutes} reached after epoch {run.state.epoch - 1}")
                 plumbing.save_checkpoint(run)
                 break
@@ -712,15 +704,6 @@ def train(cfg: Config) -> Path:
     say(f"done: {run.dir} (weights in {run.dir / 'weights'})")
     run.accelerator.wait_for_everyone()
     return run.dir
-
-
-def out_of_time(run: Run, started: float) -> bool:
-    """Past --max-minutes on any process (all must stop at the same epoch)."""
-    late = time.perf_counter() - started > 60 * run.cfg.max_minutes
-    if run.accelerator.num_processes == 1:
-        return late
-    flag = torch.tensor([float(late)], device=run.device)
-    return run.accelerator.reduce(flag, reduction="sum").item() > 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -173,6 +173,41 @@ class ThreadGovernor:
             torch.set_num_threads(threads)
 
 
+# ----------------------------------------------------------------------------------------------
+# What N processes share (each a no-op with one process): the loop's only collective operations
+# besides gathering the rewards
+# ----------------------------------------------------------------------------------------------
+
+
+def sum_gradients_over_processes(run, nonfinite: int) -> int:
+    """Sum every trainable weight's gradient over the processes, in one all-reduce that also sums
+    the count of non-finite losses (so every process stops together). Returns that count."""
+    if run.accelerator.num_processes == 1:
+        return nonfinite
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
+    count = torch.tensor([float(nonfinite)], device=grads[0].device)
+    flat = run.accelerator.reduce(torch.cat([g.flatten() for g in grads] + [count]), "sum")
+    for p, g in zip(run.params, flat[:-1].split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+    return int(flat[-1].item())
+
+
+def mean_over_processes(run, values: list[float]) -> float | None:
+    """The mean of every process's values (None if there are none anywhere)."""
+    total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    if run.accelerator.num_processes > 1:
+        total = run.accelerator.reduce(total.to(run.device), reduction="sum").cpu()
+    return float(total[0] / total[1]) if total[1] else None
+
+
+def any_process(run, flag: bool) -> bool:
+    """True on every process if it is True on any (e.g. --max-minutes passed somewhere)."""
+    if run.accelerator.num_processes == 1:
+        return flag
+    total = run.accelerator.reduce(torch.tensor([float(flag)], device=run.device), "sum")
+    return total.item() > 0
+
+
 def timed(fn, *args):
     """(fn(*args), wall seconds)."""
     t0 = time.perf_counter()
