@@ -11,8 +11,8 @@
 #
 # Plan: (1) the training objective, Eq. 1, checked against `ddpo_min.diffusion_mse_loss`;
 # (2) the reverse process, Eq. 2, and a real trajectory of the tiny model, decoded at several steps;
-# (3) the two MDPs of the paper (RWR's one-step MDP and DDPO's multi-step MDP) and a check that the return
-# of the multi-step MDP equals $r(x_0, c)$.
+# (3) the two MDPs of the paper (RWR's one-step MDP and DDPO's multi-step MDP), and the multi-step MDP
+# rebuilt step by step with diffusers: it reproduces the sampler's chain, and its return equals $r(x_0, c)$.
 
 # %%
 SCALE = "tiny"  # "tiny": the repo's 32x32 emoji model, CPU, offline, ~30 s.
@@ -129,7 +129,9 @@ nbutils.check(all(abs(e - p) <= 1e-5 * abs(e) + 1e-12 for _, e, _, _, p in rows)
 #   \tag{2}$$
 #
 # With DDIM and $\eta = 1$ (the paper's sampler), $\mu_\theta$ is DDIM's update and $\sigma_t$ is a
-# constant of the schedule; notebook 2 derives both. `sampler.sample_with_logprob` runs the chain with
+# constant of the schedule; notebook 2 derives both. DDIM with $\eta = 1$ on the strided $T$-step grid
+# is the ancestral sampler the paper names: each step draws from the DDPM posterior between two grid
+# steps, with the model's $\hat x_0$ in place of $x_0$. `sampler.sample_with_logprob` runs the chain with
 # classifier-free guidance and records every state and every step's log-density. Below: one trajectory
 # per prompt, decoded at several steps (top row of each pair: the state $x_t$; bottom row: the model's
 # current guess $\hat x_0$ of the final image, read from diffusers' `DDIMScheduler.step`).
@@ -206,34 +208,54 @@ plt.show()
 # cheaply (`sampler.ddim_step_with_logprob`). The transition just copies the action into the next state,
 # so all randomness lives in the policy, and only the last step is rewarded.
 #
-# **Check.** Build the MDP's trajectory $\tau = (s_0, a_0, \dots, s_{T-1}, a_{T-1})$ from the sampled
-# chain, verify that the image in each next state is exactly the previous action (the transition is a
-# deterministic copy), give rewards as the table says, and compare the return $\sum_k R(s_k, a_k)$ with $r(x_0, c)$. The reward here is the
-# paper's JPEG compressibility, $r = -(\text{JPEG size in kB})$, from `rewards.jpeg_compressibility`.
+# **Check.** Rebuild the MDP's trajectory $\tau = (s_0, a_0, \dots, s_{T-1}, a_{T-1})$ without the
+# sampler: $\rho_0$ gives $x_T$, each action $a_k$ is drawn from the state $s_k$ by diffusers'
+# `DDIMScheduler.step` (on the guided model output, with the step's noise $z$ regenerated from the seed
+# of §1.2), and $P$ copies the action into the next state. If `sample_with_logprob` is the policy it claims
+# to be, this chain reproduces its recorded latents. Then give rewards as the table says, on freshly
+# decoded images of the MDP's own actions, and compare the return $\sum_k R(s_k, a_k)$ with $r(x_0, c)$
+# of the sampler's $x_0$. The reward here is the paper's JPEG compressibility,
+# $r = -(\text{JPEG size in kB})$, from `rewards.jpeg_compressibility`.
 
 # %%
-images = model.decode(traj.x0)  # (B, 3, H, W) in [0, 1]
+images = model.decode(traj.x0)  # (B, 3, H, W) in [0, 1]: the sampler's x_0, decoded
 r_final, _ = rewards.jpeg_compressibility(images, PROMPTS)  # r(x_0, c), (B,)
 
-returns, copies_ok = [], True
+# The MDP, rebuilt with diffusers. The sampler drew x_T and then one z per step from one generator.
+g_mdp = torch.Generator().manual_seed(0)  # the seed of 1.2
+shape = (B, *model.latent_shape)
+x = torch.randn(shape, generator=g_mdp).to(device) * scheduler.init_noise_sigma  # x_T ~ rho_0
+states, actions = [], []  # MDP step k: s_k = (c, t_k, x_{t_k}), a_k = x_{t_k - 1}; t counts down
+for t in traj.timesteps:
+    states.append((PROMPTS, int(t), x))
+    with torch.no_grad():
+        out = sampler.guided_model_output(unet, x, t, embeds, negative, GUIDANCE)
+    z = torch.randn(shape, generator=g_mdp).to(device)  # this step's noise
+    a = scheduler.step(out, t, x, eta=1.0, variance_noise=z).prev_sample  # a_k ~ pi(. | s_k)
+    actions.append(a)
+    x = a  # P: the next state keeps c, moves t one grid step, and its image is the action
+mdp_chain = torch.stack([states[0][2], *actions], dim=1)  # (B, T+1, C, H, W)
+chain_err = (mdp_chain - traj.latents).abs().max().item()
+print(f"max |MDP chain (diffusers) - sampler's latents| = {chain_err:.1e}")
+
+returns = []
 for b in range(B):
-    # MDP step k has s_k = (c, t_k, x_{t_k}) and a_k = x_{t_k - 1}; t counts down, k counts up
-    states = [(PROMPTS[b], int(traj.timesteps[k]), traj.latents[b, k]) for k in range(traj.num_steps)]
-    actions = [traj.latents[b, k + 1] for k in range(traj.num_steps)]
-    for k in range(traj.num_steps - 1):
-        copies_ok &= torch.equal(states[k + 1][2], actions[k])  # P: the next state's x is the action
     rewards_k = []
     for k in range(traj.num_steps):
         last = k == traj.num_steps - 1  # the step whose action is x_0 ("t = 0" in the paper's indexing)
-        img = model.decode(actions[k][None])
-        rewards_k.append(float(rewards.jpeg_compressibility(img, [PROMPTS[b]])[0][0]) if last else 0.0)
+        if last:  # a separate reward call on a fresh decode of the MDP's last action
+            img = model.decode(actions[k][b : b + 1])
+            rewards_k.append(float(rewards.jpeg_compressibility(img, [PROMPTS[b]])[0][0]))
+        else:
+            rewards_k.append(0.0)
     returns.append(sum(rewards_k))
     print(f"{PROMPTS[b]:8s}  nonzero rewards: {sum(rk != 0 for rk in rewards_k)} of {len(rewards_k)}   "
           f"return = {returns[-1]:+.3f}   r(x_0, c) = {r_final[b]:+.3f}")
 
-nbutils.check(copies_ok, "every transition copies the action into the next state (deterministic P)")
+nbutils.check(chain_err < 1e-4, "the MDP rebuilt with DDIMScheduler.step (x_T ~ rho_0, "
+              "a_k ~ pi(. | s_k), s_(k+1) = P(s_k, a_k)) reproduces the sampler's chain")
 nbutils.check(all(abs(ret - r) < 1e-6 for ret, r in zip(returns, r_final.tolist())),
-              "cumulative reward of the multi-step MDP == r(x_0, c) for every trajectory")
+              "return of the rebuilt MDP == r(x_0, c) of the sampler's x_0, for every trajectory")
 
 # %% [markdown]
 # Because the return equals $r(x_0, c)$ for every trajectory, the expected return of the multi-step MDP is

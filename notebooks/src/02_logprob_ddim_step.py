@@ -67,7 +67,9 @@ print(f"{model.name}: x_t has C*H*W = {C}*{H}*{W} = {D} dimensions; prediction: 
 #
 # $\eta = 0$ is deterministic DDIM (no density, so no policy gradient). $\eta = 1$, the paper's choice, is
 # the DDPM posterior variance $\tilde\beta_t$ on the sampling grid. Here $t-1$ means the *next timestep of
-# the sampling grid*, e.g. 979 after 999 with 50 steps, not literally $t-1$.
+# the sampling grid*, e.g. 979 after 999 with 50 steps, not literally $t-1$. So DDIM with $\eta = 1$ on the
+# strided $T$-step grid is the ancestral sampler the paper names: DDPM's reverse process, run on the grid
+# with $\hat x_0$ plugged into the posterior $q(x_{t-1}\mid x_t, x_0)$.
 #
 # *Why the policy is Gaussian.* Given the state $(c, t, x_t)$, $\mu_\theta$ is one deterministic network
 # evaluation (classifier-free guidance included) and $\sigma_t$ is a number, so the only randomness is
@@ -204,8 +206,8 @@ for name, lr in (("averaged", log_ratio_avg), ("summed", log_ratio_sum)):
 # Same parameter change, same transitions. With averaging, a typical $|\log\rho|$ is $10^{-5}$ to
 # $10^{-4}$, the scale of $\epsilon = 10^{-4}$: the clip range catches the ratios that moved most (mostly
 # the late, low-noise steps) and leaves the rest alone. With summing, the same update moves the tiny
-# model's ratios by factors up to $e^{\pm\text{several}}$, and a trust region of $1 \pm 10^{-4}$ would
-# clip every single one.
+# model's ratios by factors up to $e^{\pm\text{several}}$, and every single one would land outside a trust
+# region of $1 \pm 10^{-4}$.
 #
 # At Stable Diffusion's $D = 4\cdot 64\cdot 64 = 16384$ the gap widens: the sum's spread grows like
 # $\sqrt D$, the mean's shrinks like $1/\sqrt D$. Below, the measured per-transition spreads are scaled to
@@ -240,9 +242,25 @@ plt.show()
 #
 # So $\epsilon = 10^{-4}$ is not a strangely tiny trust region: in true-density terms it lets each step's
 # ratio move within about $e^{\pm 1.6}$. PPO's usual $\epsilon = 0.2$ applied to averaged log-probs would
-# allow $e^{\pm 3277}$, i.e. no trust region at all. The price of averaging is a rescaled objective: every
-# gradient and KL is $1/D$ of the true one, which the learning rate absorbs; the gradient's direction does
-# not change.
+# allow $e^{\pm 3277}$, i.e. no trust region at all.
+#
+# **The price of averaging.** Averaged log-probs are the true ones divided by $D$, and the ratio the
+# loss sees is $\rho_\text{avg} = \rho_\text{true}^{1/D}$. What that does depends on where the gradient
+# is taken:
+#
+# * DDPO$_\text{SF}$, and DDPO$_\text{IS}$'s first minibatch step (at $\theta_\text{old}$, where
+#   $\rho_\text{avg} = \rho_\text{true} = 1$): the gradient is exactly $1/D$ of the true one. The
+#   learning rate absorbs that, and the direction does not change.
+# * DDPO$_\text{IS}$'s later minibatch steps: a $\rho_\text{true}$ of $e^{\pm 1}$ becomes
+#   $\rho_\text{avg} = e^{\pm 1/D} \approx 1$, so weighting by $\rho_\text{avg}$ corrects almost
+#   nothing. The importance correction is effectively gone: what is left is the gradient at $\theta$ of
+#   samples drawn by the stale policy $\theta_\text{old}$, unreweighted, with clipping acting as a
+#   trust-region mask (notebook 4).
+#
+# The KL diagnostic shrinks further. `approx_kl` $= \frac12\mathbb E[(\log\rho_\text{avg})^2]$, and
+# $\log\rho_\text{avg} = \frac1D\sum_i\Delta_i$ has variance $\sum_i u_i^2/D^2 = 2\,\mathrm{KL}/D^2$, where
+# $\mathrm{KL} = \sum_i u_i^2/2$ is the true KL of the step. So `approx_kl` $\approx \mathrm{KL}/D^2$: the
+# per-dimension KL, $\mathrm{KL}/D$, divided by $D$ once more (notebook 4 checks this on a toy step).
 
 # %%
 print(f"D * eps at SD scale: {D_SD * eps:.2f}   (e^±{D_SD * eps:.2f} = [{math.exp(-D_SD * eps):.2f}, "

@@ -5,9 +5,10 @@
 #
 # We want $\nabla_\theta\,\mathbb E[r(x_0,c)]$, but $x_0$ comes out of a $T$-step random chain: sampling
 # is not differentiable in any useful way, and the reward (a JPEG encoder, a VLM) may not be either. The
-# score-function trick (REINFORCE) needs neither. This notebook derives it for the denoising MDP (seed
-# 002), checks `ddpo_min.ddpo_sf_loss` against a closed-form gradient on a toy chain, and measures how much
-# the advantage normalisation (`PerPromptStatTracker`) reduces the estimator's variance.
+# score-function trick (REINFORCE) needs neither. This notebook derives it for the denoising MDP
+# (arXiv 2305.13301, Sec. 4.4), checks `ddpo_min.ddpo_sf_loss` against a closed-form gradient on a toy
+# chain, and measures how much the advantage normalisation (`PerPromptStatTracker`) reduces the
+# estimator's variance.
 #
 # No diffusion model is needed here: the toy problems are exact Gaussians, so the true gradient is known.
 # The same loss function is what the training loop applies to the tiny model or to Stable Diffusion, so
@@ -51,15 +52,18 @@ torch.set_default_dtype(torch.float64)  # exact toy arithmetic
 #
 # and with $f(\tau) = r(x_0, c)$, the return of the MDP,
 #
-# $$\hat g_\text{SF} = \mathbb E\Big[\sum_{t}\nabla_\theta\log p_\theta(x_{t-1}\mid c, t, x_t)\; r(x_0,c)\Big].$$
+# $$\hat g_\text{SF} = \mathbb E\Big[\sum_{t=1}^{T}\nabla_\theta\log p_\theta(x_{t-1}\mid c, t, x_t)\; r(x_0,c)\Big].$$
 #
 # **As a loss.** Autograd minimises, so the training loop builds, for each denoising step, the surrogate
 #
 # $$\mathcal L_t(\theta) = -\frac1B\sum_{b} A_b\,\log p_\theta\big(x^{(b)}_{t-1}\mid x^{(b)}_t, c_b\big)$$
 #
-# with $A$ held constant; accumulating $\nabla\mathcal L_t$ over all $t$ gives $-\hat g_\text{SF}$ estimated
-# on the batch. That is `ddpo_sf_loss(log_prob, advantages)`. With $A = r$ it is plain REINFORCE; §3.2
-# explains why $A$ is a normalised reward in practice.
+# with $A$ held constant; accumulating $\nabla\mathcal L_t$ over $t = 1,\dots,T$ gives $-\hat g_\text{SF}$
+# estimated on the batch. That is `ddpo_sf_loss(log_prob, advantages)`. With $A = r$ it is plain
+# REINFORCE; §3.2 explains why $A$ is a normalised reward in practice. (The training loop divides each
+# step's term by the number of terms, the $T$ timesteps it trains on, so it follows $-\hat g_\text{SF}/T$:
+# a mean over steps instead of the sum, a constant factor that the learning rate absorbs. The check below
+# sums, as $\hat g_\text{SF}$ does.)
 #
 # **Check.** A toy chain that has DDPO's structure and a known answer: $T$ Gaussian steps
 # $x_{k+1} = x_k + \theta_k + s\,z_k$ in $d$ dimensions starting from $x_0 = 0$ (here $k$ counts forward),
@@ -125,6 +129,24 @@ nbutils.check(((g_sf - analytic).abs() < 4 * standard_error).all(),
 # with mean and std over recent rewards *of the same prompt* (falling back to the batch until a prompt has
 # 16 of them), then clips $A$ to $[-5, 5]$ (`clip_advantages`). Dividing by the std also rescales each
 # prompt's gradient; here every prompt has the same reward spread, so only the variance differs.
+#
+# Two details of this baseline. The tracker adds the batch to its buffer *before* computing the
+# statistics, so the mean includes the sample's own reward and is not quite independent of the action.
+# With $n$ rewards in the mean and the other $n-1$ independent of sample $b$,
+# $\mathbb E[(r_b - \bar r_c)\,\nabla\log p_b] = \frac{n-1}{n}\,\mathbb E[r_b\,\nabla\log p_b]$: a
+# positive factor, harmless for the direction (where $n$ differs between prompts it reweights them
+# slightly, as the division by $\text{std}_c$ does). And when a prompt's own rewards are all equal, each
+# of its samples gets $A \approx 0$ ($0/(0 + 10^{-6})$): nothing tells them apart, so the prompt
+# contributes no gradient, which is right, since there is no within-prompt signal to follow.
+#
+# **Where is the critic?** PPO for control learns a value function $V(s_t)$ and estimates a per-step
+# advantage from it. DDPO has none. The reward $r(x_0, c)$ arrives only at the end and there is no
+# discount, so the return from every step of a trajectory is the same number $r(x_0, c)$, and every step
+# of a trajectory gets the same advantage $A_b$. The per-prompt mean reward $\bar r_c$ plays the role of
+# the value baseline: a Monte-Carlo estimate of $V(s_0) = \mathbb E[r(x_0, c)\mid c]$, used at every step
+# (it depends on $c$, not on the step's action, apart from the own-reward share above). A learned
+# $V(s_t)$ could know more at later steps, where $x_t$ already fixes much of the image; DDPO does
+# without one.
 #
 # **Experiment.** Four "prompts" $c$ with their own targets $a^\star_c$ and very different reward offsets
 # $b_c$; a one-step Gaussian policy per prompt, $a\sim\mathcal N(\theta_c, s^2 I)$, and reward

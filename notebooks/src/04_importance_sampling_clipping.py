@@ -78,6 +78,15 @@ nbutils.check(abs(estimate - 1.09) < 4 * se, "importance-weighted average from q
 # $\theta = \theta_\text{old}$, $\rho = 1$ and $\nabla\rho = \nabla\log p_\theta$, so the two estimators
 # coincide **exactly**: the first minibatch step of DDPO$_\text{IS}$ is a DDPO$_\text{SF}$ step.
 #
+# **Caveat: averaged log-probs.** This project, like the authors' code, averages log-probs over the
+# $D = C\cdot H\cdot W$ dimensions (notebook 2), so the ratio in the loss is
+# $\rho_\text{avg} = \rho_\text{true}^{1/D}$. At $\theta_\text{old}$ the identity above holds (the gradient
+# is scaled by $1/D$). From the second minibatch on it does not: where $\rho_\text{true}$ has moved to
+# $e^{\pm 1}$, $\rho_\text{avg} = e^{\pm 1/D}\approx 1$, so the factor $\rho_\text{avg}$ corrects almost
+# nothing and the importance correction is effectively gone. What is left is a stale-policy gradient (the
+# score at $\theta$ of samples drawn by $\theta_\text{old}$, unreweighted) with clipping (§4.3) as a
+# trust-region mask.
+#
 # **Check.** Sample a batch with the tiny model, compute rewards (JPEG compressibility) and advantages,
 # rescore one denoising step with gradients (`sampler.recompute_log_prob`), and compare the gradients of
 # `ddpo_is_loss` and `ddpo_sf_loss` with respect to every UNet weight.
@@ -116,6 +125,29 @@ nbutils.check(rel < 1e-3, "at theta = theta_old, grad ddpo_is_loss == grad ddpo_
 # (Any residual would be float32 rescoring noise: recomputed log-probs reproduce the recorded ones to
 # about $10^{-6}$ or better, so $\rho$ is 1 to that precision.)
 #
+# **The policy being trained is the guided one.** The sampler drew every action from the
+# classifier-free-guided Gaussian, whose mean is built from $o_u + w\,(o_c - o_u)$ (the network's
+# unconditional and conditional outputs, $w = 5$ here), and the recorded log-probs are of that step. So
+# the MDP's policy $p_\theta$ is the guided step, and rescoring must apply the same guidance (the negative
+# prompt and $w$ go into `recompute_log_prob`). Rescored without guidance, the same weights define a
+# different Gaussian, and $\rho \ne 1$ already at $\theta_\text{old}$: the first step would no longer be
+# a DDPO$_\text{SF}$ step, and the clip would see movement that no update made.
+
+# %%
+x_j, x_next = traj.latents[:, j], traj.latents[:, j + 1]  # (B, C, H, W) each
+with torch.no_grad():
+    lp_guided = sampler.recompute_log_prob(unet, scheduler, x_j, x_next, t_j, embeds, negative,
+                                           GUIDANCE, ETA)  # as sampled
+    lp_cond = sampler.recompute_log_prob(unet, scheduler, x_j, x_next, t_j, embeds, None,
+                                         1.0, ETA)  # the conditional prediction alone
+for name, lp in (("with CFG (w = 5)", lp_guided), ("without CFG", lp_cond)):
+    print(f"rescored {name:16s}: |log rho| at theta_old in [{(lp - old_log_prob).abs().min():.1e}, "
+          f"{(lp - old_log_prob).abs().max():.1e}]")
+nbutils.check(bool((lp_guided - old_log_prob).abs().max() < 1e-5)
+              and bool((lp_cond - old_log_prob).abs().min() > 1e-4),
+              "at theta_old: guided rescoring gives rho = 1, unguided puts every rho past 1 ± 1e-4")
+
+# %% [markdown]
 # ## 4.3 Clipping: a trust region on the ratio
 #
 # After a few steps $\theta$ drifts from $\theta_\text{old}$, the per-step ratio approximation degrades, and
@@ -173,14 +205,42 @@ nbutils.check(zero_grad_ok, "zero-gradient regions are exactly {A>0, rho>1+eps} 
 # Two numbers tell you whether the trust region is doing its job:
 #
 # * `clipfrac` $= \frac1B\sum_b \mathbb 1[|\rho_b - 1| > \epsilon]$, the share of transitions outside the
-#   clip range. Near 0: the clip never binds, the updates are tiny. Near 1: almost every sample is clipped
-#   and the minibatch steps after the first barely learn.
+#   clip range, on either side. Only those that left in their advantage's direction ($A > 0$,
+#   $\rho > 1+\epsilon$ or $A < 0$, $\rho < 1-\epsilon$) lose their gradient (§4.3); the others are still
+#   pushed back. So `clipfrac` bounds the share of zeroed gradients from above. Near 0: the clip never
+#   binds, the updates are tiny. Near 1: possibly every sample has lost its gradient, and the minibatch
+#   steps after the first may barely learn.
 # * `approx_kl` $= \frac12\,\mathbb E[(\log\rho)^2]$, a cheap estimate of $\mathrm{KL}(p_{\theta_\text{old}}\,\|\,p_\theta)$.
 #   Why it approximates the KL: for one dimension of a Gaussian step whose mean moved by $u\,\sigma_t$,
 #   notebook 2 gave $\log\rho = z u - u^2/2$ with $z\sim\mathcal N(0,1)$, so
 #   $\mathrm{KL} = \mathbb E[-\log\rho] = u^2/2$ while $\tfrac12\mathbb E[(\log\rho)^2] = u^2/2 + u^4/8$: equal
-#   to second order. (In this project both are in averaged-log-prob units, i.e. per dimension.)
+#   to second order.
 #
+# **Units of `approx_kl`.** In this project $\log\rho$ is built from averaged log-probs,
+# $\log\rho_\text{avg} = \frac1D\sum_i\Delta_i$ over the $D$ dimensions, with second moment
+# $\approx\frac1{D^2}\sum_i u_i^2$. So the logged `approx_kl` $\approx\mathrm{KL}/D^2$, where
+# $\mathrm{KL} = \sum_i u_i^2/2$ is the true KL of the step: not the per-dimension KL ($\mathrm{KL}/D$)
+# but that divided by $D$ once more ($D = 3072$ for the tiny model, 16384 for Stable Diffusion). Read it
+# as a relative gauge of how far the updates went, to compare between epochs, not as a KL in nats.
+# A toy step in $D = 64$ dimensions, with every mean moved by a random $u_i\sigma_t$, shows it:
+
+# %%
+D_toy, n_toy = 64, 200_000
+g = torch.Generator().manual_seed(1)
+u = 0.02 * torch.randn(D_toy, generator=g, dtype=torch.float64)  # mean shifts, in units of sigma_t
+z = torch.randn(n_toy, D_toy, generator=g, dtype=torch.float64)  # old actions: mu_old + sigma_t z
+delta = z * u - u**2 / 2  # per-dimension log-ratios Delta_i, (n, D)
+kl_true = (u**2 / 2).sum().item()  # KL(p_old || p_theta) of the whole step: a sum over dimensions
+approx_sum = 0.5 * (delta.sum(1) ** 2).mean().item()  # 0.5 E[(log rho)^2] on summed log-probs
+approx_avg = 0.5 * (delta.mean(1) ** 2).mean().item()  # on averaged log-probs: what is logged
+print(f"true KL {kl_true:.3e}   approx_kl on summed log-probs {approx_sum:.3e}")
+print(f"per-dimension KL = KL/D {kl_true / D_toy:.3e}   approx_kl on averaged log-probs "
+      f"{approx_avg:.3e}   KL/D^2 {kl_true / D_toy**2:.3e}")
+nbutils.check(math.isclose(approx_sum, kl_true, rel_tol=0.03)
+              and math.isclose(approx_avg, kl_true / D_toy**2, rel_tol=0.03),
+              "approx_kl == KL on summed log-probs, KL / D^2 (= per-dimension KL / D) on averaged")
+
+# %% [markdown]
 # **Check.** Take one real optimizer step with the DDPO$_\text{IS}$ loss on the batch above (AdamW,
 # lr $10^{-4}$, all denoising steps), rescore every transition under the new weights, and compare the info
 # that `ddpo_is_loss` returns with the formulas computed by hand.
@@ -227,11 +287,12 @@ plt.show()
 
 # %% [markdown]
 # Late steps have small $\sigma_t$, so the same change of the mean is many more standard deviations
-# there: their ratios tend to move most and are clipped first; the first step, almost pure noise with
-# $\sigma_t\approx 1$, barely moves. The exception is the very last step, which never moves: the tiny
-# model's scheduler has `set_alpha_to_one=True`, so its last step has $\sigma_t = 0$, is deterministic,
-# has log-prob 0 and ratio exactly 1, and the training loop does not train on it (`sampler.step_sigmas`).
-# With the default `False`, that step's $\sigma_t$ would be 0.0064 in $[-1,1]$ pixel units, less than one
-# grey level: its ratio reacted to invisible changes of the mean and, in trials, dominated `approx_kl`
-# (0.35 against $10^{-5}$ without it) and the gradient. In the training loop these two numbers are logged
-# every epoch as `loss/approx_kl` and `loss/clipfrac` (notebook 7 plots them for a real run).
+# there: their ratios tend to move most and leave the clip range first; the first step, almost pure noise
+# with $\sigma_t\approx 1$, barely moves. The exception is the very last step, which never moves: the
+# tiny model's scheduler has `set_alpha_to_one=True`, so its last step has $\sigma_t = 0$, is
+# deterministic, has log-prob 0 and ratio exactly 1, and the training loop does not train on it
+# (`sampler.step_sigmas`). With the default `False`, that step's $\sigma_t$ would be 0.0064 in $[-1,1]$
+# pixel units, less than one grey level: its ratio reacted to invisible changes of the mean and, in
+# trials, dominated `approx_kl` (0.35 against $10^{-5}$ without it) and the gradient. In the training
+# loop these two numbers are logged every epoch as `loss/approx_kl` and `loss/clipfrac` (notebook 7 plots
+# them for a real run).

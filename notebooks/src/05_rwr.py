@@ -114,7 +114,9 @@ print(f"reward std in this batch: {r.std():.3f} kB")
 # Each round therefore (i) optimises a *regularised* objective, whose solution is only a tilted
 # $\pi_\text{old}$, not the reward maximiser; (ii) projects it onto the model family with the "wrong-way"
 # KL; (iii) estimates $Z$ from one batch. It approaches the optimum only over many rounds, or as
-# $\beta\to\infty$ (where it becomes the sparse "keep the best" rule).
+# $\beta\to\infty$. On a batch, that limit puts all the weight on the single best sample, the arg-max of
+# $r$; it is not the sparse rule of §5.1, which keeps the top 10% with equal weights (a milder filter, not
+# a limit of $e^{\beta r}/Z$).
 #
 # **Check** on a case with a closed form: $\pi_\text{old} = \mathcal N(0, 1)$, $r(a) = -(a - 2)^2$. Then
 # $\pi^\star\propto e^{-a^2/2 - \beta(a-2)^2}$ is Gaussian with precision $1 + 2\beta$ and mean

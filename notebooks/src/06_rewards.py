@@ -201,6 +201,10 @@ nbutils.check(np.ptp(good) > 10 * np.ptp(bad), "with floats rescaled twice the s
 #
 # The reward is **recall**: every word of the reference should be matched by something in the caption;
 # extra words in the caption cost nothing.
+#
+# (Letters: Zhang et al.'s BERTScore paper writes the reference as $x$ and the candidate as $\hat x$. Here
+# the candidate is $x$ and the reference $y$, so their $x$ is our $y$ and their $\hat x$ our $x$; the
+# recall above is their $R_\text{BERT}$, the mean over reference tokens of the best candidate match.)
 
 # %%
 if SCALE == "tiny":

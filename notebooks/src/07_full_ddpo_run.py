@@ -18,7 +18,7 @@
 # The CI version below runs **3 epochs** of DDPO$_\text{IS}$ on JPEG compressibility with the tiny
 # defaults (each epoch: 8 prompts x 8 samples, advantages normalised within each prompt's 8, 4 optimizer
 # steps, 20 denoising steps). That is enough to see every phase work and the metrics move, not to see
-# where the reward leads. Section 7.4 shows that from the repository's own 10-minute runs
+# where the reward leads. Section 7.5 shows that from the repository's own 10-minute runs
 # (`python -m tools.bench learning`); to watch a run of your own, set `EPOCHS = 25` (about 10-20 minutes on a
 # laptop CPU) or run the same thing from the shell:
 #
@@ -31,7 +31,7 @@ SCALE = "tiny"  # "tiny": CPU, offline, ~2-3 min for 3 epochs.
 #                 "paper": SD v1.4 + LoRA rank 4, 256 samples/epoch, as in the paper: one GPU, the Hugging
 #                 Face hub (or a local copy), and hours, not minutes.
 EPOCHS = 3  # CI setting; 25+ to see over-optimisation
-LONG_RUN = None  # optionally: the folder of a longer run (a str path), for section 7.4
+LONG_RUN = None  # optionally: the folder of a longer run (a str path), for section 7.5
 
 # %%
 import nbutils
@@ -73,11 +73,16 @@ print(sorted(history[0]))
 # * `reward/mean` (± `reward/std`): the batch's reward, i.e. $-$JPEG kB. It should trend up; at 64 samples
 #   per epoch it is noisy from epoch to epoch.
 # * `loss/approx_kl`: $\frac12\mathbb E[(\log\rho)^2]$ over all transitions of the epoch's minibatch steps,
-#   how far each update moved the policy from the one that sampled (in averaged-log-prob units).
+#   how far each update moved the policy from the one that sampled. With $\rho$ built from log-probs
+#   averaged over the $D = C\cdot H\cdot W$ dimensions ($D = 3072$ at tiny scale) it is about
+#   $\mathrm{KL}/D^2$, the per-dimension KL divided by $D$ once more (notebook 4 §4.4): a gauge to compare
+#   between epochs, not a KL in nats.
 # * `loss/clipfrac`: the share of transitions whose ratio left $1\pm\epsilon$. The first minibatch of
 #   every epoch is at $\theta=\theta_\text{old}$ (ratio 1, nothing clipped), so the epoch's average mixes
-#   that zero with the later minibatches' values. If it approached 1, most of the later minibatch steps
-#   would carry no gradient: lower the learning rate or raise `clip_range`.
+#   that zero with the later minibatches' values. Only the transitions that left in their advantage's
+#   direction lose their gradient (notebook 4 §4.3), so this is an upper bound on that share. If it
+#   approached 1, the later minibatch steps could lose most of their gradient: lower the learning rate or
+#   raise `clip_range`.
 
 # %%
 epochs = [m["epoch"] for m in history]
