@@ -223,9 +223,8 @@ def check_config(cfg: Config, num_processes: int = 1) -> None:
 def resume_config(cfg: Config) -> Config:
     """The config a resumed run continues with: the saved one, but how long to go on is new."""
     folder = Path(cfg.resume)
-    checkpoints = [folder / "checkpoint.pt", folder / "checkpoint.prev.pt"]
-    if not (folder / "config.json").is_file() or not any(p.is_file() for p in checkpoints):
-        raise ConfigError(f"--resume {cfg.resume}: no config.json + checkpoint.pt there")
+    if not (folder / "config.json").is_file():  # (train() checks for the checkpoint)
+        raise ConfigError(f"--resume {cfg.resume}: no config.json there")
     saved = Config(**json.loads((folder / "config.json").read_text()))
     # the saved config wins (the run continues as it began); only the number of epochs, this
     # invocation's wall-time limit and its CPU threads may change

@@ -316,9 +316,9 @@ class Run:
         # Mixed precision: the frozen weights in fp16/bf16 (loading.py), the UNet run under
         # autocast, and in fp16 the loss scaled up before backward (unscaled before the clip):
         # the DDPO gradient at the UNet output is ~1e-8 per element, below fp16's normal range.
-        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
-        self.autocast = torch.autocast(self.device.type, dtype=half, enabled=half is not None)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=half is torch.float16)
+        half = loading.DTYPES[cfg.mixed_precision]
+        self.autocast = torch.autocast(self.device.type, dtype=half, enabled=half != torch.float32)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=half == torch.float16)
         self.tracker = PerPromptStatTracker(cfg.stat_buffer, cfg.stat_min_count)
         self.negative_embeds = self.model.encode_prompts([""])  # (1, L, D) the empty prompt
         # training shuffles and RWR noise (checkpointed; the same on every process); a sample's
@@ -353,6 +353,7 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
     total = samples_per_epoch(cfg)  # S, over all processes
     mine = total // acc.num_processes  # M, this process's share
     first = acc.process_index * mine
+    all_prompts = [sample_prompt(run, epoch, i) for i in range(total)]  # (S,), alike everywhere
     t0 = time.perf_counter()
     batches, futures = [], []
     model.unet.eval()
@@ -360,7 +361,7 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
                   leave=False, disable=not run.is_main):
         run.cpu_threads.adjust()
         numbers = range(first + b * cfg.sample_batch_size, first + (b + 1) * cfg.sample_batch_size)
-        prompts = [sample_prompt(run, epoch, i) for i in numbers]
+        prompts = all_prompts[numbers.start:numbers.stop]
         noise = [torch.Generator(run.device).manual_seed(sample_seed(cfg, epoch, i, 1))
                  for i in numbers]  # one generator per sample: x_T and every step's z
         embeds = model.encode_prompts(prompts)  # (B, L, D)
@@ -396,7 +397,7 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
         images=torch.cat([b[3] for b in batches]),  # (M, 3, H', W')
         rewards=rewards,
         extras=extras,
-        all_prompts=[sample_prompt(run, epoch, i) for i in range(total)],
+        all_prompts=all_prompts,
         all_rewards=all_rewards,
     )
     timing = {"time/sample": t_sample, "time/reward": sum(s for _, s in results),
@@ -556,8 +557,8 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
     cfg = run.cfg
     run.model.unet.train()
     minibatches = ALGORITHMS[cfg.algo]
-    stats: dict[str, list[float]] = {"loss/policy": [], "loss/approx_kl": [], "loss/clipfrac": [],
-                                     "grad_norm": [], "skipped_steps": []}
+    stats: dict[str, list[float]] = {"loss/policy": [], "loss/approx_kl": [], "loss/clipfrac": []}
+    grad_norms, skipped_steps = [], 0
     for _ in range(cfg.inner_epochs):
         for terms in tqdm(minibatches(run, samples, adv), total=cfg.minibatches, leave=False,
                           desc=f"epoch {run.state.epoch}: training", disable=not run.is_main):
@@ -572,13 +573,10 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
                 for key, v in info.items():
                     stats[f"loss/{key}"].append(v.item())
             grad_norm, skipped = optimizer_step(run, nonfinite)
-            stats["grad_norm"].append(grad_norm)
-            stats["skipped_steps"].append(float(skipped))
-    out = {k: (float(np.mean(v)) if v else None) for k, v in stats.items()}
-    out["skipped_steps"] = int(sum(stats["skipped_steps"]))
-    for key in ("loss/policy", "loss/approx_kl", "loss/clipfrac"):  # over every process's terms
-        out[key] = plumbing.mean_over_processes(run, stats[key])
-    return out
+            grad_norms.append(grad_norm)  # the same on every process (summed gradients)
+            skipped_steps += skipped
+    out = {k: plumbing.mean_over_processes(run, v) for k, v in stats.items()}  # every term
+    return {**out, "grad_norm": float(np.mean(grad_norms)), "skipped_steps": skipped_steps}
 
 
 def backward(run: Run, loss: torch.Tensor, weight: float) -> None:
@@ -625,8 +623,9 @@ MAX_SKIPS_IN_A_ROW = 20  # the scale halves at each: 2^16 -> 2^-4, far past any 
 def train(cfg: Config) -> Path:
     """Run DDPO (or RWR) for cfg.epochs epochs; returns the run folder. Resumes exactly."""
     if cfg.resume:
+        if not plumbing.has_checkpoint(Path(cfg.resume)):
+            raise ConfigError(f"--resume {cfg.resume}: no checkpoint.pt there")
         cfg = resume_config(cfg)
-    check_config(cfg)
     if not cfg.output_dir:
         name = "tiny" if cfg.model == "tiny" else Path(cfg.model).name
         stamp = time.strftime("%Y%m%d-%H%M%S")

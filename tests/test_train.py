@@ -371,6 +371,7 @@ def test_unloadable_model_is_one_clear_error(tmp_path):
         (["--model", "tiny", "--device", "tpu"], "--device 'tpu' is not a device"),
         # the default reward is aesthetic: the bad path is named, not the CLIP model it would load
         (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
+        (["--resume", "/no/such/run"], "--resume /no/such/run: no checkpoint.pt there"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_fix(argv, says, tmp_path):
