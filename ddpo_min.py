@@ -8,55 +8,50 @@ sampler.py); DDPO improves it with policy gradients on a reward r(x_0, c) of the
     ├─ sample_epoch        1. roll out p_θ(x_{t-1} | x_t, c) with log-probs (sampler.py)
     │                      2. score the images, r(x_0, c) (rewards.py)
     ├─ compute_advantages  3. A = (r - mean_c) / std_c per prompt, clipped (PerPromptStatTracker)
-    └─ train_epoch         4. for each minibatch that ALGORITHMS[cfg.algo] yields:
-                                 ddpo_is: rescore log p_θ, ddpo_is_loss (clipped ratio, Sec. 4.4)
-                                 ddpo_sf: rescore log p_θ, ddpo_sf_loss (REINFORCE, Sec. 4.4)
-                                 rwr, rwr_sparse: diffusion_mse_loss weighted by rwr_weights or
-                                                  restricted by sparse_rwr_mask (Sec. 4.2)
-                             accumulate over samples and timesteps, clip the norm, AdamW step
+    ├─ train_epoch         4. for each minibatch that ALGORITHMS[cfg.algo] yields:
+    │                            ddpo_is: rescore log p_θ, ddpo_is_loss (clipped ratio, Sec. 4.4)
+    │                            ddpo_sf: rescore log p_θ, ddpo_sf_loss (REINFORCE, Sec. 4.4)
+    │                            rwr, rwr_sparse: diffusion_mse_loss weighted by rwr_weights or
+    │                                             restricted by sparse_rwr_mask (Sec. 4.2)
+    │                        accumulate over samples and timesteps, clip the norm, AdamW step
+    └─ kl_to_pretrained    a diagnostic: how far p_θ has moved from the pretrained policy
 
 Read top to bottom: the objectives (small pure functions, each quoting its equation), the
 advantages, the epoch, then train(). Notation is sampler.py's: x_t, x_{t-1}, c, t,
 log p = log p_θ(x_{t-1} | x_t, c), r = r(x_0, c), A the advantage, ρ the importance ratio, ε the
 clip range, w the RWR weight. Shapes: B batch, N samples per epoch, T steps, C,H,W latent,
-L tokens, D embedding width. Configuration: config.py; loading models: loading.py; checkpoints,
-grids and printing: plumbing.py.
+L tokens, D embedding width. Configuration: config.py; loading models: loading.py; the run's
+parts (Run), the optimizer step, checkpoints, the run folder and printing: plumbing.py.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 import loading
 import plumbing
-from config import (
-    REWARD_OPTIONS,
-    Config,
-    ConfigError,
-    TrainingDiverged,
-    check_config,
-    parse_args,
-    resume_config,
-    samples_per_epoch,
+from config import Config, ConfigError, TrainingDiverged, parse_args, samples_per_epoch
+from plumbing import Run
+from sampler import (
+    ddim_step_mean,
+    gaussian_kl,
+    guided_model_output,
+    recompute_log_prob,
+    sample_with_logprob,
+    trainable_steps,
 )
-from rewards import RewardModelUnavailable, make_reward
-from sampler import guided_model_output, recompute_log_prob, sample_with_logprob, step_sigmas
-
-ROOT = Path(__file__).resolve().parent
 
 # ==============================================================================================
 # Objectives
@@ -285,48 +280,7 @@ class Samples:
     extras: dict
     all_prompts: list[str]  # (S,) every process's prompts, in sample order
     all_rewards: np.ndarray  # (S,) every process's rewards, gathered
-
-
-class Run:
-    """The model, optimizer, reward, statistics and RNGs of one training run, on one process."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        device = loading.resolve_device(cfg.device)
-        # the process group, when launched with accelerate or torchrun (gloo on a CPU)
-        self.accelerator = Accelerator(cpu=device.type == "cpu")
-        check_config(cfg, self.accelerator.num_processes)
-        self.device = device if self.accelerator.num_processes == 1 else self.accelerator.device
-        self.is_main = self.accelerator.is_main_process  # only it writes files and prints
-        self.dir = Path(cfg.output_dir)
-        self.prompts = loading.load_prompts(cfg.prompts)
-        loading.check_model_source(cfg.model)  # before the reward, whose models load slowly
-        scale = "tiny" if cfg.model == "tiny" else "paper"
-        options = {k: getattr(cfg, k) for k in REWARD_OPTIONS.get(cfg.reward, ())
-                   if getattr(cfg, k)}
-        try:
-            self.reward_fn = make_reward(cfg.reward, scale=scale, device=str(self.device),
-                                         **options)
-        except (ValueError, RewardModelUnavailable) as err:
-            raise ConfigError(str(err)) from None
-        self.model = loading.load_model(cfg, self.device)  # after the cheap checks: SD is slow
-        self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
-        # Mixed precision: the frozen weights in fp16/bf16 (loading.py), the UNet run under
-        # autocast, and in fp16 the loss scaled up before backward (unscaled before the clip):
-        # the DDPO gradient at the UNet output is ~1e-8 per element, below fp16's normal range.
-        half = loading.DTYPES[cfg.mixed_precision]
-        self.autocast = torch.autocast(self.device.type, dtype=half, enabled=half != torch.float32)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=half == torch.float16)
-        self.tracker = PerPromptStatTracker(cfg.stat_buffer, cfg.stat_min_count)
-        self.negative_embeds = self.model.encode_prompts([""])  # (1, L, D) the empty prompt
-        # training shuffles and RWR noise (checkpointed; the same on every process); a sample's
-        # prompt and noise come from seeds made of (seed, epoch, its number), see sample_epoch
-        self.train_gen = torch.Generator().manual_seed(cfg.seed + 1)
-        self.state = plumbing.State()
-        # CPU threads: this process's share of the cores, fewer while other processes are busy
-        self.cpu_threads = plumbing.ThreadGovernor(cfg.threads, self.accelerator.num_processes)
+    all_advantages: np.ndarray | None = None  # (S,) set in phase 3
 
 
 def sample_seed(cfg: Config, epoch: int, number: int, stream: int) -> int:
@@ -415,8 +369,8 @@ def compute_advantages(run: Run, samples: Samples) -> torch.Tensor:
     else:
         r = samples.all_rewards.astype(np.float64)
         adv = ((r - r.mean()) / (r.std() + 1e-6)).astype(np.float32)
-    adv = clip_advantages(adv, cfg.adv_clip_max)[samples.index.numpy()]  # (M,)
-    return torch.as_tensor(adv, device=run.device)
+    samples.all_advantages = clip_advantages(adv, cfg.adv_clip_max)  # (S,)
+    return torch.as_tensor(samples.all_advantages[samples.index.numpy()], device=run.device)
 
 
 # ---- Phase 4: the loss terms of each algorithm ------------------------------------------------
@@ -426,16 +380,6 @@ def compute_advantages(run: Run, samples: Samples) -> torch.Tensor:
 # mean loss of a chunk of samples; its weight is the chunk's share of the whole minibatch (over
 # all processes and trained timesteps), so the weighted sum over processes is the minibatch mean
 # and every sample counts equally.
-
-
-def trainable_steps(cfg: Config, scheduler, timesteps: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The indices of the stochastic sampling steps, (T_s,), and how many each sample trains on.
-
-    A deterministic last step (sigma_t = 0 with set_alpha_to_one=True, as in the tiny model) has
-    log-prob 0 and no gradient, so training on it would only cost time.
-    """
-    steps = (step_sigmas(scheduler, timesteps, cfg.eta) > 0).nonzero().flatten()  # (T_s,)
-    return steps, max(1, int(round(len(steps) * cfg.timestep_fraction)))
 
 
 def my_rows(samples: Samples, minibatch: torch.Tensor) -> torch.Tensor:
@@ -481,7 +425,8 @@ def ddpo_minibatches(run: Run, samples: Samples, adv: torch.Tensor, objective: C
     DDPO_IS takes `minibatches` steps, kept close to θ_old by the clipped ratio.
     """
     cfg, total = run.cfg, len(samples.all_prompts)
-    steps, T_train = trainable_steps(cfg, run.model.scheduler, samples.timesteps)
+    steps, T_train = trainable_steps(run.model.scheduler, samples.timesteps, cfg.eta,
+                                     cfg.timestep_fraction)
     order = torch.randperm(total, generator=run.train_gen)  # shuffled sample numbers, (S,)
     # every sample's own shuffle of the stochastic steps: perms[i] is a permutation of `steps`
     shuffle = torch.argsort(torch.rand(total, len(steps), generator=run.train_gen), dim=1)
@@ -509,22 +454,24 @@ def rwr_loss(run: Run, samples: Samples, idx: torch.Tensor, weights: torch.Tenso
                                   run.negative_embeds, run.cfg.guidance_scale)
 
 
-def rwr_selection(cfg: Config, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rwr_selection(cfg: Config, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RWR: every sample, weighted w = exp(β r) / Z."""
-    return torch.arange(len(rewards)), rwr_weights(rewards, cfg.rwr_beta)
+    return torch.arange(len(r)), rwr_weights(r, cfg.rwr_beta)
 
 
-def sparse_rwr_selection(cfg: Config, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_rwr_selection(cfg: Config, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse RWR: the samples with r >= C, unweighted."""
-    keep = sparse_rwr_mask(rewards, cfg.rwr_percentile).nonzero().flatten()  # 1[r >= C]
-    return keep, torch.ones(len(rewards))
+    keep = sparse_rwr_mask(r, cfg.rwr_percentile).nonzero().flatten()  # 1[r >= C]
+    return keep, torch.ones(len(r))
 
 
 def rwr_minibatches(run: Run, samples: Samples, adv: torch.Tensor, select: Callable
                     ) -> Iterator[Iterator[tuple[torch.Tensor, float, dict]]]:
-    """RWR (Sec. 4.2): one diffusion loss per chunk of the selected samples (advantages unused)."""
+    """RWR (Sec. 4.2): one diffusion loss per chunk of the selected samples, selected and weighted
+    by the reward r, or by the advantage A (`rwr_signal`, the tiny default)."""
     cfg, total = run.cfg, len(samples.all_prompts)
-    keep, weights = select(cfg, torch.as_tensor(samples.all_rewards))  # sample numbers, (S,)
+    signal = samples.all_rewards if cfg.rwr_signal == "reward" else samples.all_advantages
+    keep, weights = select(cfg, torch.as_tensor(signal))  # sample numbers, (S,)
     order = keep[torch.randperm(len(keep), generator=run.train_gen)]  # shuffled kept samples
     # each sample's diffusion timestep and noise ε, drawn for all S alike on every process
     t_all = torch.randint(0, run.model.scheduler.config.num_train_timesteps, (total,),
@@ -553,7 +500,8 @@ ALGORITHMS: dict[str, Callable] = {
 
 def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
     """Phase 4: `inner_epochs` passes; each optimizer step accumulates its minibatch's terms, then
-    `optimizer_step` sums the gradients over processes, clips their norm and steps AdamW."""
+    sums the gradients over processes, clips their norm and steps AdamW (plumbing.optimizer_step,
+    which also handles fp16 loss scaling)."""
     cfg = run.cfg
     run.model.unet.train()
     minibatches = ALGORITHMS[cfg.algo]
@@ -568,51 +516,51 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
                 if not torch.isfinite(loss):
                     nonfinite += 1  # every process must learn of it: counted in optimizer_step
                     continue
-                backward(run, loss, weight)
+                plumbing.backward(run, loss, weight)
                 stats["loss/policy"].append(loss.item())
                 for key, v in info.items():
                     stats[f"loss/{key}"].append(v.item())
-            grad_norm, skipped = optimizer_step(run, nonfinite)
+            grad_norm, skipped = plumbing.optimizer_step(run, nonfinite)
             grad_norms.append(grad_norm)  # the same on every process (summed gradients)
             skipped_steps += skipped
     out = {k: plumbing.mean_over_processes(run, v) for k, v in stats.items()}  # every term
     return {**out, "grad_norm": float(np.mean(grad_norms)), "skipped_steps": skipped_steps}
 
 
-def backward(run: Run, loss: torch.Tensor, weight: float) -> None:
-    """Accumulate the gradient of weight * loss; in fp16 the loss is scaled up first (GradScaler)
-    so that gradients of ~1e-8 do not underflow to 0 in the half-precision UNet."""
-    run.scaler.scale(loss * weight).backward()
+@torch.no_grad()
+def kl_to_pretrained(run: Run, samples: Samples) -> float | None:
+    """Diagnostic, not a loss: how far the policy has moved from the pretrained one.
 
+        KL_t = KL( p_θ(x_{t-1} | x_t, c) || p_pretrained(x_{t-1} | x_t, c) ),  averaged over the
+        stochastic steps of this epoch's first `kl_samples` trajectories (after this epoch's update)
 
-def optimizer_step(run: Run, nonfinite: int) -> tuple[float, bool]:
-    """Sum the gradients over processes, unscale, clip the norm, step AdamW; zero the gradients.
-
-    In fp16 the GradScaler skips a step whose gradients hold inf or NaN (and lowers its scale);
-    that is counted, and only many in a row stop the run. Returns (grad norm, skipped).
+    Both policies are Gaussians with the same σ_t (Eq. 2), so KL_t = |μ_θ - μ_pre|^2 / (2 σ_t^2),
+    averaged over C*H*W like the log-probs. With LoRA the pretrained policy is the same UNet with
+    its adapters switched off.
     """
-    epoch = run.state.epoch
-    nonfinite = plumbing.sum_gradients_over_processes(run, nonfinite)  # N = 1: nothing to do
-    if nonfinite:
-        raise TrainingDiverged(f"epoch {epoch}, phase train: non-finite loss")
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
-    if not torch.isfinite(grad_norm) and not run.scaler.is_enabled():
-        raise TrainingDiverged(f"epoch {epoch}, phase train: non-finite gradient norm")
-    scale = run.scaler.get_scale()
-    run.scaler.step(run.optimizer)  # fp16: skipped if a gradient is inf/NaN
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    skipped = run.scaler.is_enabled() and run.scaler.get_scale() < scale
-    run.state.skips_in_a_row = run.state.skips_in_a_row + 1 if skipped else 0
-    if run.state.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
-        raise TrainingDiverged(f"epoch {epoch}, phase train: {MAX_SKIPS_IN_A_ROW} optimizer steps "
-                               "in a row had inf/NaN gradients in fp16; try --mixed-precision bf16")
-    run.state.step += 1
-    return grad_norm.item(), skipped
+    cfg, model = run.cfg, run.model
+    if not cfg.kl_samples:
+        return None
+    idx = torch.arange(min(cfg.kl_samples, len(samples.index)))  # (K,)
+    steps, _ = trainable_steps(model.scheduler, samples.timesteps, cfg.eta, 1.0)
+    embeds = samples.prompt_embeds[idx]  # (K, L, D)
 
+    def policy_mean(unet, x_t, t):
+        with run.autocast:
+            out = guided_model_output(unet, x_t, t, embeds, run.negative_embeds,
+                                      cfg.guidance_scale)
+        return ddim_step_mean(model.scheduler, out, t, x_t, cfg.eta)  # μ (K, C, H, W), σ_t (K,)
 
-MAX_SKIPS_IN_A_ROW = 20  # the scale halves at each: 2^16 -> 2^-4, far past any fp16 overflow
+    model.unet.eval()
+    kls = []
+    for j in steps.tolist():
+        x_t = samples.latents[idx, j].to(run.device)  # (K, C, H, W)
+        t = samples.timesteps[j].expand(len(idx)).to(run.device)  # (K,)
+        mean, sigma = policy_mean(model.unet, x_t, t)
+        with loading.pretrained_unet(model.unet, run.reference) as pretrained:
+            mean_pre, _ = policy_mean(pretrained, x_t, t)
+        kls.extend(gaussian_kl(mean, mean_pre, sigma).tolist())
+    return plumbing.mean_over_processes(run, kls)
 
 
 # ==============================================================================================
@@ -622,33 +570,13 @@ MAX_SKIPS_IN_A_ROW = 20  # the scale halves at each: 2^16 -> 2^-4, far past any 
 
 def train(cfg: Config) -> Path:
     """Run DDPO (or RWR) for cfg.epochs epochs; returns the run folder. Resumes exactly."""
-    if cfg.resume:
-        if not plumbing.has_checkpoint(Path(cfg.resume)):
-            raise ConfigError(f"--resume {cfg.resume}: no checkpoint.pt there")
-        cfg = resume_config(cfg)
-    if not cfg.output_dir:
-        name = "tiny" if cfg.model == "tiny" else Path(cfg.model).name
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        folder = ROOT / "runs" / f"{cfg.reward}-{cfg.algo}-{name}-{stamp}"
-        cfg = replace(cfg, output_dir=str(folder))
-    run = Run(cfg)
+    cfg = plumbing.run_config(cfg)  # --resume: the saved config; else names a new run folder
+    run = Run(cfg, PerPromptStatTracker)
     say = run.accelerator.print  # prints on the main process only
-    if run.is_main:
-        run.dir.mkdir(parents=True, exist_ok=True)
-        (run.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     if plumbing.has_checkpoint(run.dir):
         plumbing.load_checkpoint(run)
         say(f"resumed {run.dir} at epoch {run.state.epoch} (optimizer step {run.state.step})")
-    run.model.scheduler.set_timesteps(cfg.num_steps)
-    steps, T_train = trainable_steps(cfg, run.model.scheduler, run.model.scheduler.timesteps)
-    if run.is_main:
-        plumbing.print_sizes(cfg, run, samples_per_epoch(cfg), len(steps), T_train)
-    metrics_path = run.dir / "metrics.jsonl"
-    # keep only the epochs the checkpoint holds (a crash between the two writes leaves one extra)
-    if run.is_main:
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in run.state.history))
-    logger = plumbing.ExternalLogger(cfg, run.dir) if run.is_main else None
-
+    folder = plumbing.RunFolder(run)  # config.json, metrics.jsonl, grids, reward curve, logger
     pool = plumbing.reward_executor(run.device)  # on a GPU, rewards overlap the next sampling
     started = time.perf_counter()
     try:
@@ -671,36 +599,24 @@ def train(cfg: Config) -> Path:
                 "epoch": epoch, "step": run.state.step,
                 "reward/mean": float(samples.all_rewards.mean()),
                 "reward/std": float(samples.all_rewards.std()),
-                **losses, **timing, "time/train": t_train, "time/epoch": time.perf_counter() - t0,
+                **losses, "kl/pretrained": kl_to_pretrained(run, samples),
+                **timing, "time/train": t_train, "time/epoch": time.perf_counter() - t0,
                 "samples_per_second": len(samples.all_rewards) / (time.perf_counter() - t0),
             }  # fmt: skip
             run.state.history.append(metrics)
             run.state.epoch += 1
-            if run.is_main:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                plumbing.save_grid(samples, run.dir / f"samples_epoch{epoch:04d}.png",
-                                   cfg.grid_size)
-                plumbing.save_reward_curve(run.state.history, run.dir / "reward_curve.png",
-                                           cfg.reward)
-                logger.log(metrics, run.state.step)
+            folder.epoch(samples, metrics)
             if run.state.epoch % cfg.save_every == 0 or run.state.epoch == cfg.epochs:
                 plumbing.save_checkpoint(run)
             say(plumbing.format_metrics(metrics))
     except KeyboardInterrupt:
         # The checkpoint on disk is the end of the last finished epoch: resuming from it repeats
         # the interrupted epoch exactly. The half-trained weights are exported too.
-        if run.is_main:
-            loading.save_weights(run.model, cfg, run.dir / "interrupted_weights")
-        say(f"\ninterrupted in epoch {run.state.epoch}; resume exactly with: "
-            f"python ddpo_min.py --resume {run.dir}\n"
-            f"(current weights saved to {run.dir / 'interrupted_weights'})")
+        folder.interrupted()
         raise
     finally:
         pool.shutdown(wait=True)
-    if run.is_main:
-        loading.save_weights(run.model, cfg, run.dir / "weights")
-    say(f"done: {run.dir} (weights in {run.dir / 'weights'})")
+    folder.finished()
     run.accelerator.wait_for_everyone()
     return run.dir
 

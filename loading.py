@@ -6,7 +6,9 @@ Everything downstream of `load_model` sees a `sampler.TextToImage` and never bra
 
 from __future__ import annotations
 
+import copy
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -168,6 +170,25 @@ def load_stable_diffusion(cfg: Config, device: torch.device) -> TextToImage:
     return TextToImage(unet=unet, scheduler=scheduler, encode_prompts=encode_prompts,
                        decode=decode, latent_shape=(unet.config.in_channels, size, size),
                        name=cfg.model)
+
+
+def frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of the UNet as loaded: the pretrained policy when every weight trains."""
+    return copy.deepcopy(unet).requires_grad_(False).eval()
+
+
+@contextmanager
+def pretrained_unet(unet: torch.nn.Module, reference: torch.nn.Module | None):
+    """The pretrained policy's UNet for a `with` block: the frozen copy (full fine-tuning), or
+    the trained UNet with its LoRA adapters switched off, then on again."""
+    if reference is not None:
+        yield reference
+        return
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
 
 
 def trainable_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:

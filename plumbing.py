@@ -1,25 +1,41 @@
-"""Run plumbing: checkpoints, the reward executor, image grids, the reward curve, loggers, printing.
+"""Run plumbing: the run's parts, checkpoints, the reward executor, the run folder (grids, the
+reward curve, loggers), printing.
 
 Nothing here is DDPO; ddpo_min.py calls these so that the loop stays about the algorithm.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
-from config import Config, ConfigError
+import loading
+from config import (
+    REWARD_OPTIONS,
+    Config,
+    ConfigError,
+    TrainingDiverged,
+    check_config,
+    resume_config,
+    samples_per_epoch,
+)
 from loading import trainable_state
+from rewards import RewardModelUnavailable, make_reward
+from sampler import trainable_steps
+
+ROOT = Path(__file__).resolve().parent
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: everything that must survive a restart for the run to continue exactly
+# The run: what one training run holds on one process
 # ----------------------------------------------------------------------------------------------
 
 
@@ -29,6 +45,60 @@ class State:
     step: int = 0  # optimizer steps so far
     history: list = field(default_factory=list)  # per-epoch metric dicts
     skips_in_a_row: int = 0  # fp16 optimizer steps the GradScaler skipped, since the last taken
+
+
+class Run:
+    """The model, optimizer, reward, statistics and RNGs of one training run, on one process.
+
+    `make_tracker(buffer_size, min_count)` builds what turns rewards into advantages
+    (ddpo_min.PerPromptStatTracker); it is checkpointed.
+    """
+
+    def __init__(self, cfg: Config, make_tracker=None):
+        self.cfg = cfg
+        device = loading.resolve_device(cfg.device)
+        # the process group, when launched with accelerate or torchrun (gloo on a CPU)
+        self.accelerator = Accelerator(cpu=device.type == "cpu")
+        check_config(cfg, self.accelerator.num_processes)
+        self.tracker = make_tracker(cfg.stat_buffer, cfg.stat_min_count) if make_tracker else None
+        self.device = device if self.accelerator.num_processes == 1 else self.accelerator.device
+        self.is_main = self.accelerator.is_main_process  # only it writes files and prints
+        self.dir = Path(cfg.output_dir)
+        self.prompts = loading.load_prompts(cfg.prompts)
+        loading.check_model_source(cfg.model)  # before the reward, whose models load slowly
+        scale = "tiny" if cfg.model == "tiny" else "paper"
+        options = {k: getattr(cfg, k) for k in REWARD_OPTIONS.get(cfg.reward, ())
+                   if getattr(cfg, k)}
+        try:
+            self.reward_fn = make_reward(cfg.reward, scale=scale, device=str(self.device),
+                                         **options)
+        except (ValueError, RewardModelUnavailable) as err:
+            raise ConfigError(str(err)) from None
+        self.model = loading.load_model(cfg, self.device)  # after the cheap checks: SD is slow
+        # the pretrained policy, for the KL diagnostic: LoRA switches its adapters off instead
+        self.reference = (loading.frozen_copy(self.model.unet)
+                          if cfg.kl_samples and not cfg.lora_rank else None)
+        self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
+        # Mixed precision: the frozen weights in fp16/bf16 (loading.py), the UNet run under
+        # autocast, and in fp16 the loss scaled up before backward (unscaled before the clip):
+        # the DDPO gradient at the UNet output is ~1e-8 per element, below fp16's normal range.
+        half = loading.DTYPES[cfg.mixed_precision]
+        self.autocast = torch.autocast(self.device.type, dtype=half, enabled=half != torch.float32)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=half == torch.float16)
+        self.negative_embeds = self.model.encode_prompts([""])  # (1, L, D) the empty prompt
+        # training shuffles and RWR noise (checkpointed; the same on every process); a sample's
+        # prompt and noise come from seeds made of (seed, epoch, its number), ddpo_min.sample_seed
+        self.train_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.state = State()
+        # CPU threads: this process's share of the cores, fewer while other processes are busy
+        self.cpu_threads = ThreadGovernor(cfg.threads, self.accelerator.num_processes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: everything that must survive a restart for the run to continue exactly
+# ----------------------------------------------------------------------------------------------
 
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"  # the last save and the one before
@@ -174,8 +244,8 @@ class ThreadGovernor:
 
 
 # ----------------------------------------------------------------------------------------------
-# What N processes share (each a no-op with one process): the loop's only collective operations
-# besides gathering the rewards
+# The optimizer step (with fp16 loss scaling) and what N processes share (each a no-op with one
+# process): the loop's only collective operations besides gathering the rewards
 # ----------------------------------------------------------------------------------------------
 
 
@@ -190,6 +260,42 @@ def sum_gradients_over_processes(run, nonfinite: int) -> int:
     for p, g in zip(run.params, flat[:-1].split([g.numel() for g in grads])):
         p.grad = g.view_as(p)
     return int(flat[-1].item())
+
+
+def backward(run: Run, loss: torch.Tensor, weight: float) -> None:
+    """Accumulate the gradient of weight * loss; in fp16 the loss is scaled up first (GradScaler)
+    so that gradients of ~1e-8 do not underflow to 0 in the half-precision UNet."""
+    run.scaler.scale(loss * weight).backward()
+
+
+def optimizer_step(run: Run, nonfinite: int) -> tuple[float, bool]:
+    """Sum the gradients over processes, unscale, clip the norm, step AdamW; zero the gradients.
+
+    In fp16 the GradScaler skips a step whose gradients hold inf or NaN (and lowers its scale);
+    that is counted, and only many in a row stop the run. Returns (grad norm, skipped).
+    """
+    epoch = run.state.epoch
+    nonfinite = sum_gradients_over_processes(run, nonfinite)  # N = 1: nothing to do
+    if nonfinite:
+        raise TrainingDiverged(f"epoch {epoch}, phase train: non-finite loss")
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
+    if not torch.isfinite(grad_norm) and not run.scaler.is_enabled():
+        raise TrainingDiverged(f"epoch {epoch}, phase train: non-finite gradient norm")
+    scale = run.scaler.get_scale()
+    run.scaler.step(run.optimizer)  # fp16: skipped if a gradient is inf/NaN
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    skipped = run.scaler.is_enabled() and run.scaler.get_scale() < scale
+    run.state.skips_in_a_row = run.state.skips_in_a_row + 1 if skipped else 0
+    if run.state.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+        raise TrainingDiverged(f"epoch {epoch}, phase train: {MAX_SKIPS_IN_A_ROW} optimizer steps "
+                               "in a row had inf/NaN gradients in fp16; try --mixed-precision bf16")
+    run.state.step += 1
+    return grad_norm.item(), skipped
+
+
+MAX_SKIPS_IN_A_ROW = 20  # the scale halves at each: 2^16 -> 2^-4, far past any fp16 overflow
 
 
 def mean_over_processes(run, values: list[float]) -> float | None:
@@ -216,8 +322,67 @@ def timed(fn, *args):
 
 
 # ----------------------------------------------------------------------------------------------
-# What a run writes: an image grid per epoch, the reward curve, optional external loggers
+# What a run writes: config.json, metrics.jsonl, an image grid per epoch, the reward curve,
+# optional external loggers
 # ----------------------------------------------------------------------------------------------
+
+
+def run_config(cfg: Config) -> Config:
+    """The config to run: with --resume the saved one; else a new folder named if none given."""
+    if cfg.resume:
+        if not has_checkpoint(Path(cfg.resume)):
+            raise ConfigError(f"--resume {cfg.resume}: no checkpoint.pt there")
+        return resume_config(cfg)
+    if cfg.output_dir:
+        return cfg
+    name = "tiny" if cfg.model == "tiny" else Path(cfg.model).name
+    folder = ROOT / "runs" / f"{cfg.reward}-{cfg.algo}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return replace(cfg, output_dir=str(folder))
+
+
+class RunFolder:
+    """Writes a run's files, on the main process only (other processes: every method a no-op).
+
+    metrics.jsonl is rewritten at the start to the epochs the checkpoint holds (a crash between
+    the two writes leaves one epoch extra), then appended after each epoch.
+    """
+
+    def __init__(self, run: Run):
+        self.run, self.active = run, run.is_main
+        if not self.active:
+            return
+        run.dir.mkdir(parents=True, exist_ok=True)
+        (run.dir / "config.json").write_text(json.dumps(asdict(run.cfg), indent=1))
+        self.metrics = run.dir / "metrics.jsonl"
+        self.metrics.write_text("".join(json.dumps(h) + "\n" for h in run.state.history))
+        self.logger = ExternalLogger(run.cfg, run.dir)
+        print_sizes(run)
+
+    def epoch(self, samples, metrics: dict) -> None:
+        """One epoch's metrics line, sample grid, the reward curve so far, the external log."""
+        if not self.active:
+            return
+        run = self.run
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        save_grid(samples, run.dir / f"samples_epoch{metrics['epoch']:04d}.png", run.cfg.grid_size)
+        save_reward_curve(run.state.history, run.dir / "reward_curve.png", run.cfg.reward)
+        self.logger.log(metrics, run.state.step)
+
+    def interrupted(self) -> None:
+        """After Ctrl-C: export the half-trained weights and say how to resume."""
+        run = self.run
+        if self.active:
+            loading.save_weights(run.model, run.cfg, run.dir / "interrupted_weights")
+        run.accelerator.print(
+            f"\ninterrupted in epoch {run.state.epoch}; resume exactly with: python ddpo_min.py "
+            f"--resume {run.dir}\n(current weights saved to {run.dir / 'interrupted_weights'})")
+
+    def finished(self) -> None:
+        run = self.run
+        if self.active:
+            loading.save_weights(run.model, run.cfg, run.dir / "weights")
+        run.accelerator.print(f"done: {run.dir} (weights in {run.dir / 'weights'})")
 
 
 def save_grid(samples, path: Path, n: int) -> None:
@@ -295,8 +460,13 @@ class ExternalLogger:
 # ----------------------------------------------------------------------------------------------
 
 
-def print_sizes(cfg: Config, run, n_samples: int, n_stochastic: int, n_trained: int) -> None:
+def print_sizes(run: Run) -> None:
     """The derived sizes of the run, printed once at the start."""
+    cfg, scheduler = run.cfg, run.model.scheduler
+    scheduler.set_timesteps(cfg.num_steps)
+    steps, n_trained = trainable_steps(scheduler, scheduler.timesteps, cfg.eta,
+                                       cfg.timestep_fraction)
+    n_samples, n_stochastic = samples_per_epoch(cfg), len(steps)
     n_proc = run.accelerator.num_processes
     n_train = sum(p.numel() for p in run.params)
     lora = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"
@@ -324,9 +494,9 @@ def print_sizes(cfg: Config, run, n_samples: int, n_stochastic: int, n_trained: 
 
 def format_metrics(m: dict) -> str:
     parts = [f"epoch {m['epoch']}", f"reward {m['reward/mean']:.4g} ± {m['reward/std']:.3g}"]
-    for k in ("loss/policy", "loss/approx_kl", "loss/clipfrac"):
+    for k in ("loss/policy", "loss/approx_kl", "loss/clipfrac", "kl/pretrained"):
         if m.get(k) is not None:
-            parts.append(f"{k.split('/')[1]} {m[k]:.3g}")
+            parts.append(f"{k.replace('loss/', '')} {m[k]:.3g}")
     parts.append(f"{m['time/epoch']:.1f}s (sample {m['time/sample']:.1f}, "
                  f"train {m['time/train']:.1f})")
     return " | ".join(parts)

@@ -195,6 +195,51 @@ def gaussian_log_prob(x_prev: torch.Tensor, mean: torch.Tensor,
     return torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
 
 
+def ddim_step_mean(scheduler: DDIMScheduler, model_output: torch.Tensor,
+                   timestep: int | torch.Tensor, sample: torch.Tensor,
+                   eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian policy of one step (Eq. 2): mu_theta(x_t, t, c), (B, C, H, W), and sigma_t,
+    (B,), both float32, from the (guided) prediction `model_output` at x_t = `sample`."""
+    if eta <= 0:
+        raise ValueError(
+            f"eta={eta}: DDIM with eta=0 is deterministic and has no density, so there is no "
+            "log-prob to optimise. DDPO needs eta > 0 (the paper uses eta = 1)."
+        )
+    if scheduler.config.thresholding:
+        raise ValueError(
+            "DDIMScheduler(thresholding=True) is not implemented here (dynamic thresholding is "
+            "meant for pixel-space models); use clip_sample or thresholding=False."
+        )
+    x_t = sample.float()  # x_t, (B, C, H, W)
+    batch, device = x_t.shape[0], x_t.device
+    bcast = (batch,) + (1,) * (x_t.ndim - 1)  # (B, 1, 1, 1): per-sample scalars over C, H, W
+
+    t = _per_sample_timesteps(timestep, batch, device)  # (B,)
+    abar_t, abar_prev, sigma = step_constants(scheduler, t, eta)  # (B,) each; no gradient
+    x0_hat, eps_hat = predicted_x0_and_eps(scheduler.config, model_output.float(), x_t,
+                                           abar_t.view(bcast))  # x̂_0, eps_theta
+    mean = ddim_mean(x0_hat, eps_hat, abar_prev.view(bcast), sigma.view(bcast))  # mu_theta
+    return mean, sigma
+
+
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, sigma_t^2 I) || N(mean_q, sigma_t^2 I)) = (mean_p - mean_q)^2 / (2 sigma_t^2),
+    averaged over C*H*W as the log-probs are, (B,). Two policies with the same sigma_t differ
+    only in their means. sigma: (B,), all > 0 (a deterministic step has no density)."""
+    bcast = (-1,) + (1,) * (mean_p.ndim - 1)  # (B, 1, 1, 1)
+    kl = (mean_p - mean_q) ** 2 / (2 * sigma.view(bcast) ** 2)  # per element
+    return kl.mean(dim=tuple(range(1, kl.ndim)))  # (B,)
+
+
+def trainable_steps(scheduler, timesteps: torch.Tensor, eta: float,
+                    fraction: float) -> tuple[torch.Tensor, int]:
+    """The indices of the stochastic sampling steps, (T_s,), and how many each sample trains on
+    (`fraction` of them, at least 1). A deterministic last step (sigma_t = 0, set_alpha_to_one)
+    has log-prob 0 and no gradient, so training on it would only cost time."""
+    steps = (step_sigmas(scheduler, timesteps, eta) > 0).nonzero().flatten()  # (T_s,)
+    return steps, max(1, int(round(len(steps) * fraction)))
+
+
 def ddim_step_with_logprob(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
@@ -209,9 +254,10 @@ def ddim_step_with_logprob(
         p_theta(x_{t-1} | x_t, c) = N(x_{t-1} | mu_theta(x_t, t, c), sigma_t^2 I)           (Eq. 2)
 
     built from one function per equation: `step_constants` (alphā_t, alphā_{t-1}, sigma_t; DDIM
-    Eq. 16), `predicted_x0_and_eps` (x̂_0, eps_theta), `ddim_mean` (mu_theta; DDIM Eq. 12) and
-    `gaussian_log_prob`. This is exactly `DDIMScheduler.step(model_output, t, sample, eta,
-    variance_noise=z)`: given the same z ~ N(0, I), x_{t-1} = mu_theta + sigma_t z matches
+    Eq. 16), `predicted_x0_and_eps` (x̂_0, eps_theta), `ddim_mean` (mu_theta; DDIM Eq. 12), the
+    three composed in `ddim_step_mean`, and `gaussian_log_prob`. This is exactly
+    `DDIMScheduler.step(model_output, t, sample, eta, variance_noise=z)`: given the same
+    z ~ N(0, I), x_{t-1} = mu_theta + sigma_t z matches
     diffusers to float32 rounding.
 
     Args:
@@ -237,28 +283,10 @@ def ddim_step_with_logprob(
     and has no density: x_{t-1} is mu_theta and log_prob is 0 with no gradient, so it adds nothing
     to a policy gradient and its ratio exp(0 - 0) is 1.
     """
-    if eta <= 0:
-        raise ValueError(
-            f"eta={eta}: DDIM with eta=0 is deterministic and has no density, so there is no "
-            "log-prob to optimise. DDPO needs eta > 0 (the paper uses eta = 1)."
-        )
-    if scheduler.config.thresholding:
-        raise ValueError(
-            "DDIMScheduler(thresholding=True) is not implemented here (dynamic thresholding is "
-            "meant for pixel-space models); use clip_sample or thresholding=False."
-        )
-    x_t = sample.float()  # x_t, (B, C, H, W)
-    batch, device = x_t.shape[0], x_t.device
-    bcast = (batch,) + (1,) * (x_t.ndim - 1)  # (B, 1, 1, 1): per-sample scalars over C, H, W
-
-    t = _per_sample_timesteps(timestep, batch, device)  # (B,)
-    abar_t, abar_prev, sigma = step_constants(scheduler, t, eta)  # (B,) each; no gradient
-    x0_hat, eps_hat = predicted_x0_and_eps(scheduler.config, model_output.float(), x_t,
-                                           abar_t.view(bcast))  # x̂_0, eps_theta
-    mean = ddim_mean(x0_hat, eps_hat, abar_prev.view(bcast), sigma.view(bcast))  # mu_theta
-
+    mean, sigma = ddim_step_mean(scheduler, model_output, timestep, sample, eta)  # mu, sigma_t
+    bcast = (-1,) + (1,) * (mean.ndim - 1)  # (B, 1, 1, 1): per-sample scalars over C, H, W
     if prev_sample is None:  # the action: sampled, or given to be scored
-        z = _randn(tuple(mean.shape), generator, device)  # z ~ N(0, I), (B, C, H, W)
+        z = _randn(tuple(mean.shape), generator, mean.device)  # z ~ N(0, I), (B, C, H, W)
         prev_sample = mean + sigma.view(bcast) * z  # x_{t-1} = mu_theta + sigma_t z
     x_prev = prev_sample.detach().float()  # x_{t-1}: data, only mu_theta carries gradient
     return x_prev, gaussian_log_prob(x_prev, mean, sigma)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from tiny_sd import save_tiny_sd_pipeline
 
 import ddpo_min
+import plumbing
 from config import Config
 from sampler import ddim_step_with_logprob, guided_model_output
 
@@ -32,9 +33,10 @@ RUN_ONE = """
 import hashlib, json, os, sys
 sys.path.insert(0, {root!r})
 import ddpo_min
+import plumbing
 from config import Config
 
-real, hashes = ddpo_min.optimizer_step, []
+real, hashes = plumbing.optimizer_step, []
 
 def recording(run, nonfinite):
     out = real(run, nonfinite)
@@ -44,7 +46,7 @@ def recording(run, nonfinite):
     hashes.append(h.hexdigest())
     return out
 
-ddpo_min.optimizer_step = recording
+plumbing.optimizer_step = recording
 cfg = Config.tiny(num_steps=3, sample_batch_size=4, sample_batches=2, samples_per_prompt=2,
                   train_batch_size=2, minibatches=2, epochs=1, device="cpu", grid_size=4,
                   threads=1, output_dir=sys.argv[1])
@@ -145,7 +147,7 @@ def _lora_gradient(folder: Path, precision: str, tmp_path: Path, scaled: bool = 
     idx, steps = torch.arange(2), torch.full((2,), j)
     loss, _ = ddpo_min.policy_loss(run, samples, idx, steps, torch.tensor([1.0, -1.0]),
                                    ddpo_min.is_objective)
-    ddpo_min.backward(run, loss, 2 / (64 * 50))  # chunk of 2 of a 64-sample minibatch, 50 steps
+    plumbing.backward(run, loss, 2 / (64 * 50))  # chunk of 2 of a 64-sample minibatch, 50 steps
     run.scaler.unscale_(run.optimizer)  # as optimizer_step does before the clip
     return torch.cat([p.grad.flatten().float() for p in run.params])
 

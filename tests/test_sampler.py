@@ -14,11 +14,14 @@ from diffusers import DDIMScheduler
 
 from sampler import (
     Trajectory,
+    ddim_step_mean,
     ddim_step_with_logprob,
+    gaussian_kl,
     guided_model_output,
     recompute_log_prob,
     sample_with_logprob,
     step_sigmas,
+    trainable_steps,
 )
 
 SHAPE = (3, 4, 8, 8)  # (B, C, H, W)
@@ -249,6 +252,39 @@ def test_step_sigmas_match_diffusers_variance(set_alpha_to_one, spacing):
     # alphā_{-1} = alphā_0)
     assert (sig[-1] == 0) == (set_alpha_to_one or spacing == "leading")
     assert (sig[:-1] > 0).all()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_step_mean_is_diffusers_noiseless_step(prediction_type):
+    scheduler = make_scheduler(20, prediction_type=prediction_type, steps_offset=1)
+    t = scheduler.timesteps[5].repeat(SHAPE[0])  # (B,)
+    x_t, out = torch.randn(SHAPE), torch.randn(SHAPE)
+    mean, sigma = ddim_step_mean(scheduler, out, t, x_t, eta=1.0)
+    ref = scheduler.step(out, int(t[0]), x_t, eta=1.0, variance_noise=torch.zeros(SHAPE))
+    torch.testing.assert_close(mean, ref.prev_sample, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sigma, step_sigmas(scheduler, t, 1.0))
+
+
+def test_gaussian_kl_equals_torch_distributions():
+    mean_p = torch.randn(SHAPE, dtype=torch.float64)
+    mean_q = torch.randn(SHAPE, dtype=torch.float64)
+    sigma = torch.tensor([0.05, 0.3, 1.0], dtype=torch.float64)  # (B,)
+    scale = sigma.view(-1, 1, 1, 1).expand(SHAPE)
+    oracle = torch.distributions.kl_divergence(torch.distributions.Normal(mean_p, scale),
+                                               torch.distributions.Normal(mean_q, scale))
+    torch.testing.assert_close(gaussian_kl(mean_p, mean_q, sigma), oracle.mean(dim=(1, 2, 3)))
+    assert (gaussian_kl(mean_p, mean_p, sigma) == 0).all()
+    # a check that fails on a wrong input: another sigma gives another KL
+    assert not torch.allclose(gaussian_kl(mean_p, mean_q, 2 * sigma), oracle.mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_trainable_steps_leave_out_the_deterministic_step(set_alpha_to_one):
+    scheduler = make_scheduler(20, set_alpha_to_one=set_alpha_to_one, steps_offset=1)
+    steps, n = trainable_steps(scheduler, scheduler.timesteps, 1.0, 0.5)
+    assert steps.tolist() == list(range(19 if set_alpha_to_one else 20))
+    assert n == round(len(steps) / 2)
+    assert trainable_steps(scheduler, scheduler.timesteps, 1.0, 0.01)[1] == 1  # at least one
 
 
 # --------------------------------------------------------------------------------------------------

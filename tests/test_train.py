@@ -201,13 +201,13 @@ def test_resume_keeps_the_saved_run_but_takes_how_long_to_go_on(tmp_path):
 
 
 def test_nan_reward_stops_with_epoch_and_phase(random_tiny_weights, tmp_path, monkeypatch):
-    real = ddpo_min.make_reward
+    real = plumbing.make_reward
 
     def nan_reward(*args, **kwargs):
         real(*args, **kwargs)  # still validates the name
         return lambda images, prompts: (np.full(len(prompts), np.nan, np.float32), {})
 
-    monkeypatch.setattr(ddpo_min, "make_reward", nan_reward)
+    monkeypatch.setattr(plumbing, "make_reward", nan_reward)
     with pytest.raises(TrainingDiverged, match="epoch 0, phase reward"):
         train(_tiny_config(tmp_path / "nan", epochs=1))
 
@@ -473,8 +473,8 @@ def test_sparse_rwr_weights_every_kept_sample_equally(random_tiny_weights, tmp_p
 
     monkeypatch.setattr(ddpo_min, "rwr_loss", spy)
     seen = []
-    real_backward = ddpo_min.backward
-    monkeypatch.setattr(ddpo_min, "backward",
+    real_backward = plumbing.backward
+    monkeypatch.setattr(plumbing, "backward",
                         lambda run, loss, weight: (seen.append(weight), real_backward(run, loss,
                                                                                       weight)))
     guidance = []
@@ -501,3 +501,84 @@ def test_non_finite_latents_stop_the_run_in_the_sampling_phase(random_tiny_weigh
     monkeypatch.setattr(ddpo_min, "sample_with_logprob", nan_latents)
     with pytest.raises(TrainingDiverged, match="epoch 0, phase sample: non-finite latents"):
         train(_tiny_config(tmp_path / "nan", epochs=1))
+
+
+def _spy_kl(monkeypatch) -> dict:
+    """Record the run, the samples and the value of each epoch's KL diagnostic."""
+    seen: dict = {}
+    real = ddpo_min.kl_to_pretrained
+
+    def spy(run, samples):
+        seen.update(run=run, samples=samples, value=real(run, samples))
+        return seen["value"]
+
+    monkeypatch.setattr(ddpo_min, "kl_to_pretrained", spy)
+    return seen
+
+
+def test_kl_to_pretrained_matches_an_independent_computation(random_tiny_weights, tmp_path,
+                                                             monkeypatch):
+    """Full fine-tuning: the diagnostic against the pretrained weights reloaded from disk, with
+    diffusers' noiseless DDIM step for both means and its own variance for sigma_t."""
+    seen = _spy_kl(monkeypatch)
+    run_dir = train(_tiny_config(tmp_path / "kl", epochs=1, lr=1e-3, kl_samples=3))
+    run, samples, value = seen["run"], seen["samples"], seen["value"]
+    assert _history(run_dir)[0]["kl/pretrained"] == pytest.approx(value)
+    pretrained, scheduler, w = tiny.load_tiny().unet, run.model.scheduler, run.cfg.guidance_scale
+    context = torch.cat([run.negative_embeds.expand(3, -1, -1), samples.prompt_embeds[:3]])
+    kls = []
+    with torch.no_grad():
+        for j, t in enumerate(samples.timesteps.tolist()):
+            sigma2 = scheduler._get_variance(t, t - 1000 // run.cfg.num_steps)  # eta = 1
+            if sigma2 == 0:  # the deterministic last step has no density
+                continue
+            x = samples.latents[:3, j]
+            means = []
+            for unet in (run.model.unet, pretrained):
+                pair = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
+                uncond, cond = pair.chunk(2)
+                out = uncond + w * (cond - uncond)
+                means.append(scheduler.step(out, t, x, eta=1.0,
+                                            variance_noise=torch.zeros_like(x)).prev_sample)
+            kls.append(((means[0] - means[1]) ** 2).mean(dim=(1, 2, 3)) / (2 * sigma2))
+    oracle = torch.cat(kls).mean().item()
+    assert value > 0 and value == pytest.approx(oracle, rel=1e-3)
+
+
+def test_kl_to_pretrained_with_lora_switches_the_adapters_off_and_on(tiny_sd_folder, tmp_path,
+                                                                      monkeypatch):
+    seen = _spy_kl(monkeypatch)
+    train(_sd_config(tiny_sd_folder, tmp_path / "run", kl_samples=2))
+    run, samples = seen["run"], seen["samples"]
+    assert run.reference is None and seen["value"] > 0  # LoRA keeps no copy of the UNet
+    lora_b = [p for n, p in run.model.unet.named_parameters() if "lora_B" in n]
+    saved = [p.detach().clone() for p in lora_b]
+    with torch.no_grad():
+        for p in lora_b:
+            p.zero_()  # LoRA's output is B A x: with B = 0 the policy is the pretrained one
+    assert ddpo_min.kl_to_pretrained(run, samples) == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        for p, v in zip(lora_b, saved):
+            p.copy_(v)
+    # the adapters are on again after each call: the same value as in the loop
+    assert ddpo_min.kl_to_pretrained(run, samples) == pytest.approx(seen["value"], rel=1e-5)
+
+
+def test_tiny_rwr_weighs_advantages_not_raw_rewards(random_tiny_weights, tmp_path, monkeypatch):
+    """At tiny scale exp(r / 5) of JPEG sizes (~0.1 kB apart) would leave every weight at ~1:
+    RWR there weighs the per-prompt advantage, exp(A)."""
+    signals = []
+    real = ddpo_min.rwr_weights
+    monkeypatch.setattr(ddpo_min, "rwr_weights",
+                        lambda r, beta: (signals.append(r.clone()), real(r, beta))[1])
+    assert Config.tiny(algo="rwr").rwr_signal == "advantage" and Config().rwr_signal == "reward"
+    run_dir = train(_tiny_config(tmp_path / "adv", algo="rwr", epochs=1))
+    (r,) = signals
+    assert abs(r.mean().item()) < 1e-5  # A: standardised (over the batch: buffers not yet full)
+    assert r.std(unbiased=False).item() == pytest.approx(1, rel=1e-3)
+    weights = real(r, Config.tiny(algo="rwr").rwr_beta)
+    assert weights.max() / weights.min() > 2
+    assert _history(run_dir)[0]["reward/mean"] < -0.1  # compressibility: minus the JPEG kB
+    run_dir = train(_tiny_config(tmp_path / "raw", algo="rwr", epochs=1, rwr_signal="reward",
+                                 rwr_beta=0.2))
+    assert signals[1].mean().item() == pytest.approx(_history(run_dir)[0]["reward/mean"])

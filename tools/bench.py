@@ -4,6 +4,7 @@
     python -m tools.bench contention # epoch time idle vs beside one busy process (~8 min)
     python -m tools.bench learning   # the tiny-scale learning bars, one seed (~1 hour on 2 cores)
     python -m tools.bench learning --only alignment --seeds 0 1 2   # 3 seeds, judged on the mean
+    python -m tools.bench compare    # DDPO_IS vs DDPO_SF vs RWR vs sparse RWR (tools/compare.py)
 
 `speed` runs five epochs with the tiny defaults and compares each with the "UNet floor", timed
 right after it: the same number of UNet forward calls (sampling) and forward+backward calls
@@ -43,6 +44,7 @@ import config
 import ddpo_min
 import rewards as R
 import tiny
+from sampler import trainable_steps
 from tools.tiny_report import sample_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +66,8 @@ def unet_floor(cfg: config.Config) -> dict:
     n = config.samples_per_epoch(cfg)
     model.scheduler.set_timesteps(cfg.num_steps)
     # trainable timesteps per sample
-    _, t_train = ddpo_min.trainable_steps(cfg, model.scheduler, model.scheduler.timesteps)
+    _, t_train = trainable_steps(model.scheduler, model.scheduler.timesteps, cfg.eta,
+                                 cfg.timestep_fraction)
     n_fwd = cfg.sample_batches * cfg.num_steps
     n_fwd_bwd = (cfg.inner_epochs * cfg.minibatches * (n // cfg.minibatches // cfg.train_batch_size)
                  * t_train)
@@ -379,11 +382,21 @@ def main() -> None:
                     help="one run per seed (default: 0); the bar is judged on the mean over seeds")
     pl.add_argument("--eval-every", type=float, default=5.0,
                     help="minutes of training between held-out checkpoints")
+    pc = sub.add_parser("compare", help="the four algorithms, 3 seeds, two rewards "
+                        "(resumable; see tools/compare.py)")
+    pc.add_argument("--max-minutes", type=float, default=0.0,
+                    help="start no new training chunk after this many minutes (0 = run all)")
+    pc.add_argument("--report", action="store_true",
+                    help="only rebuild assets/compare.json and compare.png from finished runs")
     args = p.parse_args()
     if args.cmd == "speed":
         speed()
     elif args.cmd == "contention":
         contention()
+    elif args.cmd == "compare":
+        from tools import compare
+
+        compare.report() if args.report else compare.compare(args.max_minutes)
     else:
         learning(args.only, args.seeds, args.eval_every)
 

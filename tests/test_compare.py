@@ -1,0 +1,45 @@
+"""`python -m tools.bench compare` at toy size: every stage runs, stops at its deadline, continues
+where it stopped, and its report reads the finished runs."""
+
+from __future__ import annotations
+
+import json
+
+import tiny
+from tools import compare
+
+
+def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "OUT", tmp_path / "assets" / "compare")
+    monkeypatch.setattr(compare, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(compare, "REPORT", tmp_path / "assets" / "compare.json")
+    monkeypatch.setattr(compare, "REWARDS", ("compressibility",))
+    monkeypatch.setattr(compare, "ALGOS", ("ddpo_sf", "rwr_sparse"))  # one of each kind
+    monkeypatch.setattr(compare, "LRS", (1e-4, 1e-3))
+    monkeypatch.setattr(compare, "SEEDS", (0, 1))
+    monkeypatch.setattr(compare, "EPOCHS", 2)
+    monkeypatch.setattr(compare, "EVAL_EVERY", 1)
+    monkeypatch.setattr(compare, "EVAL_SETS", {"trained": (compare.TRAIN_ANIMALS[:2], 1),
+                                               "unseen_animals": (compare.HELD_OUT_ANIMALS[:2], 1),
+                                               "objects": (tiny.generalisation_prompts()[:2], 1)})
+    monkeypatch.setattr(compare, "OVERRIDES", dict(
+        num_steps=3, sample_batch_size=4, sample_batches=2, samples_per_prompt=2,
+        train_batch_size=4, grid_size=4, device="cpu", kl_samples=2))
+    runs = compare.OUT / "runs"
+
+    compare.compare(max_minutes=1e-9)  # the deadline passes at once: no run finishes
+    assert not runs.exists() or not list(runs.glob("*.json"))
+    compare.compare()  # continues: the sweep (2 algorithms x 2 rates), then seed 1
+    names = sorted(p.stem for p in runs.glob("*.json"))
+    assert len(names) == 2 * 2 + 2  # seed 0 of the picked rate is the sweep's run
+    summary = json.loads(compare.REPORT.read_text())
+    assert set(summary["picked_lr"]) == set(compare.ALGOS)
+    for algo, res in summary["results"]["compressibility"].items():
+        assert res["lr"] == summary["picked_lr"][algo] and res["seeds"] == [0, 1]
+        assert res["queries"] == [0, 8] and res["eval_queries"] == [8, 16]
+        assert all(v > 0 for v in res["kl_pretrained"]["mean"])  # every algorithm moved
+    assert compare.REPORT.with_suffix(".png").is_file()
+    # a finished run is never trained again
+    stamp = {p: p.stat().st_mtime for p in runs.glob("*.json")}
+    compare.compare()
+    assert {p: p.stat().st_mtime for p in runs.glob("*.json")} == stamp
