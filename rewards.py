@@ -372,25 +372,31 @@ def load_clip_image_tower(name: str = CLIP_MODEL, device: str | torch.device = "
 
 
 def bertscore_from_embeddings(
-    cand: torch.Tensor, cand_mask: torch.Tensor, ref: torch.Tensor, ref_mask: torch.Tensor
+    cand: torch.Tensor, cand_mask: torch.Tensor, ref: torch.Tensor, ref_mask: torch.Tensor,
+    cand_tokens: torch.Tensor | None = None, ref_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BERTScore precision, recall, F1 from token embeddings (no idf weighting, no baseline
-    rescale).
+    rescale), computed as the bert_score package computes it.
 
         x_i = candidate token embeddings, y_j = reference token embeddings, both L2-normalised
         R = 1/|y| sum_j max_i x_i . y_j   (every reference token finds its best candidate token)
         P = 1/|x| sum_i max_j x_i . y_j   (every candidate token finds its best reference token)
         F = 2 P R / (P + R)
 
-    cand (B, Lc, D), ref (B, Lr, D); masks bool (B, Lc) / (B, Lr), True for real (non-special,
-    non-padding) tokens. A sentence with no real tokens scores 0 (as the bert_score package does for
-    an empty candidate). Returns three float32 tensors (B,).
+    cand (B, Lc, D), ref (B, Lr, D). The sums and |x|, |y| run over the real tokens, `cand_mask` /
+    `ref_mask` (bool, True for non-special, non-padding tokens). The max runs over
+    `cand_tokens` / `ref_tokens` (default: the same masks): the bert_score package lets [CLS]
+    and [SEP] be matched (they only get zero weight in the sums), and scores a pair with padding
+    as cosine 0. A sentence with no real tokens scores 0 (the package's empty candidate).
+    Returns three float32 tensors (B,).
     """
+    cand_tokens = cand_mask if cand_tokens is None else cand_tokens
+    ref_tokens = ref_mask if ref_tokens is None else ref_tokens
     x = torch.nn.functional.normalize(cand.float(), dim=-1)  # x_i / ||x_i||
     y = torch.nn.functional.normalize(ref.float(), dim=-1)  # y_j / ||y_j||
     sim = x @ y.transpose(1, 2)  # (B, Lc, Lr): cos(x_i, y_j)
-    pair_ok = cand_mask[:, :, None] & ref_mask[:, None, :]  # (B, Lc, Lr)
-    sim = sim.masked_fill(~pair_ok, -2.0)  # below any cosine, so padding never wins a max
+    pair_ok = cand_tokens[:, :, None] & ref_tokens[:, None, :]  # (B, Lc, Lr)
+    sim = sim.masked_fill(~pair_ok, 0.0)  # as the package: similarity times the pair mask
     best_for_ref = sim.max(dim=1).values  # (B, Lr): max_i x_i . y_j
     best_for_cand = sim.max(dim=2).values  # (B, Lc): max_j x_i . y_j
     n_ref = ref_mask.sum(-1)  # |y|
@@ -419,10 +425,10 @@ class BERTScorer:
     """BERTScore with a pluggable encoder: contextual token embeddings from one hidden layer.
 
     `layer` indexes `hidden_states` as transformers returns them: 0 is the embedding layer, k the
-    output of transformer block k (so layer 40 = bert_score's num_layers=40). Special tokens
-    ([CLS], [SEP], padding, ...) are dropped from the matching; they still take part in the
-    encoder's attention, as in the bert_score package. Not done (bert_score options off by
-    default): idf weighting, rescaling with a baseline.
+    output of transformer block k (so layer 40 = bert_score's num_layers=40). As in the
+    bert_score package (tests/test_rewards.py checks it equals the package): special tokens
+    ([CLS], [SEP]) may be matched but carry no weight in the averages; padding is ignored. Not
+    done (bert_score options off by default): idf weighting, rescaling with a baseline.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, layer: int,
@@ -436,8 +442,9 @@ class BERTScorer:
         self.tokenizer, self.layer = tokenizer, layer
         self._lock = threading.Lock()
 
-    def embed(self, sentences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sentences -> (token embeddings float32 (B, L, D), mask of real tokens bool (B, L))."""
+    def embed(self, sentences: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sentences -> token embeddings float32 (B, L, D), the mask of real tokens (words, no
+        special tokens) and the mask of all tokens (no padding), bool (B, L) each."""
         with self._lock:  # one tokenizer call at a time (fast tokenizers are not re-entrant)
             enc = self.tokenizer(list(sentences), padding=True, truncation=True,
                                  return_tensors="pt", return_special_tokens_mask=True)
@@ -446,8 +453,8 @@ class BERTScorer:
         with self._lock, torch.inference_mode():
             # (B, L, D)
             hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.layer]
-        mask = enc["attention_mask"].bool().cpu() & ~special  # real tokens only
-        return hidden.float().cpu(), mask
+        tokens = enc["attention_mask"].bool().cpu()  # every token but padding
+        return hidden.float().cpu(), tokens & ~special, tokens
 
     def score(self, candidates: Sequence[str], references: Sequence[str]) -> dict[str, np.ndarray]:
         """BERTScore of each candidate against its reference: {"precision", "recall", "f1"},
@@ -457,9 +464,10 @@ class BERTScorer:
         if len(candidates) == 0:
             empty = np.zeros(0, dtype=np.float32)
             return {"precision": empty, "recall": empty, "f1": empty}
-        cand, cand_mask = self.embed(candidates)  # (B, Lc, D), (B, Lc)
-        ref, ref_mask = self.embed(references)  # (B, Lr, D), (B, Lr)
-        p, r, f = bertscore_from_embeddings(cand, cand_mask, ref, ref_mask)
+        cand, cand_mask, cand_tokens = self.embed(candidates)  # (B, Lc, D), (B, Lc), (B, Lc)
+        ref, ref_mask, ref_tokens = self.embed(references)  # (B, Lr, D), (B, Lr), (B, Lr)
+        p, r, f = bertscore_from_embeddings(cand, cand_mask, ref, ref_mask, cand_tokens,
+                                            ref_tokens)
         return {"precision": p.numpy(), "recall": r.numpy(), "f1": f.numpy()}
 
 

@@ -5,6 +5,7 @@
     python -m tools.bench learning   # the tiny-scale learning bars, one seed (~1 hour on 2 cores)
     python -m tools.bench learning --only alignment --seeds 0 1 2   # 3 seeds, judged on the mean
     python -m tools.bench compare    # DDPO_IS vs DDPO_SF vs RWR vs sparse RWR (tools/compare.py)
+    python -m tools.bench gpu        # the one-shot paper-scale check on a GPU (tools/gpu_check.py)
 
 `speed` runs five epochs with the tiny defaults and compares each with the "UNet floor", timed
 right after it: the same number of UNet forward calls (sampling) and forward+backward calls
@@ -388,6 +389,11 @@ def main() -> None:
                     help="start no new training chunk after this many minutes (0 = run all)")
     pc.add_argument("--report", action="store_true",
                     help="only rebuild assets/compare.json and compare.png from finished runs")
+    pg = sub.add_parser("gpu", help="SD v1.4 (random weights, no network) on a GPU: ratios at "
+                        "theta_old, fp16 gradients, memory, speed (see tools/gpu_check.py)")
+    pg.add_argument("--toy", action="store_true", help="toy size on a CPU (what the tests run)")
+    pg.add_argument("--out", type=Path, default=None,
+                    help="where the JSON goes (default: assets/bench_gpu.json)")
     args = p.parse_args()
     if args.cmd == "speed":
         speed()
@@ -397,6 +403,10 @@ def main() -> None:
         from tools import compare
 
         compare.report() if args.report else compare.compare(args.max_minutes)
+    elif args.cmd == "gpu":
+        from tools.gpu_check import gpu_check
+
+        gpu_check(args.toy, args.out)
     else:
         learning(args.only, args.seeds, args.eval_every)
 

@@ -192,15 +192,17 @@ nbutils.check(np.ptp(good) > 10 * np.ptp(bad), "with floats rescaled twice the s
 # against the reference "*The image contains {prompt}*" with BERTScore. At tiny scale the "VLM" is a small
 # CNN trained to name the emoji (`tiny.load_captioner()`), and BERTScore runs on MiniLM-L6, offline.
 #
-# BERTScore embeds both sentences with a transformer, keeps one contextual vector per word piece
-# (special tokens dropped), L2-normalises them, and matches tokens greedily by cosine similarity.
-# With candidate tokens $x_i$ (the caption) and reference tokens $y_j$:
+# BERTScore embeds both sentences with a transformer, keeps one contextual vector per token, L2-normalises
+# them, and matches tokens greedily by cosine similarity. With candidate tokens $x_i$ (the caption) and
+# reference tokens $y_j$, the sums running over the word pieces:
 #
 # $$R = \frac1{|y|}\sum_j \max_i\ x_i^\top y_j,\qquad P = \frac1{|x|}\sum_i \max_j\ x_i^\top y_j,\qquad
 #   F = \frac{2PR}{P+R}.$$
 #
 # The reward is **recall**: every word of the reference should be matched by something in the caption;
-# extra words in the caption cost nothing.
+# extra words in the caption cost nothing. One detail follows the `bert_score` package, which the authors'
+# reward server ran: the special tokens `[CLS]` and `[SEP]` carry no weight in the sums, but they may
+# still be the best match $\max_i$ of a word (`rewards.BERTScorer` is tested equal to the package).
 #
 # (Letters: Zhang et al.'s BERTScore paper writes the reference as $x$ and the candidate as $\hat x$. Here
 # the candidate is $x$ and the reference $y$, so their $x$ is our $y$ and their $\hat x$ our $x$; the
@@ -224,13 +226,14 @@ nbutils.show_images(examples, [f"caption: {c}" for c in caption], ncols=2, size=
 # %%
 candidate, prompt = caption[0], "a cat"
 reference = rewards.ALIGNMENT_REFERENCE.format(prompt=prompt)
-(cand_emb, cand_mask), (ref_emb, ref_mask) = scorer.embed([candidate]), scorer.embed([reference])
+(cand_emb, cand_words, _), (ref_emb, ref_words, _) = scorer.embed([candidate]), scorer.embed([reference])
 tok = scorer.tokenizer
-cand_tokens = [t for t, m in zip(tok.convert_ids_to_tokens(tok(candidate)["input_ids"]), cand_mask[0]) if m]
-ref_tokens = [t for t, m in zip(tok.convert_ids_to_tokens(tok(reference)["input_ids"]), ref_mask[0]) if m]
-x = torch.nn.functional.normalize(cand_emb[0][cand_mask[0]], dim=-1)  # (|x|, D) candidate tokens
-y = torch.nn.functional.normalize(ref_emb[0][ref_mask[0]], dim=-1)  # (|y|, D) reference tokens
-sim = x @ y.T  # (|x|, |y|) cosine similarities
+cand_tokens = tok.convert_ids_to_tokens(tok(candidate)["input_ids"])  # [CLS] ... [SEP], no padding
+ref_tokens = tok.convert_ids_to_tokens(tok(reference)["input_ids"])
+x = torch.nn.functional.normalize(cand_emb[0], dim=-1)  # (Lc, D) every candidate token
+y = torch.nn.functional.normalize(ref_emb[0], dim=-1)  # (Lr, D) every reference token
+sim = x @ y.T  # (Lc, Lr) cosine similarities
+cand_words, ref_words = cand_words[0], ref_words[0]  # (Lc,), (Lr,) True for word pieces
 
 print(f"candidate: {candidate!r}   reference: {reference!r}\n")
 print(" " * 10 + "".join(f"{t:>10s}" for t in ref_tokens))
@@ -238,8 +241,8 @@ for t, row in zip(cand_tokens, sim):
     print(f"{t:>10s}" + "".join(f"{v:10.3f}" for v in row.tolist()))
 print(" " * 10 + "".join(f"{v:10.3f}" for v in sim.max(0).values.tolist()), "  <- best match per reference token")
 
-recall_hand = sim.max(dim=0).values.mean().item()  # mean over reference tokens of the best candidate match
-precision_hand = sim.max(dim=1).values.mean().item()
+recall_hand = sim.max(dim=0).values[ref_words].mean().item()  # mean over reference words of the best match
+precision_hand = sim.max(dim=1).values[cand_words].mean().item()
 f1_hand = 2 * precision_hand * recall_hand / (precision_hand + recall_hand)
 s = scorer.score([candidate], [reference])
 print(f"\nrecall    by hand {recall_hand:.5f}   scorer {s['recall'][0]:.5f}")
