@@ -532,7 +532,8 @@ def kl_to_pretrained(run: Run, samples: Samples) -> float | None:
     """Diagnostic, not a loss: how far the policy has moved from the pretrained one.
 
         KL_t = KL( p_θ(x_{t-1} | x_t, c) || p_pretrained(x_{t-1} | x_t, c) ),  averaged over the
-        stochastic steps of this epoch's first `kl_samples` trajectories (after this epoch's update)
+        stochastic steps of `kl_samples` of this epoch's trajectories, evenly spaced (after this
+        epoch's update)
 
     Both policies are Gaussians with the same σ_t (Eq. 2), so KL_t = |μ_θ - μ_pre|^2 / (2 σ_t^2),
     averaged over C*H*W like the log-probs. With LoRA the pretrained policy is the same UNet with
@@ -541,7 +542,9 @@ def kl_to_pretrained(run: Run, samples: Samples) -> float | None:
     cfg, model = run.cfg, run.model
     if not cfg.kl_samples:
         return None
-    idx = torch.arange(min(cfg.kl_samples, len(samples.index)))  # (K,)
+    # K rows spread over this process's samples, so over several prompts (not one prompt's group)
+    idx = torch.linspace(0, len(samples.index) - 1, min(cfg.kl_samples, len(samples.index)))
+    idx = idx.round().long()  # (K,)
     steps, _ = trainable_steps(model.scheduler, samples.timesteps, cfg.eta, 1.0)
     embeds = samples.prompt_embeds[idx]  # (K, L, D)
 

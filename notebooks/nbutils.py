@@ -38,15 +38,47 @@ for path in (ROOT, ROOT / "notebooks"):
 SCALES = ("tiny", "paper")
 
 
-def use_scale(scale: str) -> None:
-    """Validate SCALE; for "paper", let the hub be used (it needs network access or a local
-    copy)."""
+def use_scale(scale: str) -> str:
+    """Validate SCALE and return the scale to run; for "paper", let the hub be used (it needs
+    network access or a local copy).
+
+    DDPO_SCALE in the environment wins over the notebook's SCALE: that is how the tests execute
+    the paper branches, against random toy models they build (see PAPER below)."""
+    scale = os.environ.get("DDPO_SCALE", scale)
     if scale not in SCALES:
         raise ValueError(f"SCALE must be one of {SCALES}, got {scale!r}")
-    if scale == "paper":
+    if scale == "paper" and "DDPO_PAPER_MODEL" not in os.environ:
         for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             if os.environ.get(var) == "1":
                 os.environ.pop(var)
+    return scale
+
+
+# Paper scale: SD v1.4 and the real reward models from the hub, on the GPU. The tests replace them
+# with random toy models saved to local folders (DDPO_PAPER_MODEL, DDPO_CLIP_MODEL, DDPO_VLM) and
+# shrink the runs (DDPO_PAPER_TOY=1), so every paper branch executes on a CPU in CI.
+PAPER_MODEL = os.environ.get("DDPO_PAPER_MODEL", "CompVis/stable-diffusion-v1-4")
+PAPER_CLIP = os.environ.get("DDPO_CLIP_MODEL", "openai/clip-vit-large-patch14")
+PAPER_VLM = os.environ.get("DDPO_VLM", "Qwen/Qwen2-VL-2B-Instruct")
+PAPER_TOY = os.environ.get("DDPO_PAPER_TOY") == "1"
+# config overrides for a paper-scale run: none, or the toy sizes of the tests
+PAPER_OVERRIDES = (dict(model=PAPER_MODEL, num_steps=4, sample_batch_size=2, sample_batches=2,
+                        train_batch_size=1, minibatches=2, grid_size=4)
+                   if PAPER_TOY else dict(model=PAPER_MODEL))
+
+
+def paper_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_paper_model():
+    """SD v1.4 with LoRA in fp32 on the GPU (the notebooks' paper branch)."""
+    from config import Config
+    from loading import load_model
+
+    return load_model(Config(model=PAPER_MODEL, mixed_precision="no"), paper_device())
 
 
 def check(ok, what: str) -> None:
@@ -96,3 +128,47 @@ def restore_inline_plots() -> None:
     shell = get_ipython()
     if shell is not None and "ipykernel" in sys.modules:
         shell.run_line_magic("matplotlib", "inline")  # what `%matplotlib inline` does
+
+
+def show_comparison(algos: tuple[str, ...] = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")) -> dict:
+    """Show the repository's committed comparison of the algorithms (`python -m tools.bench
+    compare`: assets/compare.json and compare.png) and print its numbers; returns the JSON.
+
+    Nothing is trained here: the runs take hours on 2 cores, so they are made once, by the
+    command, and read here."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    summary = json.loads((ROOT / "assets" / "compare.json").read_text())
+    p = summary["protocol"]
+    print(f"protocol: {p['epochs']} epochs of 64 samples per run, held-out checkpoints every "
+          f"{p['eval_every']} epochs; lr sweep {p['lrs']} on {p['sweep']}; "
+          f"{summary['finished_runs']} runs finished, {summary['training_hours']:.1f} h of "
+          "training")
+    for algo in algos:
+        scores = summary["sweep"].get(algo, {})
+        print(f"  sweep {algo:<11}" + "".join(f"  lr {lr}: {v:+.4f}" for lr, v in scores.items())
+              + f"  -> picked {summary['picked_lr'].get(algo)}")
+    pre = summary["pretrained"]
+    for reward, results in summary["results"].items():
+        sign = -1 if reward == "compressibility" else 1
+        print(f"\n{reward}: held-out JPEG change toward the reward at the last checkpoint "
+              "(trained animals / unseen animals / objects), captioner top-1 on trained animals")
+        for algo in algos:
+            if algo not in results:
+                continue
+            r = results[algo]
+            gains = [sign * 100 * (r["evals"][f"{k}/jpeg_kb"]["mean"][-1] / pre[k]["jpeg_kb"] - 1)
+                     for k in ("trained", "unseen_animals", "objects")]
+            top1 = 100 * r["evals"]["trained/caption_top1"]["mean"][-1]
+            print(f"  {algo:<11} ({len(r['seeds'])} seeds) "
+                  + " / ".join(f"{g:+5.1f}%" for g in gains)
+                  + f"   top-1 {100 * pre['trained']['caption_top1']:.0f}% -> {top1:.0f}%")
+    figure = ROOT / "assets" / "compare.png"
+    if figure.exists():
+        plt.figure(figsize=(16, 4 * max(1, len(summary["results"]))))
+        plt.imshow(plt.imread(figure))
+        plt.axis("off")
+        plt.show()
+    return summary

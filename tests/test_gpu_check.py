@@ -1,4 +1,5 @@
-"""The one-shot GPU check at toy size on a CPU: the same code, so it cannot rot before a GPU is lent."""
+"""The one-shot GPU check at toy size on a CPU: the same code, so it cannot rot before a GPU is
+lent."""
 
 from __future__ import annotations
 

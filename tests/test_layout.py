@@ -64,7 +64,8 @@ def test_import_graph_has_no_cycles():
 
 
 # "seed 001", "DESIGN.md" and "issue 5" point to documents a reader of the project does not have
-INTERNAL = re.compile(r"\bseed 00\d|\bseeds/|DESIGN\.md|\bissue #?\d+\b(?! on)|\(issue \d", re.I)
+INTERNAL = re.compile(r"\bseed 00\d|\bseeds/|\bseed documents?\b|DESIGN\.md|\bissue #?\d+\b(?! on)"
+                      r"|\(issue \d", re.I)
 # citing a public repository's issue (owner/repo#N or "owner/repo, issue N") is fine
 PUBLIC = re.compile(r"[\w.-]+/[\w.-]+(#\d+|,? issues? #?\d+)")
 
@@ -88,7 +89,7 @@ def test_code_notebooks_and_readme_cite_no_internal_documents():
 
 
 @pytest.mark.parametrize("line", ["as seed 001 says", "see DESIGN.md", "the bar of issue 3",
-                                  "(issue 5)"])
+                                  "(issue 5)", "from the seed documents"])
 def test_the_reference_check_catches_internal_references(line):
     assert internal_references(line)
 

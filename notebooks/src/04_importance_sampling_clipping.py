@@ -16,7 +16,7 @@ SCALE = "tiny"  # "tiny": CPU, offline, ~30 s. "paper": SD v1.4 + LoRA; needs th
 # %%
 import nbutils
 
-nbutils.use_scale(SCALE)
+SCALE = nbutils.use_scale(SCALE)  # DDPO_SCALE in the environment wins
 import math
 
 import matplotlib.pyplot as plt
@@ -25,9 +25,7 @@ import torch
 
 import rewards
 import sampler
-from config import Config
 from ddpo_min import PerPromptStatTracker, clip_advantages, ddpo_is_loss, ddpo_sf_loss
-from loading import load_model
 
 if SCALE == "tiny":
     import tiny
@@ -35,7 +33,7 @@ if SCALE == "tiny":
     model = tiny.load_tiny()
     model.unet.requires_grad_(True)  # full fine-tuning at tiny scale
 else:
-    model = load_model(Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 + LoRA, fp32
+    model = nbutils.load_paper_model()  # SD v1.4 + LoRA, fp32
 unet, scheduler = model.unet, model.scheduler
 
 # %% [markdown]

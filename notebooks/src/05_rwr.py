@@ -11,12 +11,12 @@
 # the training loop.
 
 # %%
-SCALE = "tiny"  # "tiny": CPU, offline, ~1.5 min. "paper": SD v1.4 + LoRA on one GPU; needs the Hugging Face hub.
+SCALE = "tiny"  # "tiny": CPU, offline, ~2 min. "paper": SD v1.4 + LoRA on one GPU; needs the Hugging Face hub.
 
 # %%
 import nbutils
 
-nbutils.use_scale(SCALE)
+SCALE = nbutils.use_scale(SCALE)  # DDPO_SCALE in the environment wins
 import json
 import math
 
@@ -29,7 +29,7 @@ import rewards
 import sampler
 from config import Config
 from ddpo_min import diffusion_mse_loss, rwr_weights, sparse_rwr_mask
-from loading import load_model, load_prompts
+from loading import load_prompts
 
 if SCALE == "tiny":
     import tiny
@@ -38,7 +38,7 @@ if SCALE == "tiny":
     model = tiny.load_tiny()
     PROMPTS = tiny.ANIMAL_PROMPTS[:16]
 else:
-    model = load_model(Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 + LoRA, fp32
+    model = nbutils.load_paper_model()  # SD v1.4 + LoRA, fp32
     PROMPTS = load_prompts("simple_animals")[:16]
 
 # %% [markdown]
@@ -155,7 +155,8 @@ nbutils.check(abs(mle_mean - exact_mean) < 0.01 and abs(mle_var - exact_var) < 0
 #
 # in which each term, with the model's variance fixed to the posterior's $\tilde\beta_t$, is a squared
 # error of means: $L_{t-1} = \|\tilde\mu - \mu_\theta\|^2/(2\tilde\beta_t)$. By notebook 1, that is
-# $\lambda_t\,\|v_\theta - v\|^2$ with $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\tilde\beta_t)$. The practical loss
+# $\lambda_t\,\|v_\theta - v\|^2$ with $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\tilde\beta_t)$ (for an $\varepsilon$-predicting
+model such as SD: $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\bar\alpha_t\tilde\beta_t)$ on $\|\varepsilon_\theta - \varepsilon\|^2$). The practical loss
 # (`diffusion_mse_loss`, Eq. 1 as everyone implements it) sets $\lambda_t = 1$ for all $t$: a *reweighted*
 # bound. So RWR maximises a weighted version of a reweighted bound on the likelihood, in place of the
 # likelihood that the KL argument of §5.2 assumed.
@@ -169,7 +170,10 @@ betas_s, alphas_s, abar = scheduler.betas.double(), scheduler.alphas.double(), s
 a_coef = abar[:-1].sqrt() * betas_s[1:] / (1 - abar[1:])  # a_t for t = 1..999 (weight of x_0 in mu-tilde)
 b_coef = alphas_s[1:].sqrt() * (1 - abar[:-1]) / (1 - abar[1:])  # b_t (weight of x_t)
 beta_tilde = (1 - abar[:-1]) / (1 - abar[1:]) * betas_s[1:]  # posterior variance
-lam = a_coef**2 * (1 - abar[1:]) / (2 * beta_tilde)  # lambda_t, t = 1..999
+v_pred = scheduler.config.prediction_type == "v_prediction"  # the tiny model; SD v1.4 predicts eps
+# ||x_0 - x0_hat||^2 = (1 - abar_t) ||v_theta - v||^2, or (1 - abar_t) / abar_t ||eps_theta - eps||^2
+pred_weight = (1 - abar[1:]) if v_pred else (1 - abar[1:]) / abar[1:]
+lam = a_coef**2 * pred_weight / (2 * beta_tilde)  # lambda_t, t = 1..999
 
 if SCALE == "tiny":
     x0 = tiny.to_model_space(tiny_data.render_prompt_images(["a cat"], seed=3))  # (1, 3, 32, 32)
@@ -183,8 +187,11 @@ noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(dev
 with torch.no_grad():
     simple = diffusion_mse_loss(unet, scheduler, x0, c, t, noise).double()  # mean (v_theta - v)^2
     x_t = scheduler.add_noise(x0, noise, t).double()
-    v_theta = unet(x_t.float(), t, encoder_hidden_states=c).sample.double()
-x0_hat = abar[t_int].sqrt() * x_t - (1 - abar[t_int]).sqrt() * v_theta
+    out = unet(x_t.float(), t, encoder_hidden_states=c).sample.double()  # v_theta (SD: eps_theta)
+if v_pred:
+    x0_hat = abar[t_int].sqrt() * x_t - (1 - abar[t_int]).sqrt() * out
+else:
+    x0_hat = (x_t - (1 - abar[t_int]).sqrt() * out) / abar[t_int].sqrt()
 k = t_int - 1  # index into the t = 1..999 arrays
 posterior = torch.distributions.Normal(a_coef[k] * x0.double().cpu() + b_coef[k] * x_t.cpu(), beta_tilde[k].sqrt())
 model_step = torch.distributions.Normal(a_coef[k] * x0_hat.cpu() + b_coef[k] * x_t.cpu(), beta_tilde[k].sqrt())
@@ -217,9 +224,7 @@ plt.show()
 # policy that sampled). Below: two epochs of each at the tiny defaults (`Config.tiny()`, 64 samples per
 # epoch).
 #
-# Two epochs only show the mechanics. For a comparison worth reading, run e.g.
-# `python ddpo_min.py --model tiny --algo rwr_sparse --epochs 15` and the same with `--algo ddpo_is`, and
-# compare the `reward_curve.png` in the two run folders.
+# Two epochs only show the mechanics; §5.5 compares the algorithms over whole runs.
 
 # %%
 EPOCHS = 2  # CI setting; try 15+
@@ -228,7 +233,7 @@ for algo in ("rwr", "rwr_sparse"):
     if SCALE == "tiny":
         cfg = Config.tiny(algo=algo, epochs=EPOCHS)  # what `--model tiny` selects
     else:
-        cfg = Config.paper(reward="compressibility", algo=algo, epochs=EPOCHS)
+        cfg = Config.paper(reward="compressibility", algo=algo, epochs=EPOCHS, **nbutils.PAPER_OVERRIDES)
     run_dir = ddpo_min.train(cfg)  # a fresh folder under runs/ (a finished run's folder would be resumed)
     nbutils.restore_inline_plots()
     histories[algo] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -240,3 +245,26 @@ for algo, hist in histories.items():
               f"loss {m['loss/policy']:.4f}   {m['time/epoch']:.0f} s")
 nbutils.check(all(len(h) == EPOCHS and all(np.isfinite(m["loss/policy"]) for m in h) for h in histories.values()),
               f"both RWR variants ran {EPOCHS} epochs through ddpo_min.train with finite losses")
+
+# %% [markdown]
+# ## 5.5 DDPO against RWR, over whole runs
+#
+# The paper's Fig. 4 plots reward against the number of reward queries (samples) and finds both DDPO
+# variants above both RWR variants, and DDPO$_\text{IS}$ (several clipped steps per round of sampling)
+# above DDPO$_\text{SF}$ (one step). `python -m tools.bench compare` repeats that at tiny scale: the four
+# algorithms, each with its own learning rate from a small sweep, the same 64 samples per epoch for the same
+# number of epochs, several seeds, training on 36 animals. Every few epochs it samples a fixed held-out noise
+# set on the trained animals, on 9 animals never trained on and on 32 everyday emoji (generalisation, the
+# paper's Sec. 6.3), and the tiny captioner says whether the animal is still recognisable (over-optimisation,
+# Sec. 6.4). The runs take hours on 2 cores, so they are made once by that command and committed
+# (`assets/compare.json`, `assets/compare.png`); this cell reads them. Columns of the figure: the on-policy
+# reward against reward queries (mean and min-max band over seeds), the held-out JPEG change toward the
+# reward, the captioner's top-1 and the KL to the pretrained policy. The README says how far the paper's
+# ordering holds here.
+
+# %%
+summary = nbutils.show_comparison()
+budgets = {(reward, algo): tuple(r["queries"]) for reward, res in summary["results"].items()
+           for algo, r in res.items()}
+nbutils.check(len(set(budgets.values())) == 1,
+              f"every compared run had the same sample budget ({len(budgets)} (reward, algorithm) pairs)")

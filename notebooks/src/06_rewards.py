@@ -21,7 +21,7 @@ SCALE = "tiny"  # "tiny": CPU, offline, ~30 s. "paper": SD v1.4 samples, CLIP Vi
 # %%
 import nbutils
 
-nbutils.use_scale(SCALE)
+SCALE = nbutils.use_scale(SCALE)  # DDPO_SCALE in the environment wins
 import io
 import math
 
@@ -31,8 +31,6 @@ from PIL import Image
 
 import rewards
 import sampler
-from config import Config
-from loading import load_model
 
 if SCALE == "tiny":
     import tiny
@@ -40,7 +38,7 @@ if SCALE == "tiny":
 
     model = tiny.load_tiny()
 else:
-    model = load_model(Config(mixed_precision="no"), torch.device("cuda"))  # SD v1.4 + LoRA, fp32
+    model = nbutils.load_paper_model()  # SD v1.4 + LoRA, fp32
 
 # %% [markdown]
 # ## 6.1 JPEG size
@@ -175,7 +173,7 @@ config = CLIPConfig(
 torch.manual_seed(0)
 small_clip = CLIPModel(config).eval()
 if SCALE == "paper":
-    small_clip = rewards.load_clip_image_tower()  # the real ViT-L/14 (hub)
+    small_clip = rewards.load_clip_image_tower(nbutils.PAPER_CLIP)  # the real ViT-L/14 (hub)
 aesthetic = rewards.AestheticReward(small_clip, head)
 good, _ = aesthetic(images, prompts)  # correct: uint8 path inside
 with torch.no_grad():
@@ -212,7 +210,7 @@ nbutils.check(np.ptp(good) > 10 * np.ptp(bad), "with floats rescaled twice the s
 if SCALE == "tiny":
     describer = rewards.TinyCaptionerDescriber(tiny.load_captioner())
 else:
-    describer = rewards.load_vlm(device="cuda")
+    describer = rewards.load_vlm(nbutils.PAPER_VLM, device=nbutils.paper_device())
 scorer = rewards.load_bertscore(rewards.MINILM)  # offline MiniLM-L6, layer 6
 
 if SCALE == "tiny":
