@@ -156,7 +156,7 @@ nbutils.check(abs(mle_mean - exact_mean) < 0.01 and abs(mle_var - exact_var) < 0
 # in which each term, with the model's variance fixed to the posterior's $\tilde\beta_t$, is a squared
 # error of means: $L_{t-1} = \|\tilde\mu - \mu_\theta\|^2/(2\tilde\beta_t)$. By notebook 1, that is
 # $\lambda_t\,\|v_\theta - v\|^2$ with $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\tilde\beta_t)$ (for an $\varepsilon$-predicting
-model such as SD: $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\bar\alpha_t\tilde\beta_t)$ on $\|\varepsilon_\theta - \varepsilon\|^2$). The practical loss
+# model such as SD: $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\bar\alpha_t\tilde\beta_t)$ on $\|\varepsilon_\theta - \varepsilon\|^2$). The practical loss
 # (`diffusion_mse_loss`, Eq. 1 as everyone implements it) sets $\lambda_t = 1$ for all $t$: a *reweighted*
 # bound. So RWR maximises a weighted version of a reweighted bound on the likelihood, in place of the
 # likelihood that the KL argument of §5.2 assumed.
