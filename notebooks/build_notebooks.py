@@ -14,11 +14,18 @@ open are generated from it with no outputs (outputs are never committed). Edit t
 
     python notebooks/build_notebooks.py           # write the .ipynb files
     python notebooks/build_notebooks.py --check   # exit 1 if an .ipynb is missing or stale
+    python notebooks/build_notebooks.py --execute # executed copies in notebooks/executed/ (~8 min)
+
+The executed copies are what a reader sees on GitHub without running anything: every output, plot
+and `match: True`, with the exercises' reference solutions in place. Each records the hash of the
+source it was executed from; the tests fail when a source changes and its copy is not re-executed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -73,12 +80,67 @@ def targets() -> list[tuple[Path, Path]]:
             for src in sorted(SRC.rglob("*.py"))]
 
 
+EXECUTED = HERE / "executed"
+
+
+def source_hash(src: Path) -> str:
+    return hashlib.sha256(src.read_bytes()).hexdigest()
+
+
+def executed_copy(src: Path) -> Path:
+    return EXECUTED / src.relative_to(SRC).with_suffix(".ipynb")
+
+
+def execute(src: Path) -> None:
+    """Execute the notebook built from `src` as CI does (reference solutions, offline, no progress
+    bars) and save it with its outputs and its source's hash."""
+    from nbclient import NotebookClient
+
+    nb = notebook_for(src)
+    folder = HERE / src.relative_to(SRC).parent
+    env = {"DDPO_SOLUTIONS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TQDM_DISABLE": "1"}
+    os.environ.update(env)  # the kernel inherits them
+    NotebookClient(nb, timeout=TIMEOUT_S, kernel_name=KERNEL["name"],
+                   resources={"metadata": {"path": str(folder)}}).execute()
+    nb.metadata["ddpo"] = {"source": str(src.relative_to(HERE.parent)),
+                           "source_sha256": source_hash(src)}
+    out = executed_copy(src)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out)
+    print(f"executed {out.relative_to(HERE.parent)}", flush=True)
+
+
+def stale_executed() -> list[str]:
+    """Executed copies that are missing or were executed from another version of their source."""
+    stale = []
+    for src, _ in targets():
+        out = executed_copy(src)
+        meta = nbformat.read(out, as_version=4).metadata.get("ddpo", {}) if out.exists() else {}
+        if meta.get("source_sha256") != source_hash(src):
+            stale.append(str(out.relative_to(HERE.parent)))
+    return stale
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true",
                         help="only verify the .ipynb files are up to date")
+    parser.add_argument("--execute", nargs="*", metavar="NAME",
+                        help="write executed copies to notebooks/executed/ (all, or those whose "
+                        "source path contains NAME); only the stale ones with --stale")
+    parser.add_argument("--stale", action="store_true", help="with --execute: only stale copies")
     args = parser.parse_args(argv)
+    if args.execute is not None:
+        stale = set(stale_executed())
+        for src, _ in targets():
+            if args.execute and not any(name in str(src) for name in args.execute):
+                continue
+            if args.stale and str(executed_copy(src).relative_to(HERE.parent)) not in stale:
+                continue
+            execute(src)
+        return 0
     stale = []
     for src, out in targets():
         text = nbformat.writes(notebook_for(src)) + "\n"

@@ -11,3 +11,6 @@ import os
 os.environ.setdefault("DDPO_SOLUTIONS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# the executed copies (notebooks/executed/, for reading on GitHub) are not executed again
+collect_ignore_glob = ["executed/*"]

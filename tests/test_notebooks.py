@@ -33,7 +33,15 @@ def test_notebooks_are_built_from_their_sources():
         "run `python notebooks/build_notebooks.py`, commit the .ipynb")
 
 
-@pytest.mark.parametrize("path", sorted(NOTEBOOKS.rglob("*.ipynb")), ids=lambda p: p.name)
+def test_executed_copies_are_current():
+    """notebooks/executed/ holds every notebook with its outputs, run from the current source."""
+    stale = build_notebooks.stale_executed()
+    assert not stale, ("re-execute: python notebooks/build_notebooks.py --execute --stale\n  "
+                       + "\n  ".join(stale))
+
+
+@pytest.mark.parametrize("path", sorted(p for p in NOTEBOOKS.rglob("*.ipynb")
+                                        if "executed" not in p.parts), ids=lambda p: p.name)
 def test_notebooks_are_committed_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
