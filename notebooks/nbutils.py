@@ -172,3 +172,35 @@ def show_comparison(algos: tuple[str, ...] = ("ddpo_is", "ddpo_sf", "rwr", "rwr_
         plt.axis("off")
         plt.show()
     return summary
+
+
+def ddpm_posterior(scheduler, t: int, x0, x_t):
+    """The DDPM posterior q(x_{t-1} | x_t, x_0) as diffusers computes it (an oracle for the
+    notebooks' own a_t, b_t, beta-tilde): mean and variance, from `DDPMScheduler.step` with the
+    network's output replaced by x_0 itself. The step adds sqrt(variance) * z; z is redrawn from
+    the same seed and subtracted."""
+    import torch
+    from diffusers import DDPMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    ddpm = DDPMScheduler.from_config(scheduler.config, prediction_type="sample", clip_sample=False,
+                                     variance_type="fixed_small", thresholding=False)
+    ddpm.set_timesteps(ddpm.config.num_train_timesteps)  # every t, so t - 1 is the previous step
+    x0, x_t = x0.double().cpu(), x_t.double().cpu()
+    out = ddpm.step(x0, t, x_t, generator=torch.Generator().manual_seed(0)).prev_sample
+    z = randn_tensor(x0.shape, generator=torch.Generator().manual_seed(0), dtype=x0.dtype)
+    variance = ddpm._get_variance(t).double()
+    return out - variance.sqrt() * z, variance
+
+
+def show_source(*functions) -> None:
+    """Show the project's source of the functions a derivation describes, as the reader would find
+    them in the repository (file and line)."""
+    import inspect
+
+    from IPython.display import Markdown, display
+
+    for fn in functions:
+        lines, start = inspect.getsourcelines(fn)
+        where = Path(inspect.getsourcefile(fn)).relative_to(ROOT)
+        display(Markdown(f"`{where}`, line {start}:\n\n```python\n{''.join(lines)}```"))

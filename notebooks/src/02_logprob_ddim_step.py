@@ -142,6 +142,12 @@ for res in results.values():
 nbutils.check(ok, "sampler log-prob == Normal(mu_theta, sigma_t).log_prob(x_{t-1}) averaged over C,H,W")
 
 # %% [markdown]
+# The code of the derivation above, as it runs in the repository:
+
+# %%
+nbutils.show_source(sampler.ddim_step_mean, sampler.gaussian_log_prob, sampler.ddim_step_with_logprob)
+
+# %% [markdown]
 # The log-probs sit near $-\log\sigma_t - \tfrac12\log 2\pi - \tfrac12$ (the average of $-z^2/2$ is
 # $-1/2$), which is why they grow as $\sigma_t$ shrinks towards the end of the chain.
 #

@@ -107,6 +107,12 @@ nbutils.check(((g_sf - analytic).abs() < 4 * standard_error).all(),
               "gradient of ddpo_sf_loss == analytic dJ/dtheta within 4 Monte-Carlo standard errors")
 
 # %% [markdown]
+# The code of the derivation above, as it runs in the repository:
+
+# %%
+nbutils.show_source(ddpo_sf_loss)
+
+# %% [markdown]
 # Note what the estimator did *not* need: the reward's gradient, or a gradient through the sampling
 # chain. It needed the log-density of each action under the current parameters, which for diffusion is
 # notebook 2's Gaussian.
@@ -221,3 +227,9 @@ for k, v in cosine.items():
 raw, adv = np.array(cosine["raw reward r"]), np.array(cosine["per-prompt advantage A"])
 nbutils.check((adv > raw + 0.2).all() and adv[-1] > 0.8,
               "per-prompt advantages point uphill far better than raw rewards at every batch size")
+
+# %% [markdown]
+# The code of this section, as it runs in the repository:
+
+# %%
+nbutils.show_source(PerPromptStatTracker.update, clip_advantages)

@@ -198,6 +198,12 @@ plt.show()
 nbutils.check(zero_grad_ok, "zero-gradient regions are exactly {A>0, rho>1+eps} and {A<0, rho<1-eps}")
 
 # %% [markdown]
+# The code of the derivation above, as it runs in the repository:
+
+# %%
+nbutils.show_source(ddpo_is_loss)
+
+# %% [markdown]
 # ## 4.4 The diagnostics: `approx_kl` and `clipfrac`
 #
 # Two numbers tell you whether the trust region is doing its job:

@@ -102,6 +102,12 @@ print(f"reward std in this batch: {r.std():.3f} kB")
 # It is marked as a deviation in `config.py`; the paper's setting is `rwr_signal="reward"`, $\beta = 0.2$.
 
 # %% [markdown]
+# The code of the derivation above, as it runs in the repository:
+
+# %%
+nbutils.show_source(rwr_weights, sparse_rwr_mask)
+
+# %% [markdown]
 # ## 5.2 First approximation: RWR solves a KL-regularised problem, approximately
 #
 # Consider the one-step MDP of notebook 1 (state $c$, action $x_0$) and a policy update that trades
@@ -198,6 +204,12 @@ model_step = torch.distributions.Normal(a_coef[k] * x0_hat.cpu() + b_coef[k] * x
 L_t = torch.distributions.kl_divergence(posterior, model_step).mean()  # per dimension, like the loss
 print(f"t = {t_int}: KL term = {L_t.item():.5e}, lambda_t = {lam[k].item():.4e}, "
       f"lambda_t * diffusion_mse_loss = {(lam[k] * simple).item():.5e}")
+# the posterior's coefficients themselves, against diffusers' DDPMScheduler (the check above alone would
+# pass with wrong ones: the same a_t, b_t, beta-tilde enter both of its sides)
+mean_ref, var_ref = nbutils.ddpm_posterior(scheduler, t_int, x0, x_t)
+nbutils.check(torch.allclose(posterior.mean, mean_ref, atol=2e-6)
+              and math.isclose(beta_tilde[k].item(), var_ref.item(), rel_tol=1e-4),
+              "a_t x_0 + b_t x_t and beta-tilde_t == diffusers' DDPMScheduler posterior")
 nbutils.check(math.isclose(L_t.item(), (lam[k] * simple).item(), rel_tol=1e-4),
               "variational-bound term L_{t-1} == lambda_t * diffusion_mse_loss")
 
@@ -210,6 +222,12 @@ plt.legend(fontsize=8)
 plt.title("the 'simple' diffusion loss reweights the bound by orders of magnitude", fontsize=9)
 plt.tight_layout()
 plt.show()
+
+# %% [markdown]
+# The code of the derivation above, as it runs in the repository:
+
+# %%
+nbutils.show_source(diffusion_mse_loss)
 
 # %% [markdown]
 # DDPO sidesteps both layers. It never needs $\log p_\theta(x_0\mid c)$: it uses the exact log-density of

@@ -77,6 +77,12 @@ nbutils.check(np.allclose(sizes, by_hand) and np.allclose(comp, -sizes),
               "jpeg_size_kb == Pillow JPEG bytes / 1000 at quality 95, and compressibility == -size")
 
 # %% [markdown]
+# The code of the derivation above, as it runs in the repository:
+
+# %%
+nbutils.show_source(rewards.jpeg_size_kb)
+
+# %% [markdown]
 # ## 6.2 The LAION aesthetic predictor is linear
 #
 # The predictor maps an L2-normalised CLIP ViT-L/14 image embedding $e\in\mathbb R^{768}$ through an
@@ -113,6 +119,12 @@ print("head(e)     :", scores[:4].numpy().round(5))
 print("w^T e + b   :", collapsed[:4].numpy().round(5))
 nbutils.check(all(k in ("Linear", "Dropout") for k in kinds) and torch.allclose(scores, collapsed, atol=1e-5),
               "the LAION head has no activations and equals one affine map w^T e + b")
+
+# %% [markdown]
+# The code of the derivation above, as it runs in the repository:
+
+# %%
+nbutils.show_source(rewards.AestheticReward.__call__)
 
 # %% [markdown]
 # ## 6.3 The uint8 pitfall: rescaling twice

@@ -70,6 +70,12 @@ history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().
 print(sorted(history[0]))
 
 # %% [markdown]
+# The loop that just ran, as it is in the repository (each phase is a function above it in `ddpo_min.py`):
+
+# %%
+nbutils.show_source(ddpo_min.train)
+
+# %% [markdown]
 # ## 7.2 The metrics
 #
 # * `reward/mean` (± `reward/std`): the batch's reward, i.e. $-$JPEG kB. It should trend up; at 64 samples
