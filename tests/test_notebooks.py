@@ -208,3 +208,176 @@ def test_clip_diagnoses():
     _fails_with(checks.check_clip_advantages,
                 lambda a, m: a.clip(None, m) if isinstance(a, np.ndarray) else a,
                 "clip both sides")
+
+
+# --------------------------------------------------------------------------------------------------
+# Every diagnosis fires on the mistake it names (mutation tests): a student's implementation,
+# written independently of the reference, with one mistake at a time
+# --------------------------------------------------------------------------------------------------
+
+
+def _student_step(mistake: str = ""):
+    """Exercise 1 written out from the DDIM equations, with one named mistake (or none)."""
+
+    def fn(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None):
+        gap = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        abar, final = scheduler.alphas_cumprod.double(), scheduler.final_alpha_cumprod.double()
+        t = int(timestep)
+        t_prev = t - 1 if mistake in ("t-1", "t-1 both") else t - gap
+        a_t = abar[t]
+        a_prev = abar[t_prev] if (t_prev >= 0 or mistake == "wrapped index") else final
+        a_sig = a_prev if mistake != "t-1" else (abar[t - gap] if t - gap >= 0 else final)
+        sigma = (1.0 if mistake == "eta ignored" else eta) * torch.sqrt(
+            (1 - a_sig) / (1 - a_t) * (1 - a_t / a_sig))
+        eps, x = model_output.double(), sample.double()
+        x0_hat = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        direction = (1 - a_prev - (0.0 if mistake == "direction" else sigma**2)).clamp(min=0).sqrt()
+        mean = a_prev.sqrt() * x0_hat + direction * eps
+        if mean.requires_grad and mistake == "detached mean":
+            mean = mean.detach()
+        if prev_sample is None or mistake == "resampled":
+            gen = torch.Generator().manual_seed(999) if mistake == "other noise" else generator
+            z = torch.randn(sample.shape, generator=gen).double()
+            scale = sigma**2 if mistake == "variance noise" else sigma
+            prev_sample = mean if mistake == "mean only" else mean + scale * z
+        x_prev = prev_sample if mistake == "undetached" else prev_sample.detach()
+        std = sigma**2 if mistake == "variance density" else sigma
+        half = 1.0 if mistake == "no half" else 0.5
+        log_prob = -half * (x_prev.double() - mean) ** 2 / std**2
+        if mistake != "no constants":
+            log_prob = log_prob - torch.log(std) - 0.5 * math.log(2 * math.pi)
+        if mistake == "sign":
+            log_prob = -log_prob
+        if mistake == "summed":
+            log_prob = log_prob.sum(dim=(1, 2, 3))
+        elif mistake != "per element":
+            log_prob = log_prob.mean(dim=(1, 2, 3))
+        if mistake == "scalar":
+            log_prob = log_prob.mean()
+        return x_prev.float(), log_prob.float()
+
+    return fn
+
+
+def test_the_independent_student_step_passes(capsys):
+    checks.check_logprob_step(_student_step())
+    assert "match: True" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mistake, needle", [
+    ("t-1", "not t - 1"),
+    ("t-1 both", "not t - 1"),
+    ("wrapped index", "final_alpha_cumprod"),
+    ("eta ignored", "eta is ignored"),
+    ("direction", "left out -sigma_t^2"),
+    ("variance noise", "you added sigma_t^2 * z"),
+    ("mean only", "you returned the mean"),
+    ("other noise", "not the reference's noise"),
+    ("variance density", "the variance sigma_t^2 where the standard deviation"),
+    ("no half", "missing its 1/2"),
+    ("no constants", "normalising terms"),
+    ("sign", "sign is flipped"),
+    ("summed", "summed, not averaged"),
+    ("per element", "average it over C, H, W"),
+    ("scalar", "log_prob is a scalar"),
+    ("resampled", "return it unchanged"),
+    ("undetached", "detach it"),
+    ("detached mean", "log_prob has no gradient"),
+])  # fmt: skip
+def test_every_logprob_step_diagnosis_fires(mistake, needle):
+    _fails_with(checks.check_logprob_step, _student_step(mistake), needle)
+
+
+@pytest.mark.parametrize("fn, needle", [
+    (lambda lp, a: -(a.detach().mean() * lp.mean()), "mean of the products"),
+    (lambda lp, a: float(-(a.detach() * lp).mean()), "return a torch tensor"),
+])  # fmt: skip
+def test_more_sf_loss_diagnoses(fn, needle):
+    _fails_with(checks.check_sf_loss, fn, needle)
+
+
+def _is_loss(variant: str):
+    """Exercise 3 written out, with one named mistake."""
+
+    def fn(log_prob, old_log_prob, advantages, clip_range):
+        log_ratio = log_prob - old_log_prob.detach()
+        rho = 1 / log_ratio.exp() if variant == "inverted" else log_ratio.exp()
+        if variant == "log-ratio":
+            rho = log_ratio
+        a = advantages
+        unclipped = -a * rho
+        clipped = -a * rho.clamp(1 - clip_range, 1 + clip_range)
+        if variant == "advantages clipped":
+            clipped = -a.clamp(1 - clip_range, 1 + clip_range) * rho
+        loss = torch.maximum(unclipped, clipped).mean()
+        if variant == "no clipping":
+            loss = unclipped.mean()
+        if variant == "sign":
+            loss = -loss
+        if variant == "per sample":
+            loss = torch.maximum(unclipped, clipped)
+        lr, r = log_ratio.detach(), log_ratio.detach().exp()
+        kl = {"kl squared mean": 0.5 * lr.mean() ** 2, "kl rho": 0.5 * ((r - 1) ** 2).mean(),
+              "kl mean": lr.mean()}.get(variant, 0.5 * (lr**2).mean())
+        frac = {"clipfrac count": ((r - 1).abs() > clip_range).double().sum(),
+                "clipfrac complement": ((r - 1).abs() <= clip_range).double().mean()}.get(
+            variant, ((r - 1).abs() > clip_range).double().mean())
+        if variant == "undetached diagnostics":
+            kl = 0.5 * (log_ratio**2).mean()
+        info = {"approx_kl": kl, "clipfrac": frac}
+        if variant == "no clipfrac":
+            del info["clipfrac"]
+        return (loss, info) if variant != "no tuple" else loss
+
+    return fn
+
+
+def test_the_independent_student_clipped_loss_passes(capsys):
+    checks.check_clipped_loss(_is_loss(""))
+    assert "match: True" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant, needle", [
+    ("inverted", "yours is inverted"),
+    ("log-ratio", "not the log-ratio itself"),
+    ("advantages clipped", "clip the ratio, not the advantages"),
+    ("no clipping", "there is no clipping"),
+    ("sign", "sign of the loss is flipped"),
+    ("per sample", "must be a scalar"),
+    ("kl squared mean", "a mean of squares"),
+    ("kl rho", "not rho - 1"),
+    ("kl mean", "is not a KL estimate"),
+    ("clipfrac count", "not a count"),
+    ("clipfrac complement", "OUTSIDE"),
+    ("undetached diagnostics", "detach it"),
+    ("no clipfrac", 'no "clipfrac"'),
+    ("no tuple", "return (loss"),
+])  # fmt: skip
+def test_every_clipped_loss_diagnosis_fires(variant, needle):
+    _fails_with(checks.check_clipped_loss, _is_loss(variant), needle)
+
+
+def _grouped_order(prompts, rewards):
+    arr = np.asarray(prompts, dtype=object)
+    ref = checks.reference_batch_advantages(prompts, rewards)
+    return np.concatenate([ref[np.flatnonzero(arr == p)] for p in dict.fromkeys(prompts)])
+
+
+@pytest.mark.parametrize("fn, needle", [
+    (_per_prompt(lambda x: (x - x.mean()) / (x.var() + 1e-6)), "not the variance"),
+    (_per_prompt(lambda x: x / (x.std() + 1e-6)), "did not subtract the mean"),
+    (_grouped_order, "order of the input rewards"),
+    (lambda prompts, rewards: checks.reference_batch_advantages(prompts, rewards)[:-1],
+     "one advantage per sample"),
+])  # fmt: skip
+def test_more_advantage_diagnoses(fn, needle):
+    _fails_with(checks.check_advantages, fn, needle)
+
+
+@pytest.mark.parametrize("fn, needle", [
+    (lambda a, m: a / np.abs(a).max() * m if isinstance(a, np.ndarray) else a, "do not rescale"),
+    (lambda a, m: np.clip(np.abs(a), 0, m) if isinstance(a, np.ndarray) else a, "keeps the sign"),
+    (lambda a, m: np.clip(np.asarray(a), -m, m), "also work on torch tensors"),
+])  # fmt: skip
+def test_more_clip_diagnoses(fn, needle):
+    _fails_with(checks.check_clip_advantages, fn, needle)

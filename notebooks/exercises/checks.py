@@ -98,7 +98,13 @@ def _step_pieces(scheduler: DDIMScheduler, eps: torch.Tensor, t: int, x_t: torch
     a_t = abar[t].item()
     a_prev = abar[t - gap].item() if t - gap >= 0 else scheduler.final_alpha_cumprod.item()
     a_prev_literal = abar[t - 1].item() if t >= 1 else scheduler.final_alpha_cumprod.item()
-    return mean.double(), sigma, a_t, a_prev, a_prev_literal
+    a_prev_wrapped = abar[t - gap].item()  # a negative index wraps to the end of the schedule
+    return mean.double(), sigma, a_t, a_prev, a_prev_literal, a_prev_wrapped
+
+
+def _sigma(a_t: float, a_prev: float, eta: float) -> float:
+    """sigma_t (DDIM Eq. 16) from alphas a student may have picked wrongly (for variants)."""
+    return eta * math.sqrt(max((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev), 0.0))
 
 
 def _ddim_variant(eps, x_t, a_t, a_prev, sigma, z, *, direction_sigma: bool = True) -> torch.Tensor:
@@ -120,7 +126,8 @@ def check_logprob_step(fn: Callable) -> None:
     sampler.ddim_step_with_logprob."""
     scheduler = sd_scheduler(50)
     D = SHAPE[1] * SHAPE[2] * SHAPE[3]
-    for case, (j, eta) in enumerate(((0, 1.0), (25, 1.0), (40, 0.5))):
+    # the first, a middle and a late step, and the last one (t = 1, where t_prev < 0)
+    for case, (j, eta) in enumerate(((0, 1.0), (25, 1.0), (40, 0.5), (49, 1.0))):
         t = int(scheduler.timesteps[j])
         g = torch.Generator().manual_seed(10 + case)
         x_t, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
@@ -133,13 +140,21 @@ def check_logprob_step(fn: Callable) -> None:
         if not (isinstance(got, tuple) and len(got) == 2):
             _fail("return a pair (x_prev, log_prob)")
         got_x, got_lp = got
-        mean, sigma, a_t, a_prev, a_prev_lit = _step_pieces(scheduler, eps, t, x_t, eta)
+        mean, sigma, a_t, a_prev, a_prev_lit, a_prev_wrap = _step_pieces(scheduler, eps, t, x_t,
+                                                                          eta)
         # the noise the reference drew
         z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
         # --- the sampled action x_{t-1} = mu + sigma z
         if tuple(got_x.shape) != SHAPE:
             _fail(f"{where} x_prev has shape {tuple(got_x.shape)}, expected {SHAPE} (B, C, H, W)")
+        last = j == len(scheduler.timesteps) - 1
+        if not torch.isfinite(torch.as_tensor(got_x)).all():
+            _fail(f"{where} x_prev is not finite"
+                  + (": at the last step t_prev < 0, and alphā_{t-1} is "
+                     "scheduler.final_alpha_cumprod (alphas_cumprod[t_prev] with a negative index "
+                     "wraps to the end of the schedule, and sigma_t becomes the root of a negative "
+                     "number)" if last else ""))
         if not _close(got_x, ref_x, 1e-4):
             sigma_eta1 = _step_pieces(scheduler, eps, t, x_t, 1.0)[1]
             variants = {
@@ -154,9 +169,16 @@ def check_logprob_step(fn: Callable) -> None:
                 "t_prev is the next timestep on the sampling grid "
                 "(t - 1000 // num_inference_steps), not t - 1":
                     _ddim_variant(eps, x_t, a_t, a_prev_lit, sigma, z),
+                "t_prev is the next timestep on the sampling grid "
+                "(t - 1000 // num_inference_steps), not t - 1 (for sigma_t too)":
+                    _ddim_variant(eps, x_t, a_t, a_prev_lit, _sigma(a_t, a_prev_lit, eta), z),
+                "at the last step t_prev < 0: alphā_{t-1} is scheduler.final_alpha_cumprod "
+                "(alphas_cumprod[t_prev] with a negative index wraps to the end of the schedule)":
+                    _ddim_variant(eps, x_t, a_t, a_prev_wrap, _sigma(a_t, a_prev_wrap, eta), z)
+                    if last else None,
             }
             residual = (got_x.double() - mean) / sigma  # should be exactly the reference's z
-            if (not any(_close(got_x, v, 1e-4) for v in variants.values())
+            if (not any(v is not None and _close(got_x, v, 1e-4) for v in variants.values())
                     and abs(residual.std().item() - 1) < 0.1):
                 _fail(f"{where} x_prev = mu + sigma_t * (noise), but not the reference's noise: "
                       "draw it with torch.randn(sample.shape, generator=generator), once, "
