@@ -14,6 +14,7 @@ from diffusers.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -22,15 +23,42 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_ROOT = next(p for p in Path(__file__).resolve().parents if (p / "ddpo_min.py").exists())
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto without ipywidgets
 from diffusers import DDIMScheduler  # noqa: E402
 
-import ddpo_min  # noqa: E402
-import sampler  # noqa: E402
+# The reference values come from the project's code (sampler.py, ddpo_min.py) when this file sits in
+# the repository. In a student copy (`python -m tools.student_copy`) the project is absent and they
+# come from fixtures.pt beside this file: the same values, recorded from the project on the same
+# inputs.
+FIXTURES = Path(__file__).with_name("fixtures.pt")
+_ROOT = next((p for p in Path(__file__).resolve().parents if (p / "ddpo_min.py").exists()), None)
+FROZEN = _ROOT is None or os.environ.get("DDPO_CHECKS_FROZEN") == "1"
+if FROZEN:
+    _FIXTURES: dict = torch.load(FIXTURES, weights_only=False)
+else:
+    if str(_ROOT) not in sys.path:
+        sys.path.insert(0, str(_ROOT))
+    import ddpo_min
+    import sampler
+_TAPE: dict = {}  # what reference() computed, for tools/student_copy.py to save as fixtures
+
+
+def reference(key: str, compute: Callable):
+    """The reference value named `key`: computed by the project, or read from the fixtures."""
+    if FROZEN:
+        if key not in _FIXTURES:
+            raise KeyError(f"fixtures.pt has no {key!r}: rebuild the student copy")
+        return _FIXTURES[key]
+    value = compute()
+    _TAPE[key] = value
+    return value
+
+
+def _grad_of(loss_fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """d loss_fn(x) / dx (for reference gradients)."""
+    x = x.detach().clone().requires_grad_(True)
+    loss_fn(x).backward()
+    return x.grad
 
 
 class ExerciseError(AssertionError):
@@ -133,8 +161,10 @@ def check_logprob_step(fn: Callable) -> None:
         x_t, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
         where = f"[t={t}, eta={eta}]"
         seed = 100 + case
-        ref_x, ref_lp = sampler.ddim_step_with_logprob(scheduler, eps, t, x_t, eta=eta,
-                                                       generator=torch.Generator().manual_seed(seed))
+        ref_x, ref_lp = reference(f"ex1_step_{case}", lambda e=eps, t=t, x=x_t, eta=eta, s=seed:
+                                  sampler.ddim_step_with_logprob(
+                                      scheduler, e, t, x, eta=eta,
+                                      generator=torch.Generator().manual_seed(s)))
         got = _call(fn, scheduler, eps.clone(), t, x_t.clone(), eta=eta,
                     generator=torch.Generator().manual_seed(seed))
         if not (isinstance(got, tuple) and len(got) == 2):
@@ -225,9 +255,9 @@ def check_logprob_step(fn: Callable) -> None:
     g = torch.Generator().manual_seed(7)
     x_t, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
     x_prev = torch.randn(SHAPE, generator=g) * 0.3 + x_t
-    eps_ref, eps_got = eps.clone().requires_grad_(True), eps.clone().requires_grad_(True)
-    sampler.ddim_step_with_logprob(scheduler, eps_ref, t, x_t,
-                                   prev_sample=x_prev)[1].sum().backward()
+    eps_got = eps.clone().requires_grad_(True)
+    ref_grad = reference("ex1_grad", lambda: _grad_of(lambda e: sampler.ddim_step_with_logprob(
+        scheduler, e, t, x_t, prev_sample=x_prev)[1].sum(), eps))
     got_x, got_lp = _call(fn, scheduler, eps_got, t, x_t, prev_sample=x_prev)
     sampled_x, _ = _call(fn, scheduler, eps_got, t, x_t, generator=torch.Generator().manual_seed(0))
     if sampled_x.requires_grad:
@@ -237,7 +267,7 @@ def check_logprob_step(fn: Callable) -> None:
         _fail("log_prob has no gradient w.r.t. the model output: "
               "do not detach the mean or wrap it in no_grad")
     got_lp.sum().backward()
-    if not _close(eps_got.grad, eps_ref.grad, 1e-4):
+    if not _close(eps_got.grad, ref_grad, 1e-4):
         _fail("d log_prob / d model_output differs from the reference "
               "(is sigma_t a constant? is x_prev detached?)")
     _ok("gradient w.r.t. the model output matches")
@@ -255,7 +285,7 @@ def check_sf_loss(fn: Callable) -> None:
     B = 16
     base_lp = torch.randn(B, generator=g, dtype=torch.float64) - 1.0
     adv = torch.randn(B, generator=g, dtype=torch.float64)
-    ref = ddpo_min.ddpo_sf_loss(base_lp, adv)
+    ref = reference("ex2_loss", lambda: ddpo_min.ddpo_sf_loss(base_lp, adv))
 
     lp = base_lp.clone().requires_grad_(True)
     a = adv.clone().requires_grad_(True)  # a student who forgets .detach() will send gradient here
@@ -302,7 +332,7 @@ def check_clipped_loss(fn: Callable) -> None:
     log_ratio = (torch.rand(B, generator=g, dtype=torch.float64) - 0.5) * 0.6
     new = old + log_ratio
     adv = torch.randn(B, generator=g, dtype=torch.float64)
-    ref_loss, ref_info = ddpo_min.ddpo_is_loss(new, old, adv, eps)
+    ref_loss, ref_info = reference("ex3_loss", lambda: ddpo_min.ddpo_is_loss(new, old, adv, eps))
 
     lp, lp_old, a = new.clone().requires_grad_(True), old.clone().requires_grad_(True), adv.clone()
     got = _call(fn, lp, lp_old, a, eps)
@@ -335,9 +365,9 @@ def check_clipped_loss(fn: Callable) -> None:
     loss.backward()
     if lp_old.grad is not None and lp_old.grad.abs().sum() > 0:
         _fail("gradient flows into old_log_prob: detach it (theta_old is fixed)")
-    ref_lp = new.clone().requires_grad_(True)
-    ddpo_min.ddpo_is_loss(ref_lp, old, adv, eps)[0].backward()
-    if lp.grad is None or not _close(lp.grad, ref_lp.grad):
+    ref_grad = reference("ex3_grad", lambda: _grad_of(
+        lambda x: ddpo_min.ddpo_is_loss(x, old, adv, eps)[0], new))
+    if lp.grad is None or not _close(lp.grad, ref_grad):
         _fail("d loss / d log_prob differs from the reference: "
               "it must be 0 exactly where the clipped branch wins")
     _ok("gradient matches, including the zero-gradient (clipped) samples")
@@ -400,7 +430,7 @@ def check_advantages(fn: Callable) -> None:
     """fn(prompts, rewards) -> (B,) advantages (r - mean_c) / (std_c + 1e-6), stats per prompt in
     the batch."""
     prompts, r = advantage_inputs()
-    ref = reference_batch_advantages(prompts, r)
+    ref = reference("ex4_advantages", lambda: reference_batch_advantages(prompts, r))
     got = _call(fn, list(prompts), r.copy())
     got = np.asarray(got.detach().cpu() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
     if got.shape != r.shape:
@@ -444,7 +474,7 @@ def check_clip_advantages(fn: Callable) -> None:
     """fn(advantages, max_abs) -> advantages clipped to [-max_abs, max_abs], like
     ddpo_min.clip_advantages."""
     a = np.array([-9.0, -5.0, -4.9, -0.5, 0.0, 0.7, 4.99, 5.0, 12.0])
-    ref = ddpo_min.clip_advantages(a, 5.0)
+    ref = reference("ex4_clip", lambda: ddpo_min.clip_advantages(a, 5.0))
     got = np.asarray(_call(fn, a.copy(), 5.0), dtype=np.float64)
     if got.shape != a.shape or not np.allclose(got, ref):
         _diagnose(got, {
