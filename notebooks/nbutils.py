@@ -130,7 +130,7 @@ def restore_inline_plots() -> None:
         shell.run_line_magic("matplotlib", "inline")  # what `%matplotlib inline` does
 
 
-def show_comparison(algos: tuple[str, ...] = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")) -> dict:
+def show_comparison() -> dict:
     """Show the repository's committed comparison of the algorithms (`python -m tools.bench
     compare`: assets/compare.json and compare.png) and print its numbers; returns the JSON.
 
@@ -140,31 +140,10 @@ def show_comparison(algos: tuple[str, ...] = ("ddpo_is", "ddpo_sf", "rwr", "rwr_
 
     import matplotlib.pyplot as plt
 
+    from tools.compare import print_summary
+
     summary = json.loads((ROOT / "assets" / "compare.json").read_text())
-    p = summary["protocol"]
-    print(f"protocol: {p['epochs']} epochs of 64 samples per run, held-out checkpoints every "
-          f"{p['eval_every']} epochs; lr sweep {p['lrs']} on {p['sweep']}; "
-          f"{summary['finished_runs']} runs finished, {summary['training_hours']:.1f} h of "
-          "training")
-    for algo in algos:
-        scores = summary["sweep"].get(algo, {})
-        print(f"  sweep {algo:<11}" + "".join(f"  lr {lr}: {v:+.4f}" for lr, v in scores.items())
-              + f"  -> picked {summary['picked_lr'].get(algo)}")
-    pre = summary["pretrained"]
-    for reward, results in summary["results"].items():
-        sign = -1 if reward == "compressibility" else 1
-        print(f"\n{reward}: held-out JPEG change toward the reward at the last checkpoint "
-              "(trained animals / unseen animals / objects), captioner top-1 on trained animals")
-        for algo in algos:
-            if algo not in results:
-                continue
-            r = results[algo]
-            gains = [sign * 100 * (r["evals"][f"{k}/jpeg_kb"]["mean"][-1] / pre[k]["jpeg_kb"] - 1)
-                     for k in ("trained", "unseen_animals", "objects")]
-            top1 = 100 * r["evals"]["trained/caption_top1"]["mean"][-1]
-            print(f"  {algo:<11} ({len(r['seeds'])} seeds) "
-                  + " / ".join(f"{g:+5.1f}%" for g in gains)
-                  + f"   top-1 {100 * pre['trained']['caption_top1']:.0f}% -> {top1:.0f}%")
+    print_summary(summary)
     figure = ROOT / "assets" / "compare.png"
     if figure.exists():
         plt.figure(figsize=(16, 4 * max(1, len(summary["results"]))))

@@ -220,7 +220,7 @@ def report() -> dict:
     REPORT.write_text(json.dumps(summary, indent=1))
     if summary["results"]:
         _figure(summary, REPORT.with_suffix(".png"))
-    _print(summary)
+    print_summary(summary)
     return summary
 
 
@@ -297,7 +297,12 @@ def _band(ax, x, b: dict, colour: str, label: str | None, style: str = "-") -> N
     ax.fill_between(x, b["min"], b["max"], color=colour, alpha=0.15)
 
 
-def _print(summary: dict) -> None:
+def print_summary(summary: dict) -> None:
+    """The report's numbers: the sweep, then per reward and algorithm the held-out changes."""
+    p = summary["protocol"]
+    print(f"protocol: {p['epochs']} epochs of 64 samples per run, held-out checkpoints every "
+          f"{p['eval_every']} epochs; {summary['finished_runs']} runs finished, "
+          f"{summary['training_hours']:.1f} h of training (evaluations not counted)")
     print("\nlearning-rate sweep (mean on-policy reward, last 3 epochs):")
     for algo, scores in summary["sweep"].items():
         print(f"  {algo:<11} " + "  ".join(f"lr {lr}: {v:+.4f}" for lr, v in scores.items())
@@ -305,13 +310,13 @@ def _print(summary: dict) -> None:
     pre = summary["pretrained"]
     for reward, algos in summary["results"].items():
         sign = -1 if reward == "compressibility" else 1
-        print(f"\n{reward}: held-out JPEG change toward the reward after {EPOCHS} epochs "
+        print(f"\n{reward}: held-out JPEG change toward the reward after {p['epochs']} epochs "
               "(mean over seeds; trained / unseen animals / objects), captioner top-1")
         for algo, res in algos.items():
             gains = [sign * 100 * (res["evals"][f"{k}/jpeg_kb"]["mean"][-1] / pre[k]["jpeg_kb"]
                                    - 1) for k in EVAL_SETS]
             top1 = 100 * res["evals"]["trained/caption_top1"]["mean"][-1]
-            print(f"  {algo:<11} {len(res['seeds'])} seeds: "
+            print(f"  {algo:<11} {len(res['seeds'])} seed(s): "
                   + " / ".join(f"{g:+.1f}%" for g in gains)
                   + f" | top-1 {100 * pre['trained']['caption_top1']:.0f}% -> {top1:.0f}%"
                   f" | final KL {res['kl_pretrained']['mean'][-1]:.2e}")
