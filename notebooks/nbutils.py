@@ -37,6 +37,13 @@ for path in (ROOT, ROOT / "notebooks"):
 
 SCALES = ("tiny", "paper")
 
+# tests/test_notebook_checks.py runs a notebook with one wrong project function (DDPO_MUTANT names
+# it, tests/notebook_mutants.py defines it) to show that the notebook's check catches it
+if os.environ.get("DDPO_MUTANT"):
+    import runpy
+
+    runpy.run_path(str(ROOT / "tests" / "notebook_mutants.py"))["apply"](os.environ["DDPO_MUTANT"])
+
 
 def use_scale(scale: str) -> str:
     """Validate SCALE and return the scale to run; for "paper", let the hub be used (it needs
