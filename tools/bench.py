@@ -6,6 +6,7 @@
     python -m tools.bench learning --only alignment --seeds 0 1 2   # 3 seeds, judged on the mean
     python -m tools.bench compare    # DDPO_IS vs DDPO_SF vs RWR vs sparse RWR (tools/compare.py)
     python -m tools.bench gpu        # the one-shot paper-scale check on a GPU (tools/gpu_check.py)
+    python -m tools.bench ex5 --seeds 0 1 2   # exercise 5's bar, calibrated (tools/ex5.py, ~35 min)
 
 `speed` runs five epochs with the tiny defaults and compares each with the "UNet floor", timed
 right after it: the same number of UNet forward calls (sampling) and forward+backward calls
@@ -394,6 +395,9 @@ def main() -> None:
     pg.add_argument("--toy", action="store_true", help="toy size on a CPU (what the tests run)")
     pg.add_argument("--out", type=Path, default=None,
                     help="where the JSON goes (default: assets/bench_gpu.json)")
+    pe = sub.add_parser("ex5", help="calibrate exercise 5's bar on the reference (tools/ex5.py)")
+    pe.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    pe.add_argument("--minutes", type=float, default=10.0)
     args = p.parse_args()
     if args.cmd == "speed":
         speed()
@@ -403,6 +407,10 @@ def main() -> None:
         from tools import compare
 
         compare.report() if args.report else compare.compare(args.max_minutes)
+    elif args.cmd == "ex5":
+        from tools.ex5 import calibrate
+
+        calibrate(args.seeds, args.minutes)
     elif args.cmd == "gpu":
         from tools.gpu_check import gpu_check
 

@@ -1,0 +1,46 @@
+"""Exercise 5's harness (tools/ex5.py): with the reference functions in exercise 1-4 signatures it
+trains exactly as the loop does; a wrong function really is the one that runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ddpo_min
+from config import Config
+from tools import ex5
+
+TOY = dict(num_steps=4, sample_batch_size=8, sample_batches=1, samples_per_prompt=4,
+           stat_buffer=4, stat_min_count=4, train_batch_size=4, minibatches=2, grid_size=4,
+           device="cpu")
+
+
+def _epoch(folder, functions=None) -> dict:
+    with ex5.student_loop(**(functions or {})):
+        run_dir = ddpo_min.train(Config.tiny(epochs=1, output_dir=str(folder), **TOY))
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_the_harness_with_the_references_trains_as_the_loop(tmp_path):
+    plain = _epoch(tmp_path / "plain")
+    patched = _epoch(tmp_path / "patched", ex5.reference_functions())
+    for key in ("reward/mean", "loss/policy", "loss/approx_kl", "loss/clipfrac", "kl/pretrained"):
+        assert patched[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-10), key
+
+
+def test_a_wrong_student_function_is_the_one_that_runs(tmp_path):
+    functions = ex5.reference_functions()
+    right = functions["step"]
+    functions["step"] = lambda *a, **k: (right(*a, **k)[0], right(*a, **k)[1] * 48)  # summed
+    assert _epoch(tmp_path / "wrong", functions)["loss/approx_kl"] > 100 * _epoch(
+        tmp_path / "right", ex5.reference_functions())["loss/approx_kl"]
+
+
+def test_train_and_measure_reports_the_held_out_change(tmp_path, monkeypatch):
+    monkeypatch.setattr(ex5.tiny, "ANIMAL_PROMPTS", ex5.tiny.ANIMAL_PROMPTS[:4])
+    r = ex5.train_and_measure(tmp_path / "run", minutes=1e-6, functions=ex5.reference_functions(),
+                              **TOY)
+    assert r["epochs"] == 1 and r["jpeg_kb_before"] > 0 and r["jpeg_kb_after"] > 0
+    ratio = r["jpeg_kb_after"] / r["jpeg_kb_before"]
+    assert r["change_percent"] == pytest.approx(100 * (ratio - 1))
