@@ -579,6 +579,7 @@ def train(cfg: Config) -> Path:
     if plumbing.has_checkpoint(run.dir):
         plumbing.load_checkpoint(run)
         say(f"resumed {run.dir} at epoch {run.state.epoch} (optimizer step {run.state.step})")
+    run.model.scheduler.set_timesteps(cfg.num_steps)  # the sampling grid, on every process
     folder = plumbing.RunFolder(run)  # config.json, metrics.jsonl, grids, reward curve, logger
     pool = plumbing.reward_executor(run.device)  # on a GPU, rewards overlap the next sampling
     started = time.perf_counter()

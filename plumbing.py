@@ -462,8 +462,7 @@ class ExternalLogger:
 
 def print_sizes(run: Run) -> None:
     """The derived sizes of the run, printed once at the start."""
-    cfg, scheduler = run.cfg, run.model.scheduler
-    scheduler.set_timesteps(cfg.num_steps)
+    cfg, scheduler = run.cfg, run.model.scheduler  # (train() has set its timesteps)
     steps, n_trained = trainable_steps(scheduler, scheduler.timesteps, cfg.eta,
                                        cfg.timestep_fraction)
     n_samples, n_stochastic = samples_per_epoch(cfg), len(steps)
