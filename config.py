@@ -157,7 +157,7 @@ PAPER_REWARD_DEFAULTS = {
                       stat_min_count=16, epochs=200),
 }
 # DDPO_SF's gradient is unbiased only at theta = theta_old: one optimizer step per round of
-# sampling (Sec. 4.4), whatever the reward or scale.
+# sampling (Sec. 4.3), whatever the reward or scale.
 ALGO_DEFAULTS = {"ddpo_sf": dict(minibatches=1, inner_epochs=1)}
 
 
@@ -211,7 +211,7 @@ def check_config(cfg: Config, num_processes: int = 1) -> None:
         raise ConfigError(f"--eta {cfg.eta}: DDPO needs a stochastic sampler, eta > 0 (paper: 1)")
     if cfg.algo == "ddpo_sf" and cfg.minibatches * cfg.inner_epochs != 1:
         raise ConfigError(
-            f"--algo ddpo_sf takes one optimizer step per epoch, at theta_old (Sec. 4.4); "
+            f"--algo ddpo_sf takes one optimizer step per epoch, at theta_old (Sec. 4.3); "
             f"--minibatches {cfg.minibatches} x --inner-epochs {cfg.inner_epochs} would apply the "
             "score-function gradient at an updated theta to theta_old's samples, with no "
             "importance weight: use --minibatches 1 --inner-epochs 1 (or --algo ddpo_is)")

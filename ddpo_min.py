@@ -9,8 +9,8 @@ sampler.py); DDPO improves it with policy gradients on a reward r(x_0, c) of the
     │                      2. score the images, r(x_0, c) (rewards.py)
     ├─ compute_advantages  3. A = (r - mean_c) / std_c per prompt, clipped (PerPromptStatTracker)
     ├─ train_epoch         4. for each minibatch that ALGORITHMS[cfg.algo] yields:
-    │                            ddpo_is: rescore log p_θ, ddpo_is_loss (clipped ratio, Sec. 4.4)
-    │                            ddpo_sf: rescore log p_θ, ddpo_sf_loss (REINFORCE, Sec. 4.4)
+    │                            ddpo_is: rescore log p_θ, ddpo_is_loss (clipped ratio, Sec. 4.3)
+    │                            ddpo_sf: rescore log p_θ, ddpo_sf_loss (REINFORCE, Sec. 4.3)
     │                            rwr, rwr_sparse: diffusion_mse_loss weighted by rwr_weights or
     │                                             restricted by sparse_rwr_mask (Sec. 4.2)
     │                        accumulate over samples and timesteps, clip the norm, AdamW step
@@ -63,7 +63,7 @@ from sampler import (
 
 
 def ddpo_sf_loss(log_prob: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """DDPO_SF, the score-function (REINFORCE) surrogate (Sec. 4.4, ĝ_SF):
+    """DDPO_SF, the score-function (REINFORCE) surrogate (Sec. 4.3, ĝ_SF):
 
         ĝ_SF = E[ sum_{t=1}^{T} ∇_θ log p_θ(x_{t-1} | c, t, x_t) r(x_0, c) ]
 
@@ -81,7 +81,7 @@ def ddpo_sf_loss(log_prob: torch.Tensor, advantages: torch.Tensor) -> torch.Tens
 def ddpo_is_loss(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DDPO_IS, the importance-sampled gradient with a PPO trust region (Sec. 4.4, ĝ_IS):
+    """DDPO_IS, the importance-sampled gradient with a PPO trust region (Sec. 4.3, ĝ_IS):
 
         ĝ_IS = E[ sum_{t=1}^{T} ρ ∇_θ log p_θ(x_{t-1} | c, t, x_t) r(x_0, c) ],
 
@@ -418,7 +418,7 @@ def is_objective(cfg: Config, log_prob, old_log_prob, adv):
 
 def ddpo_minibatches(run: Run, samples: Samples, adv: torch.Tensor, objective: Callable
                      ) -> Iterator[Iterator[tuple[torch.Tensor, float, dict]]]:
-    """DDPO (Sec. 4.4): shuffled samples, each trained on its own shuffled timesteps.
+    """DDPO (Sec. 4.3): shuffled samples, each trained on its own shuffled timesteps.
 
     One term per (chunk of train_batch_size samples, trained timestep): every optimizer step
     accumulates over all trained timesteps of its samples. DDPO_SF takes one step at θ = θ_old;

@@ -5,7 +5,9 @@ is meant to catch it. Each wraps the real function, so the mistake is exactly th
 from __future__ import annotations
 
 import importlib
+import inspect
 
+import numpy as np
 import torch
 
 
@@ -47,6 +49,76 @@ def _jpeg_in_bytes(real):
     return lambda *args, **kwargs: real(*args, **kwargs) * 1000
 
 
+def _with_arguments(real, **forced):
+    """real, called with some of its arguments replaced, however the caller passes them."""
+    signature = inspect.signature(real)
+
+    def wrong(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments.update(forced)
+        return real(*bound.args, **bound.kwargs)
+
+    return wrong
+
+
+def _rescored_without_guidance(real):
+    return _with_arguments(real, negative_prompt_embeds=None, guidance_scale=1.0)
+
+
+def _guidance_ignored(real):
+    return _with_arguments(real, negative_prompt_embeds=None, guidance_scale=1.0)
+
+
+def _is_ratio_inverted(real):
+    def loss(log_prob, old_log_prob, advantages, clip_range):  # rho = p_old / p_theta
+        return real(2 * old_log_prob.detach() - log_prob, old_log_prob, advantages, clip_range)
+
+    return loss
+
+
+def _approx_kl_without_half(real):
+    def loss(log_prob, old_log_prob, advantages, clip_range):
+        value, info = real(log_prob, old_log_prob, advantages, clip_range)
+        return value, {**info, "approx_kl": 2 * info["approx_kl"]}
+
+    return loss
+
+
+def _tracker_returns_raw_rewards(real):
+    def update(self, prompts, rewards):
+        real(self, prompts, rewards)
+        return np.asarray(rewards, dtype=np.float64)
+
+    return update
+
+
+def _head_with_relu(real):
+    def load(*args, **kwargs):
+        head = real(*args, **kwargs)
+        layers = list(head.layers)
+        head.layers = torch.nn.Sequential(layers[0], torch.nn.ReLU(), *layers[1:])
+        return head
+
+    return load
+
+
+def _float_images_rescaled_twice(real):
+    def preprocess(images):
+        if torch.is_tensor(images) and images.is_floating_point():
+            images = images / 255.0  # float images in [0, 1] divided by 255 again
+        return real(images)
+
+    return preprocess
+
+
+def _recall_precision_swapped(real):
+    def score(self, candidates, references):
+        out = real(self, candidates, references)
+        return {**out, "recall": out["precision"], "precision": out["recall"]}
+
+    return score
+
+
 MUTANTS = {  # name: (module, attribute, wrong version of it)
     "diffusion_mse_loss x2": ("ddpo_min", "diffusion_mse_loss", _mse_doubled),
     "log-prob summed": ("sampler", "gaussian_log_prob", _log_prob_summed),
@@ -55,10 +127,24 @@ MUTANTS = {  # name: (module, attribute, wrong version of it)
     "IS loss min": ("ddpo_min", "ddpo_is_loss", _is_min_not_max),
     "RWR weights unnormalised": ("ddpo_min", "rwr_weights", _rwr_unnormalised),
     "JPEG in bytes": ("rewards", "jpeg_size_kb", _jpeg_in_bytes),
+    "rescored without guidance": ("sampler", "recompute_log_prob", _rescored_without_guidance),
+    "guidance ignored": ("sampler", "guided_model_output", _guidance_ignored),
+    "IS ratio inverted": ("ddpo_min", "ddpo_is_loss", _is_ratio_inverted),
+    "approx_kl without 1/2": ("ddpo_min", "ddpo_is_loss", _approx_kl_without_half),
+    "tracker returns raw rewards": ("ddpo_min", "PerPromptStatTracker.update",
+                                    _tracker_returns_raw_rewards),
+    "aesthetic head with a ReLU": ("rewards", "load_aesthetic_head", _head_with_relu),
+    "float images rescaled twice": ("rewards", "clip_preprocess", _float_images_rescaled_twice),
+    "BERTScore recall and precision swapped": ("rewards", "BERTScorer.score",
+                                               _recall_precision_swapped),
 }
 
 
 def apply(name: str) -> None:
+    """Replace module.attribute (a dotted attribute: a method of a class) by its wrong version."""
     module_name, attribute, make = MUTANTS[name]
-    module = importlib.import_module(module_name)
-    setattr(module, attribute, make(getattr(module, attribute)))
+    owner = importlib.import_module(module_name)
+    *path, leaf = attribute.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    setattr(owner, leaf, make(getattr(owner, leaf)))

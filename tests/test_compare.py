@@ -16,6 +16,7 @@ def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "REWARDS", ("compressibility",))
     monkeypatch.setattr(compare, "ALGOS", ("ddpo_sf", "rwr_sparse"))  # one of each kind
     monkeypatch.setattr(compare, "LRS", (1e-4, 1e-3))
+    monkeypatch.setattr(compare, "MAX_EXTENSIONS", 0)  # the grid's growth: the test below
     monkeypatch.setattr(compare, "SEEDS", (0, 1))
     monkeypatch.setattr(compare, "EPOCHS", 2)
     monkeypatch.setattr(compare, "EVAL_EVERY", 1)
@@ -43,3 +44,35 @@ def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
     stamp = {p: p.stat().st_mtime for p in runs.glob("*.json")}
     compare.compare()
     assert {p: p.stat().st_mtime for p in runs.glob("*.json")} == stamp
+
+
+def test_the_sweep_grows_beyond_an_edge_pick(tmp_path, monkeypatch):
+    """A pick on the grid's edge adds the next rate, 4x further, until the pick is inside (or
+    MAX_EXTENSIONS rates were added); the pick is made only once every rate of the grid has run."""
+    monkeypatch.setattr(compare, "OUT", tmp_path)
+    monkeypatch.setattr(compare, "MAX_EXTENSIONS", 2)
+    (tmp_path / "runs").mkdir()
+
+    def finish(algo, lr, reward):
+        name = compare.run_name(compare.SWEEP_REWARD, algo, lr, compare.SWEEP_SEED)
+        (tmp_path / "runs" / f"{name}.json").write_text(
+            json.dumps(dict(lr=lr, history={"reward/mean": [-2.0, reward, reward, reward]})))
+
+    for lr, reward in zip(compare.LRS, (-1.3, -1.2, -1.1)):  # best at the largest rate
+        finish("ddpo_sf", lr, reward)
+        finish("ddpo_is", lr, {2e-4: -1.0}.get(lr, -1.2))  # best inside: no growth
+    assert compare.sweep_lrs("ddpo_is") == list(compare.LRS)
+    assert compare.picked_lr("ddpo_is") == 2e-4
+    assert compare.sweep_lrs("ddpo_sf") == [*compare.LRS, 3.2e-3]
+    assert compare.picked_lr("ddpo_sf") is None  # 3.2e-3 has not run yet
+    finish("ddpo_sf", 3.2e-3, -1.0)  # the edge again: one more
+    assert compare.sweep_lrs("ddpo_sf") == [*compare.LRS, 3.2e-3, 1.28e-2]
+    finish("ddpo_sf", 1.28e-2, -1.05)
+    assert compare.picked_lr("ddpo_sf") == 3.2e-3
+    for lr, reward in zip(compare.LRS, (-1.0, -1.2, -1.3)):  # best at the smallest rate
+        finish("rwr", lr, reward)
+    assert compare.sweep_lrs("rwr") == [1.25e-5, *compare.LRS]
+    finish("rwr", 1.25e-5, -0.9)
+    assert compare.sweep_lrs("rwr") == [3.13e-6, 1.25e-5, *compare.LRS]
+    finish("rwr", 3.13e-6, -0.8)  # still the edge, but MAX_EXTENSIONS = 2 rates were added
+    assert compare.picked_lr("rwr") == 3.13e-6

@@ -4,6 +4,7 @@ trains exactly as the loop does; a wrong function really is the one that runs.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +45,7 @@ def test_train_and_measure_reports_the_held_out_change(tmp_path, monkeypatch):
     assert r["epochs"] == 1 and r["jpeg_kb_before"] > 0 and r["jpeg_kb_after"] > 0
     ratio = r["jpeg_kb_after"] / r["jpeg_kb_before"]
     assert r["change_percent"] == pytest.approx(100 * (ratio - 1))
+    assert (Path(r["run_dir"]) / "metrics.jsonl").exists()
+    again = ex5.train_and_measure(tmp_path / "run", minutes=1e-6,
+                                  functions=ex5.reference_functions(), **TOY)
+    assert again["epochs"] == 1  # the folder is emptied: the first run's epochs are not counted

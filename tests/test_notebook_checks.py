@@ -1,5 +1,6 @@
 """The notebooks' checks can fail: each notebook is run with one wrong project function
-(tests/notebook_mutants.py) and must stop at the check meant to catch that mistake. The run stops at
+(tests/notebook_mutants.py), or with one wrong line in a derivation of its own, and must stop at the
+check meant to catch that mistake. The run stops at
 the first failing cell, so each costs only the cells before that check."""
 
 from __future__ import annotations
@@ -21,14 +22,64 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
     ("04_importance_sampling_clipping", "IS loss min", "zero-gradient regions are exactly"),
     ("05_rwr", "RWR weights unnormalised", "rwr_weights == exp(beta r)/Z"),
     ("06_rewards", "JPEG in bytes", "jpeg_size_kb == Pillow JPEG bytes / 1000"),
+    ("01_diffusion_as_mdp", "mean without -sigma^2", "the MDP rebuilt with DDIMScheduler.step"),
+    ("02_logprob_ddim_step", "rescored without guidance",
+     "rescoring with unchanged weights reproduces the recorded log-probs"),
+    ("03_score_function_gradient", "tracker returns raw rewards",
+     "per-prompt advantages point uphill far better than raw rewards"),
+    ("04_importance_sampling_clipping", "IS ratio inverted",
+     "at theta = theta_old, grad ddpo_is_loss == grad ddpo_sf_loss"),
+    ("04_importance_sampling_clipping", "guidance ignored", "guided rescoring gives rho = 1"),
+    ("04_importance_sampling_clipping", "approx_kl without 1/2",
+     "approx_kl and clipfrac from ddpo_is_loss == the formulas by hand"),
+    ("05_rwr", "diffusion_mse_loss x2",
+     "variational-bound term L_{t-1} == lambda_t * diffusion_mse_loss"),
+    ("06_rewards", "aesthetic head with a ReLU", "the LAION head has no activations"),
+    ("06_rewards", "float images rescaled twice", "clip_preprocess == processor on uint8"),
+    ("06_rewards", "BERTScore recall and precision swapped",
+     "BERTScore recall and precision by hand == rewards.BERTScorer.score"),
 ])  # fmt: skip
 def test_a_notebook_check_catches_a_wrong_function(notebook, mutant, check, monkeypatch):
+    monkeypatch.setenv("DDPO_MUTANT", mutant)
+    _fails_at(nbformat.read(NOTEBOOKS / f"{notebook}.ipynb", as_version=4), check, monkeypatch)
+
+
+# Checks of the notebook's own derivations (a formula written out in a cell, compared with a library
+# or a closed form): the mistake goes into the cell itself, in place of its first occurrence.
+@pytest.mark.parametrize("notebook, right, wrong, check", [
+    ("01_diffusion_as_mdp", "a_t = abar[t_int - 1].sqrt() * betas[t_int]",
+     "a_t = abar[t_int].sqrt() * betas[t_int]", "a_t, b_t and beta-tilde_t == diffusers'"),
+    ("01_diffusion_as_mdp", "img = model.decode(actions[k][b : b + 1])",
+     "img = model.decode(actions[k - 1][b : b + 1])", "return of the rebuilt MDP == r(x_0, c)"),
+    ("02_logprob_ddim_step", "log_ratio_sum = D * log_ratio_avg", "log_ratio_sum = log_ratio_avg",
+     "D * (averaged log-ratio) == exact summed log-ratio"),
+    ("04_importance_sampling_clipping",
+     "weighted = torch.exp(p.log_prob(x) - q.log_prob(x)) * x**2", "weighted = x**2",
+     "importance-weighted average from q == expectation under p"),
+    ("04_importance_sampling_clipping", "approx_avg = 0.5 * (delta.mean(1) ** 2).mean().item()",
+     "approx_avg = 0.5 * (delta**2).mean().item()", "approx_kl == KL on summed log-probs"),
+    ("05_rwr", "w = w / w.sum()", "w = torch.ones_like(w) / len(w)",
+     "RWR's weighted maximum likelihood recovers pi*"),
+    ("05_rwr", "a_coef = abar[:-1].sqrt() * betas_s[1:]", "a_coef = abar[1:].sqrt() * betas_s[1:]",
+     "a_t x_0 + b_t x_t and beta-tilde_t == diffusers' DDPMScheduler posterior"),
+    ("06_rewards", "small_clip.vision_model(pixel_values=wrong)",
+     "small_clip.vision_model(pixel_values=right)",
+     "with floats rescaled twice the score no longer depends on the image"),
+])  # fmt: skip
+def test_a_notebook_check_catches_a_wrong_derivation(notebook, right, wrong, check, monkeypatch):
+    nb = nbformat.read(NOTEBOOKS / f"{notebook}.ipynb", as_version=4)
+    cell = next((c for c in nb.cells if c.cell_type == "code" and right in c.source), None)
+    assert cell is not None, f"{right!r} is no longer in {notebook}: update this test"
+    cell.source = cell.source.replace(right, wrong, 1)
+    _fails_at(nb, check, monkeypatch)
+
+
+def _fails_at(nb, check: str, monkeypatch) -> None:
+    """Execute the notebook; it must stop at the check named, and at no other."""
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    monkeypatch.setenv("DDPO_MUTANT", mutant)
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    nb = nbformat.read(NOTEBOOKS / f"{notebook}.ipynb", as_version=4)
     with pytest.raises(CellExecutionError) as info:
         NotebookClient(nb, timeout=600, kernel_name="python3",
                        resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()

@@ -8,8 +8,10 @@ The protocol, the same for every algorithm:
 - the same sample budget: EPOCHS epochs of the tiny defaults' 64 samples, so every run makes the
   same number of reward queries (the x axis of the paper's Fig. 4);
 - its own learning rate: a sweep over LRS on compressibility, seed 0, picks each algorithm's rate
-  by its mean on-policy reward over the last 3 epochs; that rate then runs for every reward and
-  seed (the sweep's seed-0 run at the picked rate is reused);
+  by its mean on-policy reward over the last 3 epochs; when the pick is the grid's largest or
+  smallest rate, the grid grows by one more factor of 4 on that side (at most MAX_EXTENSIONS times),
+  so that no algorithm is held back by the grid's edge; the picked rate then runs for every reward
+  and seed (the sweep's seed-0 run at the picked rate is reused);
 - SEEDS seeds per (reward, algorithm);
 - training on 36 of the 45 animals; every EVAL_EVERY epochs the policy samples a fixed held-out
   noise set on three prompt sets: the trained animals, the 9 held-out animals and 32 everyday
@@ -49,6 +51,7 @@ OVERRIDES: dict = {}  # config overrides for every run (the tests' toy size)
 ALGOS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
 REWARDS = ("compressibility", "incompressibility")
 LRS = (5e-5, 2e-4, 8e-4)  # the sweep: the tiny default 2e-4, and 4x either side
+MAX_EXTENSIONS = 2  # extra rates, 4x beyond the edge, when the sweep picks an edge
 SWEEP_REWARD, SWEEP_SEED = "compressibility", 0
 SEEDS = (0, 1, 2)
 EPOCHS, EVAL_EVERY = 12, 4  # 12 x 64 = 768 reward queries per run
@@ -169,9 +172,27 @@ def _final_reward(result: dict) -> float:
     return float(np.mean(result["history"]["reward/mean"][-3:]))
 
 
+def sweep_lrs(algo: str) -> list[float]:
+    """The rates `algo` is swept over: LRS, grown by a factor of 4 beyond an edge while the best
+    finished run sits on that edge (at most MAX_EXTENSIONS extra rates). Stops growing at the first
+    rate not yet run: the grid's next step depends on it."""
+    lrs = list(LRS)
+    while True:
+        runs = [_load(run_name(SWEEP_REWARD, algo, lr, SWEEP_SEED)) for lr in lrs]
+        if any(r is None for r in runs) or len(lrs) >= len(LRS) + MAX_EXTENSIONS:
+            return lrs
+        best = max(runs, key=_final_reward)["lr"]
+        if best == max(lrs):
+            lrs.append(float(f"{max(lrs) * 4:.3g}"))
+        elif best == min(lrs):
+            lrs.insert(0, float(f"{min(lrs) / 4:.3g}"))
+        else:
+            return lrs
+
+
 def picked_lr(algo: str) -> float | None:
     """The sweep's pick for `algo`, once all its sweep runs are done."""
-    runs = [_load(run_name(SWEEP_REWARD, algo, lr, SWEEP_SEED)) for lr in LRS]
+    runs = [_load(run_name(SWEEP_REWARD, algo, lr, SWEEP_SEED)) for lr in sweep_lrs(algo)]
     if any(r is None for r in runs):
         return None
     return max(runs, key=_final_reward)["lr"]
@@ -181,9 +202,11 @@ def compare(max_minutes: float = 0.0) -> None:
     """Run (or continue) the sweep, then every (reward, seed, algorithm) at its picked rate."""
     deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
     pretrained_scores(base_config(SWEEP_REWARD, ALGOS[0], LRS[0], 0))
-    for algo in ALGOS:  # the sweep
-        for lr in LRS:
-            if not run_one(base_config(SWEEP_REWARD, algo, lr, SWEEP_SEED), deadline):
+    for algo in ALGOS:  # the sweep, one rate at a time: an edge pick adds the next rate
+        while picked_lr(algo) is None:
+            todo = [lr for lr in sweep_lrs(algo)
+                    if _load(run_name(SWEEP_REWARD, algo, lr, SWEEP_SEED)) is None]
+            if not run_one(base_config(SWEEP_REWARD, algo, todo[0], SWEEP_SEED), deadline):
                 return report()
     for reward in REWARDS:
         for seed in SEEDS:
@@ -197,7 +220,7 @@ def report() -> dict:
     """assets/compare.json and assets/compare.png from the finished runs."""
     pretrained = json.loads((OUT / "pretrained.json").read_text())
     summary: dict = dict(
-        protocol=dict(epochs=EPOCHS, eval_every=EVAL_EVERY, lrs=LRS,
+        protocol=dict(epochs=EPOCHS, eval_every=EVAL_EVERY, lrs=LRS, max_extensions=MAX_EXTENSIONS,
                       sweep=f"{SWEEP_REWARD}, seed {SWEEP_SEED}, criterion: mean on-policy "
                             "reward of the last 3 epochs", seeds=SEEDS,
                       eval_sets={k: dict(prompts=len(p), per_prompt=n)
@@ -205,7 +228,7 @@ def report() -> dict:
                       held_out_animals=HELD_OUT_ANIMALS),
         pretrained=pretrained, sweep={}, picked_lr={}, results={})
     for algo in ALGOS:
-        runs = {lr: _load(run_name(SWEEP_REWARD, algo, lr, SWEEP_SEED)) for lr in LRS}
+        runs = {lr: _load(run_name(SWEEP_REWARD, algo, lr, SWEEP_SEED)) for lr in sweep_lrs(algo)}
         summary["sweep"][algo] = {f"{lr:g}": _final_reward(r) for lr, r in runs.items() if r}
         summary["picked_lr"][algo] = picked_lr(algo)
     for reward in REWARDS:

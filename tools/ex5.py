@@ -20,6 +20,7 @@ harness.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
@@ -103,7 +104,9 @@ def held_out_jpeg_kb(model, cfg: config.Config) -> float:
 def train_and_measure(folder: Path, seed: int = 0, minutes: float = MINUTES,
                       functions: dict | None = None, **overrides) -> dict:
     """Train the tiny defaults (compressibility) for `minutes` with the given functions patched
-    in; the held-out JPEG size before and after, and the change in percent."""
+    in; the held-out JPEG size before and after, and the change in percent. `folder` is emptied
+    first: a run there before would otherwise add its epochs to this one's metrics."""
+    shutil.rmtree(folder, ignore_errors=True)
     cfg = config.Config.tiny(seed=seed, epochs=10_000, max_minutes=minutes,
                              output_dir=str(folder), **overrides)
     before = held_out_jpeg_kb(tiny.load_tiny(), cfg)
@@ -115,7 +118,8 @@ def train_and_measure(folder: Path, seed: int = 0, minutes: float = MINUTES,
                              cfg)
     epochs = len((run_dir / "metrics.jsonl").read_text().splitlines())
     return dict(seed=seed, minutes=seconds / 60, epochs=epochs, jpeg_kb_before=before,
-                jpeg_kb_after=after, change_percent=100 * (after / before - 1))
+                jpeg_kb_after=after, change_percent=100 * (after / before - 1),
+                run_dir=str(run_dir))
 
 
 def reference_functions() -> dict:

@@ -6,7 +6,7 @@
 # We want $\nabla_\theta\,\mathbb E[r(x_0,c)]$, but $x_0$ comes out of a $T$-step random chain: sampling
 # is not differentiable in any useful way, and the reward (a JPEG encoder, a VLM) may not be either. The
 # score-function trick (REINFORCE) needs neither. This notebook derives it for the denoising MDP
-# (arXiv 2305.13301, Sec. 4.4), checks `ddpo_min.ddpo_sf_loss` against a closed-form gradient on a toy
+# (arXiv 2305.13301, Sec. 4.3), checks `ddpo_min.ddpo_sf_loss` against a closed-form gradient on a toy
 # chain, and measures how much the advantage normalisation (`PerPromptStatTracker`) reduces the
 # estimator's variance.
 #
