@@ -29,7 +29,8 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
      "per-prompt advantages point uphill far better than raw rewards"),
     ("04_importance_sampling_clipping", "IS ratio inverted",
      "at theta = theta_old, grad ddpo_is_loss == grad ddpo_sf_loss"),
-    ("04_importance_sampling_clipping", "guidance ignored", "guided rescoring gives rho = 1"),
+    ("04_importance_sampling_clipping", "guidance ignored",
+     "at theta_old: guided rescoring gives rho = 1"),
     ("04_importance_sampling_clipping", "approx_kl without 1/2",
      "approx_kl and clipfrac from ddpo_is_loss == the formulas by hand"),
     ("05_rwr", "diffusion_mse_loss x2",
@@ -41,7 +42,8 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 ])  # fmt: skip
 def test_a_notebook_check_catches_a_wrong_function(notebook, mutant, check, monkeypatch):
     monkeypatch.setenv("DDPO_MUTANT", mutant)
-    _fails_at(nbformat.read(NOTEBOOKS / f"{notebook}.ipynb", as_version=4), check, monkeypatch)
+    path = NOTEBOOKS / f"{notebook}.ipynb"
+    _fails_at(nbformat.read(path, as_version=4), path.parent, check, monkeypatch)
 
 
 # Checks of the notebook's own derivations (a formula written out in a cell, compared with a library
@@ -65,16 +67,20 @@ def test_a_notebook_check_catches_a_wrong_function(notebook, mutant, check, monk
     ("06_rewards", "small_clip.vision_model(pixel_values=wrong)",
      "small_clip.vision_model(pixel_values=right)",
      "with floats rescaled twice the score no longer depends on the image"),
+    # exercise 6's checks make sure each mistake shows its symptom: without the mistake, no symptom
+    ("exercises/ex6_failure_modes", "lambda *a: averaged(*a) * D", "lambda *a: averaged(*a)",
+     "summed log-probs: approx_kl up by > 1000x"),
 ])  # fmt: skip
 def test_a_notebook_check_catches_a_wrong_derivation(notebook, right, wrong, check, monkeypatch):
-    nb = nbformat.read(NOTEBOOKS / f"{notebook}.ipynb", as_version=4)
+    path = NOTEBOOKS / f"{notebook}.ipynb"
+    nb = nbformat.read(path, as_version=4)
     cell = next((c for c in nb.cells if c.cell_type == "code" and right in c.source), None)
     assert cell is not None, f"{right!r} is no longer in {notebook}: update this test"
     cell.source = cell.source.replace(right, wrong, 1)
-    _fails_at(nb, check, monkeypatch)
+    _fails_at(nb, path.parent, check, monkeypatch)
 
 
-def _fails_at(nb, check: str, monkeypatch) -> None:
+def _fails_at(nb, folder: Path, check: str, monkeypatch) -> None:
     """Execute the notebook; it must stop at the check named, and at no other."""
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
@@ -82,5 +88,5 @@ def _fails_at(nb, check: str, monkeypatch) -> None:
     monkeypatch.setenv("TQDM_DISABLE", "1")
     with pytest.raises(CellExecutionError) as info:
         NotebookClient(nb, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+                       resources={"metadata": {"path": str(folder)}}).execute()
     assert f"check failed: {check}" in str(info.value), str(info.value)[-2000:]
