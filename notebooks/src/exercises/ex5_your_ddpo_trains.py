@@ -19,8 +19,9 @@
 # At the tiny defaults every epoch draws 8 prompts and samples each 8 times, and the loop normalises
 # within those 8, so exercise 4's per-batch statistics are exactly what the loop computes.
 #
-# **The bar.** Before and after training, the same fixed held-out set is sampled: the 45 animal prompts
-# with 2 fixed noise seeds each, 90 images, drawn as the run draws them. Its mean JPEG size must fall by
+# **The bar.** Before and after training, the same fixed set is sampled: the 45 animal prompts the run
+# trains on, each with 2 fixed noise seeds that training never draws, 90 images, sampled as the run
+# samples. Its mean JPEG size must fall by
 # at least the percentage stored in `assets/ex5_calibration.json`. That number was set by running the
 # project's own functions through this same harness with 3 seeds, and putting the bar 2 points below the
 # worst seed (the table below shows them). A correct solution clears it on a machine about as fast as
@@ -104,8 +105,8 @@ checks.check_clip_advantages(my_clip_advantages)
 # %% [markdown]
 # ## Training
 #
-# About 12 minutes in all: the held-out set before (about 40 s), 10 minutes of training with a progress
-# bar per phase, the held-out set after. The run's folder (`runs/ex5-yours/`) gets what every run writes:
+# About 11 minutes in all: the fixed set before (about 25 s), 10 minutes of training with a progress
+# bar per phase, the fixed set after. The run's folder (`runs/ex5-yours/`) gets what every run writes:
 # `metrics.jsonl`, a reward curve and a grid of samples per epoch. (In CI, with the reference functions,
 # the run is cut to one small epoch; the bar is not judged there.)
 
@@ -155,6 +156,6 @@ else:
 #
 # **Think about it.** (1) The quick checks compare your functions with the reference on a few fixed inputs;
 # name one mistake they could miss that would still hurt training, and what in the metrics would show it.
-# (2) The bar is a fall in JPEG size on prompts *and noise* the run never trained on. Why is that a fairer
-# test of your implementation than the training reward in `metrics.jsonl`? (3) Look at the last sample
+# (2) The bar is measured on a fixed set of prompts and noise seeds, the same before and after training.
+# Why is that a fairer test of your implementation than the training reward in `metrics.jsonl`? (3) Look at the last sample
 # grid: are the animals still recognisable? Exercise 6 and notebook 7 come back to this.
