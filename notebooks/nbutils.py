@@ -90,9 +90,15 @@ def load_paper_model():
 
 def check(ok, what: str) -> None:
     """Print the outcome of a numeric check as `match: True/False` and fail the notebook if
-    False."""
+    False (unless DDPO_CHECK_RECORD names a file: then the failure is written there, for the tests
+    that show several checks failing in one run)."""
     ok = bool(ok)
     print(f"{what}\nmatch: {ok}")
+    record = os.environ.get("DDPO_CHECK_RECORD")  # tests: note a failure, go on to the next check
+    if record and not ok:
+        with open(record, "a") as f:
+            f.write(what.splitlines()[0] + "\n")
+        return
     assert ok, f"check failed: {what}"
 
 

@@ -67,9 +67,6 @@ def test_a_notebook_check_catches_a_wrong_function(notebook, mutant, check, monk
     ("06_rewards", "small_clip.vision_model(pixel_values=wrong)",
      "small_clip.vision_model(pixel_values=right)",
      "with floats rescaled twice the score no longer depends on the image"),
-    # exercise 6's checks make sure each mistake shows its symptom: without the mistake, no symptom
-    ("exercises/ex6_failure_modes", "lambda *a: averaged(*a) * D", "lambda *a: averaged(*a)",
-     "summed log-probs: approx_kl up by > 1000x"),
 ])  # fmt: skip
 def test_a_notebook_check_catches_a_wrong_derivation(notebook, right, wrong, check, monkeypatch):
     path = NOTEBOOKS / f"{notebook}.ipynb"
@@ -90,3 +87,42 @@ def _fails_at(nb, folder: Path, check: str, monkeypatch) -> None:
         NotebookClient(nb, timeout=600, kernel_name="python3",
                        resources={"metadata": {"path": str(folder)}}).execute()
     assert f"check failed: {check}" in str(info.value), str(info.value)[-2000:]
+
+
+# Exercise 6's checks make sure each broken loop shows its symptom. With every mistake taken out
+# (the broken version replaced by the correct one), each of the five checks must fail: one run,
+# with DDPO_CHECK_RECORD noting each failure instead of stopping at the first.
+EX6_MISTAKES_UNDONE = [
+    ("lambda *a: averaged(*a) * D", "lambda *a: averaged(*a)",
+     "summed log-probs: approx_kl up by > 1000x"),
+    ('run("batch-wide advantages", per_prompt_stats=False)', 'run("batch-wide advantages")',
+     "batch-wide advantages: most of their variance is between prompts"),
+    ('mock.patch.object(ddpo_min, "rescore", rescore_without_guidance)',
+     'mock.patch.object(ddpo_min, "rescore", real_rescore)',
+     "rescoring without guidance: ratios far from 1 before any update"),
+    ('mock.patch.object(tiny, "load_tiny", load_with_noisy_last_step)',
+     'mock.patch.object(tiny, "load_tiny", load_tiny)',
+     "a near-zero sigma_t at the last step: approx_kl up by > 10x"),
+    ('run("clip range 1e-6", clip_range=1e-6)', 'run("clip range 1e-6")',
+     "clip range 1e-6: all of the second minibatch is clipped"),
+]  # fmt: skip
+
+
+def test_every_failure_mode_check_fails_without_its_mistake(tmp_path, monkeypatch):
+    from nbclient import NotebookClient
+
+    path = NOTEBOOKS / "exercises" / "ex6_failure_modes.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    for right, wrong, _ in EX6_MISTAKES_UNDONE:
+        cell = next((c for c in nb.cells if c.cell_type == "code" and right in c.source), None)
+        assert cell is not None, f"{right!r} is no longer in exercise 6: update this test"
+        cell.source = cell.source.replace(right, wrong)
+    record = tmp_path / "failed.txt"
+    monkeypatch.setenv("DDPO_CHECK_RECORD", str(record))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    failed = record.read_text().splitlines() if record.exists() else []
+    expected = [check for _, _, check in EX6_MISTAKES_UNDONE]
+    assert len(failed) == len(expected), failed
+    assert all(f.startswith(check) for f, check in zip(failed, expected)), failed
