@@ -21,12 +21,12 @@
 #
 # **The bar.** Before and after training, the same fixed set is sampled: the 45 animal prompts the run
 # trains on, each with 2 fixed noise seeds that training never draws, 90 images, sampled as the run
-# samples. Its mean JPEG size must fall by
-# at least the percentage stored in `assets/ex5_calibration.json`. That number was set by running the
-# project's own functions through this same harness with 3 seeds, and putting the bar 2 points below the
-# worst seed (the table below shows them). A correct solution clears it on a machine about as fast as
-# the one that calibrated it (2 CPU cores); on a slower machine, or one busy with other work, 10 minutes
-# buy fewer epochs: compare your epoch count with the table.
+# samples. Its mean JPEG size must fall by at least the percentage stored in
+# `assets/ex5_calibration.json`. That number was set by running the project's own functions through this
+# same harness with 3 seeds, and putting the bar 2 points below the worst seed (the table below shows
+# them: the seeds differ a lot). A correct solution should clear it on a machine about as fast as the one
+# that calibrated it (2 CPU cores); on a slower machine, or one busy with other work, 10 minutes buy
+# fewer epochs: compare your epoch count with the table.
 #
 # **Paste** your four functions into the next cell (or import them from a file), run the quick checks,
 # then the training cell.
