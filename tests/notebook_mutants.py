@@ -61,11 +61,9 @@ def _with_arguments(real, **forced):
     return wrong
 
 
-def _rescored_without_guidance(real):
-    return _with_arguments(real, negative_prompt_embeds=None, guidance_scale=1.0)
-
-
-def _guidance_ignored(real):
+def _unguided(real):
+    """Rescoring (recompute_log_prob) or the model output itself (guided_model_output) with the
+    conditional prediction alone: no negative prompt, w = 1."""
     return _with_arguments(real, negative_prompt_embeds=None, guidance_scale=1.0)
 
 
@@ -127,8 +125,8 @@ MUTANTS = {  # name: (module, attribute, wrong version of it)
     "IS loss min": ("ddpo_min", "ddpo_is_loss", _is_min_not_max),
     "RWR weights unnormalised": ("ddpo_min", "rwr_weights", _rwr_unnormalised),
     "JPEG in bytes": ("rewards", "jpeg_size_kb", _jpeg_in_bytes),
-    "rescored without guidance": ("sampler", "recompute_log_prob", _rescored_without_guidance),
-    "guidance ignored": ("sampler", "guided_model_output", _guidance_ignored),
+    "rescored without guidance": ("sampler", "recompute_log_prob", _unguided),
+    "guidance ignored": ("sampler", "guided_model_output", _unguided),
     "IS ratio inverted": ("ddpo_min", "ddpo_is_loss", _is_ratio_inverted),
     "approx_kl without 1/2": ("ddpo_min", "ddpo_is_loss", _approx_kl_without_half),
     "tracker returns raw rewards": ("ddpo_min", "PerPromptStatTracker.update",
