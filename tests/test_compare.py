@@ -14,7 +14,7 @@ def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(compare, "REPORT", tmp_path / "assets" / "compare.json")
     monkeypatch.setattr(compare, "REWARDS", ("compressibility",))
-    monkeypatch.setattr(compare, "ALGOS", ("ddpo_sf", "rwr_sparse"))  # one of each kind
+    monkeypatch.setattr(compare, "ALGOS", ("ddpo_sf", "rwr"))  # one of each kind
     monkeypatch.setattr(compare, "LRS", (1e-4, 1e-3))
     monkeypatch.setattr(compare, "MAX_EXTENSIONS", 0)  # the grid's growth: the test below
     monkeypatch.setattr(compare, "SEEDS", (0, 1))
@@ -30,16 +30,22 @@ def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
 
     compare.compare(max_minutes=1e-9)  # the deadline passes at once: no run finishes
     assert not runs.exists() or not list(runs.glob("*.json"))
-    compare.compare()  # continues: the sweep (2 algorithms x 2 rates), then seed 1
+    compare.compare()  # continues: the sweep (2 algorithms x 2 rates), seed 1, the control
     names = sorted(p.stem for p in runs.glob("*.json"))
-    assert len(names) == 2 * 2 + 2  # seed 0 of the picked rate is the sweep's run
+    assert len(names) == 2 * 2 + 2 + 2  # seed 0 of the picked rate is the sweep's run
     summary = json.loads(compare.REPORT.read_text())
     assert set(summary["picked_lr"]) == set(compare.ALGOS)
-    for algo, res in summary["results"]["compressibility"].items():
-        assert res["lr"] == summary["picked_lr"][algo] and res["seeds"] == [0, 1]
+    results = summary["results"]["compressibility"]
+    assert set(results) == {*compare.ALGOS, compare.CONTROL}
+    for algo, res in results.items():
+        picked = summary["picked_lr"][algo if algo != compare.CONTROL else "rwr"]
+        assert res["lr"] == picked and res["seeds"] == [0, 1]
         assert res["queries"] == [0, 8] and res["eval_queries"] == [8, 16]
         assert all(v > 0 for v in res["kl_pretrained"]["mean"])  # every algorithm moved
     assert compare.REPORT.with_suffix(".png").is_file()
+    name = compare.run_name("compressibility", compare.CONTROL, summary["picked_lr"]["rwr"], 1)
+    control = json.loads((runs / f"{name}.json").read_text())
+    assert (control["algo"], control["rwr_beta"]) == ("rwr", 0.0)  # RWR with every weight 1
     # a finished run is never trained again
     stamp = {p: p.stat().st_mtime for p in runs.glob("*.json")}
     compare.compare()

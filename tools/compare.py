@@ -17,7 +17,10 @@ The protocol, the same for every algorithm:
   noise set on three prompt sets: the trained animals, the 9 held-out animals and 32 everyday
   emoji (objects, food, ...) never trained on. Each set is scored with the JPEG size and the tiny
   captioner's top-1 ("is it still the animal?": over-optimisation, Sec. 6.4);
-- the KL to the pretrained policy, logged by the loop every epoch.
+- the KL to the pretrained policy, logged by the loop every epoch;
+- a control, after the main runs: RWR with uniform weights (beta = 0: plain fine-tuning on the
+  model's own samples, the reward unused) at RWR's picked rate, the same seeds and rewards. Whatever
+  it gains, RWR's gain owes to fine-tuning on its own samples, not to the reward.
 
 Each run trains in chunks between evaluations and checkpoints every epoch, so the whole
 comparison can be stopped at any point and continued by running the command again. A finished
@@ -49,6 +52,7 @@ REPORT = ROOT / "assets" / "compare.json"  # and compare.png beside it
 OVERRIDES: dict = {}  # config overrides for every run (the tests' toy size)
 
 ALGOS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
+CONTROL = "rwr_uniform"  # RWR with beta = 0 (every weight 1), at RWR's picked rate
 REWARDS = ("compressibility", "incompressibility")
 LRS = (5e-5, 2e-4, 8e-4)  # the sweep: the tiny default 2e-4, and 4x either side
 MAX_EXTENSIONS = 2  # extra rates, 4x beyond the edge, when the sweep picks an edge
@@ -89,6 +93,9 @@ def base_config(reward: str, algo: str, lr: float, seed: int) -> config.Config:
     RUNS.mkdir(parents=True, exist_ok=True)
     prompts = RUNS / "train_animals.txt"
     prompts.write_text("\n".join(TRAIN_ANIMALS) + "\n")
+    if algo == CONTROL:
+        return replace(base_config(reward, "rwr", lr, seed), rwr_beta=0.0,
+                       output_dir=str(RUNS / run_name(reward, algo, lr, seed)))
     return config.Config.tiny(reward=reward, algo=algo, lr=lr, seed=seed, epochs=EPOCHS,
                               prompts=str(prompts),
                               output_dir=str(RUNS / run_name(reward, algo, lr, seed)),
@@ -132,7 +139,8 @@ def run_one(cfg: config.Config, deadline: float) -> bool:
     history = _checkpoint(folder)["history"]
     keep = ("reward/mean", "reward/std", "kl/pretrained", "loss/approx_kl", "loss/clipfrac",
             "grad_norm", "time/epoch")
-    result = dict(name=name, reward=cfg.reward, algo=cfg.algo, lr=cfg.lr, seed=cfg.seed,
+    result = dict(name=name, reward=cfg.reward, algo=cfg.algo, rwr_beta=cfg.rwr_beta, lr=cfg.lr,
+                  seed=cfg.seed,
                   epochs=EPOCHS, samples_per_epoch=config.samples_per_epoch(cfg),
                   wall_seconds=float(sum(h["time/epoch"] for h in history)),
                   history={k: [h.get(k) for h in history] for k in keep},
@@ -213,6 +221,10 @@ def compare(max_minutes: float = 0.0) -> None:
             for algo in ALGOS:
                 if not run_one(base_config(reward, algo, picked_lr(algo), seed), deadline):
                     return report()
+    for reward in REWARDS if "rwr" in ALGOS else ():  # the control, after the comparison
+        for seed in SEEDS:
+            if not run_one(base_config(reward, CONTROL, picked_lr("rwr"), seed), deadline):
+                return report()
     report()
 
 
@@ -232,8 +244,8 @@ def report() -> dict:
         summary["sweep"][algo] = {f"{lr:g}": _final_reward(r) for lr, r in runs.items() if r}
         summary["picked_lr"][algo] = picked_lr(algo)
     for reward in REWARDS:
-        for algo in ALGOS:
-            lr = summary["picked_lr"][algo]
+        for algo in (*ALGOS, CONTROL):
+            lr = summary["picked_lr"].get(algo if algo != CONTROL else "rwr")
             runs = [r for seed in SEEDS if lr and (r := _load(run_name(reward, algo, lr, seed)))]
             if runs:
                 summary["results"].setdefault(reward, {})[algo] = _aggregate(runs)
@@ -271,8 +283,9 @@ def _aggregate(runs: list[dict]) -> dict:
     return out
 
 
-COLOURS = {"ddpo_is": "C0", "ddpo_sf": "C1", "rwr": "C2", "rwr_sparse": "C3"}
-LABELS = {"ddpo_is": "DDPO_IS", "ddpo_sf": "DDPO_SF", "rwr": "RWR", "rwr_sparse": "sparse RWR"}
+COLOURS = {"ddpo_is": "C0", "ddpo_sf": "C1", "rwr": "C2", "rwr_sparse": "C3", CONTROL: "0.5"}
+LABELS = {"ddpo_is": "DDPO_IS", "ddpo_sf": "DDPO_SF", "rwr": "RWR", "rwr_sparse": "sparse RWR",
+          CONTROL: "control: RWR, uniform weights"}
 
 
 def _figure(summary: dict, path: Path) -> None:
