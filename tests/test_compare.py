@@ -82,3 +82,11 @@ def test_the_sweep_grows_beyond_an_edge_pick(tmp_path, monkeypatch):
     assert compare.sweep_lrs("rwr") == [3.13e-6, 1.25e-5, *compare.LRS]
     finish("rwr", 3.13e-6, -0.8)  # still the edge, but MAX_EXTENSIONS = 2 rates were added
     assert compare.picked_lr("rwr") == 3.13e-6
+
+
+def test_the_committed_report_is_the_commands_output(tmp_path, monkeypatch):
+    """assets/compare.json is what `python -m tools.bench compare --report` makes of the committed
+    run files (assets/compare/runs): none of them is missing, and no number was edited by hand."""
+    committed = json.loads(compare.REPORT.read_text())
+    monkeypatch.setattr(compare, "REPORT", tmp_path / "compare.json")
+    assert json.loads(json.dumps(compare.report())) == committed  # tuples become lists
