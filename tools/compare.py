@@ -299,7 +299,8 @@ def _figure(summary: dict, path: Path) -> None:
         sign = -1 if reward == "compressibility" else 1
         for algo, res in summary["results"][reward].items():
             c = COLOURS[algo]
-            label = f"{LABELS[algo]} (lr {res['lr']:g}, {len(res['seeds'])} seeds)"
+            n = len(res["seeds"])
+            label = f"{LABELS[algo]} (lr {res['lr']:g}, {n} seed{'s' * (n > 1)})"
             x = res["queries"]
             _band(row[0], x, res["train_reward"], c, label)
             xe = [0] + res["eval_queries"]
