@@ -38,7 +38,7 @@ def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
     results = summary["results"]["compressibility"]
     assert set(results) == {*compare.ALGOS, compare.CONTROL}
     for algo, res in results.items():
-        picked = summary["picked_lr"][algo if algo != compare.CONTROL else "rwr"]
+        picked = summary["picked_lr"][compare.CONTROL_OF if algo == compare.CONTROL else algo]
         assert res["lr"] == picked and res["seeds"] == [0, 1]
         assert res["queries"] == [0, 8] and res["eval_queries"] == [8, 16]
         assert all(v > 0 for v in res["kl_pretrained"]["mean"])  # every algorithm moved

@@ -52,7 +52,7 @@ REPORT = ROOT / "assets" / "compare.json"  # and compare.png beside it
 OVERRIDES: dict = {}  # config overrides for every run (the tests' toy size)
 
 ALGOS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
-CONTROL = "rwr_uniform"  # RWR with beta = 0 (every weight 1), at RWR's picked rate
+CONTROL, CONTROL_OF = "rwr_uniform", "rwr"  # RWR with beta = 0 (every weight 1), at RWR's rate
 REWARDS = ("compressibility", "incompressibility")
 LRS = (5e-5, 2e-4, 8e-4)  # the sweep: the tiny default 2e-4, and 4x either side
 MAX_EXTENSIONS = 2  # extra rates, 4x beyond the edge, when the sweep picks an edge
@@ -93,13 +93,10 @@ def base_config(reward: str, algo: str, lr: float, seed: int) -> config.Config:
     RUNS.mkdir(parents=True, exist_ok=True)
     prompts = RUNS / "train_animals.txt"
     prompts.write_text("\n".join(TRAIN_ANIMALS) + "\n")
-    if algo == CONTROL:
-        return replace(base_config(reward, "rwr", lr, seed), rwr_beta=0.0,
-                       output_dir=str(RUNS / run_name(reward, algo, lr, seed)))
-    return config.Config.tiny(reward=reward, algo=algo, lr=lr, seed=seed, epochs=EPOCHS,
-                              prompts=str(prompts),
+    control = dict(algo=CONTROL_OF, rwr_beta=0.0) if algo == CONTROL else dict(algo=algo)
+    return config.Config.tiny(reward=reward, lr=lr, seed=seed, epochs=EPOCHS, prompts=str(prompts),
                               output_dir=str(RUNS / run_name(reward, algo, lr, seed)),
-                              **OVERRIDES)
+                              **control, **OVERRIDES)
 
 
 def pretrained_scores(cfg: config.Config) -> dict:
@@ -140,8 +137,7 @@ def run_one(cfg: config.Config, deadline: float) -> bool:
     keep = ("reward/mean", "reward/std", "kl/pretrained", "loss/approx_kl", "loss/clipfrac",
             "grad_norm", "time/epoch")
     result = dict(name=name, reward=cfg.reward, algo=cfg.algo, rwr_beta=cfg.rwr_beta, lr=cfg.lr,
-                  seed=cfg.seed,
-                  epochs=EPOCHS, samples_per_epoch=config.samples_per_epoch(cfg),
+                  seed=cfg.seed, epochs=EPOCHS, samples_per_epoch=config.samples_per_epoch(cfg),
                   wall_seconds=float(sum(h["time/epoch"] for h in history)),
                   history={k: [h.get(k) for h in history] for k in keep},
                   evals={int(k): v for k, v in evals.items()},
@@ -221,9 +217,9 @@ def compare(max_minutes: float = 0.0) -> None:
             for algo in ALGOS:
                 if not run_one(base_config(reward, algo, picked_lr(algo), seed), deadline):
                     return report()
-    for reward in REWARDS if "rwr" in ALGOS else ():  # the control, after the comparison
+    for reward in REWARDS if CONTROL_OF in ALGOS else ():  # the control, after the comparison
         for seed in SEEDS:
-            if not run_one(base_config(reward, CONTROL, picked_lr("rwr"), seed), deadline):
+            if not run_one(base_config(reward, CONTROL, picked_lr(CONTROL_OF), seed), deadline):
                 return report()
     report()
 
@@ -245,7 +241,7 @@ def report() -> dict:
         summary["picked_lr"][algo] = picked_lr(algo)
     for reward in REWARDS:
         for algo in (*ALGOS, CONTROL):
-            lr = summary["picked_lr"].get(algo if algo != CONTROL else "rwr")
+            lr = summary["picked_lr"].get(CONTROL_OF if algo == CONTROL else algo)
             runs = [r for seed in SEEDS if lr and (r := _load(run_name(reward, algo, lr, seed)))]
             if runs:
                 summary["results"].setdefault(reward, {})[algo] = _aggregate(runs)
