@@ -90,3 +90,23 @@ def test_the_committed_report_is_the_commands_output(tmp_path, monkeypatch):
     committed = json.loads(compare.REPORT.read_text())
     monkeypatch.setattr(compare, "REPORT", tmp_path / "compare.json")
     assert json.loads(json.dumps(compare.report())) == committed  # tuples become lists
+
+
+def test_the_control_ignores_the_reward():
+    """The control (RWR with beta = 0, every weight 1) never reads the reward, so its committed runs
+    on compressibility and incompressibility, same seed, must be the same training: the same
+    held-out images (JPEG sizes, captions) and KL at every checkpoint, and opposite
+    on-policy rewards. Checks the README's claim and that a run repeats from its seed."""
+    lr = compare.picked_lr(compare.CONTROL_OF)
+
+    def run(reward: str, seed: int) -> dict:
+        name = compare.run_name(reward, compare.CONTROL, lr, seed)
+        return json.loads((compare.OUT / "runs" / f"{name}.json").read_text())
+
+    assert len(compare.SEEDS) >= 3
+    for seed in compare.SEEDS:
+        compress, incompress = run("compressibility", seed), run("incompressibility", seed)
+        assert compress["evals"] == incompress["evals"]
+        assert compress["history"]["kl/pretrained"] == incompress["history"]["kl/pretrained"]
+        rewards = incompress["history"]["reward/mean"]
+        assert compress["history"]["reward/mean"] == [-r for r in rewards]

@@ -291,23 +291,22 @@ def _figure(summary: dict, path: Path) -> None:
     fig = Figure(figsize=(16, 3.6 * len(rewards)), dpi=100)
     axes = fig.subplots(len(rewards), 4, squeeze=False)
     pre = summary["pretrained"]
+    legend: dict = {}  # algo: (line, seeds per reward), one legend under the whole figure
     for row, reward in zip(axes, rewards):
         sign = -1 if reward == "compressibility" else 1
         for algo, res in summary["results"][reward].items():
             c = COLOURS[algo]
-            n = len(res["seeds"])
-            label = f"{LABELS[algo]} (lr {res['lr']:g}, {n} seed{'s' * (n > 1)})"
-            x = res["queries"]
-            _band(row[0], x, res["train_reward"], c, label)
+            line = _band(row[0], res["queries"], res["train_reward"], c)
+            legend.setdefault(algo, (line, res["lr"], []))[2].append(str(len(res["seeds"])))
             xe = [0] + res["eval_queries"]
             for name, style in (("trained", "-"), ("unseen_animals", "--"), ("objects", ":")):
                 gain = {k: [0.0] + v for k, v in _gain(res, name, pre, sign).items()}
-                _band(row[1], xe, gain, c, None, style)
+                _band(row[1], xe, gain, c, style)
             top = res["evals"]["trained/caption_top1"]
             top = {k: [100 * pre["trained"]["caption_top1"]] + [100 * v for v in top[k]]
                    for k in top}
-            _band(row[2], xe, top, c, None)
-            _band(row[3], res["kl_queries"], res["kl_pretrained"], c, None)
+            _band(row[2], xe, top, c)
+            _band(row[3], res["kl_queries"], res["kl_pretrained"], c)
         row[0].set(title=f"{reward}: on-policy reward", xlabel="reward queries (samples)",
                    ylabel="reward (JPEG kB, signed)")
         row[1].set(title="held-out gain: trained -, unseen animals --, objects :",
@@ -316,16 +315,23 @@ def _figure(summary: dict, path: Path) -> None:
                    ylabel="top-1 (%)")
         row[3].set(title="KL to the pretrained policy (per step)", xlabel="reward queries",
                    ylabel="KL (per latent dim)", yscale="log")
-        row[0].legend(fontsize=7)
         for ax in row:
             ax.grid(alpha=0.3)
-    fig.tight_layout()
+    def seeds(n: list[str]) -> str:  # "3 seeds", or "3/1 seeds (compressibility/incompressibility)"
+        return f"{n[0]} seed{'s' * (n[0] != '1')}" if len(set(n)) == 1 and len(n) == len(rewards) \
+            else f"{'/'.join(n)} seeds ({'/'.join(rewards)})"
+
+    fig.legend([line for line, _, _ in legend.values()],
+               [f"{LABELS[a]} (lr {lr:g}, {seeds(n)})" for a, (_, lr, n) in legend.items()],
+               loc="lower center", ncol=min(len(legend), 5), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.7 / fig.get_figheight(), 1, 1))
     fig.savefig(path)
 
 
-def _band(ax, x, b: dict, colour: str, label: str | None, style: str = "-") -> None:
-    ax.plot(x, b["mean"], style, color=colour, label=label)
+def _band(ax, x, b: dict, colour: str, style: str = "-"):
+    """The mean as a line, the min-max over seeds as a shaded band; returns the line."""
     ax.fill_between(x, b["min"], b["max"], color=colour, alpha=0.15)
+    return ax.plot(x, b["mean"], style, color=colour)[0]
 
 
 def print_summary(summary: dict) -> None:
