@@ -141,7 +141,9 @@ nbutils.show_source(ddpo_sf_loss)
 # With $n$ rewards in the mean and the other $n-1$ independent of sample $b$,
 # $\mathbb E[(r_b - \bar r_c)\,\nabla\log p_b] = \frac{n-1}{n}\,\mathbb E[r_b\,\nabla\log p_b]$: a
 # positive factor, harmless for the direction (where $n$ differs between prompts it reweights them
-# slightly, as the division by $\text{std}_c$ does). And when a prompt's own rewards are all equal, each
+# slightly, as the division by $\text{std}_c$ does). The factor is exact for the mean subtraction
+# alone: $\text{std}_c$ also contains the sample's own reward, which bends $A$ as a function of $r_b$
+# by a further $O(1/n)$ (its derivative in $r_b$ is $(r_b - \bar r_c)/(n\,\text{std}_c)$). And when a prompt's own rewards are all equal, each
 # of its samples gets $A \approx 0$ ($0/(0 + 10^{-6})$): nothing tells them apart, so the prompt
 # contributes no gradient, which is right, since there is no within-prompt signal to follow.
 #

@@ -87,7 +87,7 @@ nbutils.show_source(ddpo_min.train)
 #   between epochs, not a KL in nats.
 # * `loss/clipfrac`: the share of transitions whose ratio left $1\pm\epsilon$. The first minibatch of
 #   every epoch is at $\theta=\theta_\text{old}$ (ratio 1, nothing clipped), so the epoch's average mixes
-#   that zero with the later minibatches' values. Only the transitions that left in their advantage's
+#   that zero with the later minibatches' values; the same holds for `loss/approx_kl` above. Only the transitions that left in their advantage's
 #   direction lose their gradient (notebook 4 §4.3), so this is an upper bound on that share. If it
 #   approached 1, the later minibatch steps could lose most of their gradient: lower the learning rate or
 #   raise `clip_range`.
