@@ -43,7 +43,8 @@ def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
         assert res["queries"] == [0, 8] and res["eval_queries"] == [8, 16]
         assert all(v > 0 for v in res["kl_pretrained"]["mean"])  # every algorithm moved
     assert compare.REPORT.with_suffix(".png").is_file()
-    name = compare.run_name("compressibility", compare.CONTROL, summary["picked_lr"]["rwr"], 1)
+    rwr_lr = summary["picked_lr"][compare.CONTROL_OF]
+    name = compare.run_name("compressibility", compare.CONTROL, rwr_lr, 1)
     control = json.loads((runs / f"{name}.json").read_text())
     assert (control["algo"], control["rwr_beta"]) == ("rwr", 0.0)  # RWR with every weight 1
     # a finished run is never trained again

@@ -291,13 +291,13 @@ def _figure(summary: dict, path: Path) -> None:
     fig = Figure(figsize=(16, 3.6 * len(rewards)), dpi=100)
     axes = fig.subplots(len(rewards), 4, squeeze=False)
     pre = summary["pretrained"]
-    legend: dict = {}  # algo: (line, seeds per reward), one legend under the whole figure
+    legend: dict = {}  # algo: (its line, lr, [(reward, seeds)]), one legend under the figure
     for row, reward in zip(axes, rewards):
         sign = -1 if reward == "compressibility" else 1
         for algo, res in summary["results"][reward].items():
             c = COLOURS[algo]
             line = _band(row[0], res["queries"], res["train_reward"], c)
-            legend.setdefault(algo, (line, res["lr"], []))[2].append(str(len(res["seeds"])))
+            legend.setdefault(algo, (line, res["lr"], []))[2].append((reward, len(res["seeds"])))
             xe = [0] + res["eval_queries"]
             for name, style in (("trained", "-"), ("unseen_animals", "--"), ("objects", ":")):
                 gain = {k: [0.0] + v for k, v in _gain(res, name, pre, sign).items()}
@@ -317,13 +317,17 @@ def _figure(summary: dict, path: Path) -> None:
                    ylabel="KL (per latent dim)", yscale="log")
         for ax in row:
             ax.grid(alpha=0.3)
-    def seeds(n: list[str]) -> str:  # "3 seeds", or "3/1 seeds (compressibility/incompressibility)"
-        return f"{n[0]} seed{'s' * (n[0] != '1')}" if len(set(n)) == 1 and len(n) == len(rewards) \
-            else f"{'/'.join(n)} seeds ({'/'.join(rewards)})"
 
-    fig.legend([line for line, _, _ in legend.values()],
-               [f"{LABELS[a]} (lr {lr:g}, {seeds(n)})" for a, (_, lr, n) in legend.items()],
-               loc="lower center", ncol=min(len(legend), 5), fontsize=9, frameon=False)
+    def seeds(counts: list[tuple[str, int]]) -> str:  # "3 seeds", or per reward where they differ
+        each = [f"{n} seed{'s' * (n != 1)}" for _, n in counts]
+        if len(counts) == len(rewards) and len(set(each)) == 1:
+            return each[0]
+        return ", ".join(f"{reward}: {text}" for (reward, _), text in zip(counts, each))
+
+    labels = [f"{LABELS[a]} (lr {lr:g}, {seeds(n)})" for a, (_, lr, n) in legend.items()]
+    columns = 5 if max(map(len, labels)) <= 55 else 3  # per-reward seed counts make longer labels
+    fig.legend([line for line, _, _ in legend.values()], labels, loc="lower center",
+               ncol=min(len(legend), columns), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.7 / fig.get_figheight(), 1, 1))
     fig.savefig(path)
 
