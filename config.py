@@ -121,7 +121,7 @@ class Config:
     log: str = _help("besides metrics.jsonl", "none", LOGGERS)
     grid_size: int = _help("images in each epoch's sample grid", 16, need=">= 1")
     kl_samples: int = _help("diagnostic: the mean per-step KL to the pretrained policy, on this "
-                            "many of each epoch's trajectories per process; 0 = off", 4,
+                            "many of each epoch's trajectories (over all processes); 0 = off", 4,
                             need=">= 0")
 
     @classmethod

@@ -224,10 +224,13 @@ class PerPromptStatTracker:
             idx = np.flatnonzero(prompts_arr == prompt)
             buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
             buffer.extend(r[idx].tolist())
+            # every reward normalised is in its statistics: a batch holding more of this prompt's
+            # rewards than the buffer keeps is normalised with all of them
+            recent = r[idx] if len(idx) > self.buffer_size else np.asarray(buffer)
             if len(buffer) < self.min_count:
                 mean, std = batch_mean, batch_std
             else:
-                mean, std = float(np.mean(buffer)), float(np.std(buffer))
+                mean, std = float(np.mean(recent)), float(np.std(recent))
             advantages[idx] = (r[idx] - mean) / (std + 1e-6)  # A = (r - mean) / (std + 1e-6)
         return advantages.astype(np.float32)
 
@@ -284,15 +287,31 @@ class Samples:
 
 
 def sample_seed(cfg: Config, epoch: int, number: int, stream: int) -> int:
-    """A seed for one sample's draws (stream 0: its prompt, 1: its noise), from its number."""
+    """A seed for one sample's draws (stream 0: its prompt, 1: its noise), from its number; stream
+    2 with number c: the c-th permutation of the prompts that groups of samples draw from."""
     return int(np.random.SeedSequence([cfg.seed, epoch, number, stream]).generate_state(1)[0])
 
 
-def sample_prompt(run: Run, epoch: int, number: int) -> str:
-    """The prompt of sample `number`: each group of samples_per_prompt shares one (1 = i.i.d.)."""
-    group = number // run.cfg.samples_per_prompt
-    rng = np.random.default_rng(sample_seed(run.cfg, epoch, group, 0))
-    return run.prompts[rng.integers(len(run.prompts))]
+def epoch_prompts(cfg: Config, prompts: Sequence[str], epoch: int) -> list[str]:
+    """The prompt of every sample of the epoch, (S,), the same on every process.
+
+    samples_per_prompt = 1 (the paper): every sample draws its own prompt, i.i.d. from its number.
+    samples_per_prompt = k > 1: the samples come in groups of k that share one prompt, and the
+    groups draw their prompts without replacement (one permutation of the prompts per P groups).
+    """
+    total, k = samples_per_epoch(cfg), cfg.samples_per_prompt
+    if k == 1:
+        return [prompts[np.random.default_rng(sample_seed(cfg, epoch, i, 0)).integers(len(prompts))]
+                for i in range(total)]
+    # DEVIATION: groups of samples draw their prompts without replacement (the paper draws each
+    # sample's prompt independently). Why: the tiny scale normalises each group by its own rewards
+    # (a buffer of exactly k per prompt); two groups on one prompt would be normalised with the
+    # second group's rewards only. Effect: every group's advantages average 0 while there are at
+    # least as many prompts as groups per epoch (tiny: 8 groups, 45 prompts).
+    P, groups = len(prompts), total // k
+    order = np.concatenate([np.random.default_rng(sample_seed(cfg, epoch, c, 2)).permutation(P)
+                            for c in range(-(-groups // P))])  # prompt numbers, (>= groups,)
+    return [prompts[order[g]] for g in range(groups) for _ in range(k)]  # (S,)
 
 
 def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
@@ -307,7 +326,7 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
     total = samples_per_epoch(cfg)  # S, over all processes
     mine = total // acc.num_processes  # M, this process's share
     first = acc.process_index * mine
-    all_prompts = [sample_prompt(run, epoch, i) for i in range(total)]  # (S,), alike everywhere
+    all_prompts = epoch_prompts(cfg, run.prompts, epoch)  # (S,), alike on every process
     t0 = time.perf_counter()
     batches, futures = [], []
     model.unet.eval()
@@ -382,12 +401,20 @@ def compute_advantages(run: Run, samples: Samples) -> torch.Tensor:
 # and every sample counts equally.
 
 
-def my_rows(samples: Samples, minibatch: torch.Tensor) -> torch.Tensor:
-    """The rows of `samples` whose numbers are in the minibatch (sample numbers), in its order."""
+def my_rows(samples: Samples, numbers: torch.Tensor) -> torch.Tensor:
+    """The rows of `samples` whose sample numbers are in `numbers`, in its order (maybe none)."""
     row = torch.full((len(samples.all_prompts),), -1, dtype=torch.long)  # number -> row, (S,)
     row[samples.index] = torch.arange(len(samples.index))
-    rows = row[minibatch]
+    rows = row[numbers]
     return rows[rows >= 0]
+
+
+def my_chunks(samples: Samples, minibatch: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """This process's rows of the minibatch in chunks of at most `size` rows. With N processes a
+    process may own none of a minibatch: then no chunk at all (torch.empty(0).split(size) would
+    give one empty chunk, and a UNet cannot run on 0 samples)."""
+    rows = my_rows(samples, minibatch)
+    return list(rows.split(size)) if len(rows) else []
 
 
 def rescore(run: Run, samples: Samples, idx: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -433,7 +460,7 @@ def ddpo_minibatches(run: Run, samples: Samples, adv: torch.Tensor, objective: C
     perms = steps[shuffle]  # (S, T_s)
 
     def terms(mb: torch.Tensor):
-        for chunk in my_rows(samples, mb).split(cfg.train_batch_size):
+        for chunk in my_chunks(samples, mb, cfg.train_batch_size):
             idx = chunk.to(run.device)
             for k in range(T_train):
                 j = perms[samples.index[chunk], k].to(run.device)  # each sample's k-th step, (b,)
@@ -479,7 +506,7 @@ def rwr_minibatches(run: Run, samples: Samples, adv: torch.Tensor, select: Calla
     noise_all = torch.randn((total, *run.model.latent_shape), generator=run.train_gen)
 
     def terms(mb: torch.Tensor):
-        for chunk in my_rows(samples, mb).split(cfg.train_batch_size):
+        for chunk in my_chunks(samples, mb, cfg.train_batch_size):
             number = samples.index[chunk]  # (b,)
             loss = rwr_loss(run, samples, chunk.to(run.device), weights[number].to(run.device),
                             t_all[number].to(run.device), noise_all[number].to(run.device))
@@ -505,7 +532,10 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
     cfg = run.cfg
     run.model.unet.train()
     minibatches = ALGORITHMS[cfg.algo]
-    stats: dict[str, list[float]] = {"loss/policy": [], "loss/approx_kl": [], "loss/clipfrac": []}
+    # the logged losses: every term's value times its weight (its share of the minibatch), summed
+    # over the epoch and the processes, over the weights' sum: sample-weighted, the same for any
+    # number of processes and any chunking
+    stats = {"loss/policy": [0.0, 0.0], "loss/approx_kl": [0.0, 0.0], "loss/clipfrac": [0.0, 0.0]}
     grad_norms, skipped_steps = [], 0
     for _ in range(cfg.inner_epochs):
         for terms in tqdm(minibatches(run, samples, adv), total=cfg.minibatches, leave=False,
@@ -517,14 +547,16 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
                     nonfinite += 1  # every process must learn of it: counted in optimizer_step
                     continue
                 plumbing.backward(run, loss, weight)
-                stats["loss/policy"].append(loss.item())
-                for key, v in info.items():
-                    stats[f"loss/{key}"].append(v.item())
+                for key, v in {"policy": loss, **info}.items():
+                    stats[f"loss/{key}"][0] += weight * v.item()  # Σ w * value
+                    stats[f"loss/{key}"][1] += weight  # Σ w
             grad_norm, skipped = plumbing.optimizer_step(run, nonfinite)
-            grad_norms.append(grad_norm)  # the same on every process (summed gradients)
+            if not skipped:  # a skipped fp16 step's norm is inf: the norms of the steps taken
+                grad_norms.append(grad_norm)  # the same on every process (summed gradients)
             skipped_steps += skipped
-    out = {k: plumbing.mean_over_processes(run, v) for k, v in stats.items()}  # every term
-    return {**out, "grad_norm": float(np.mean(grad_norms)), "skipped_steps": skipped_steps}
+    out = plumbing.weighted_means_over_processes(run, stats)  # {key: Σ w value / Σ w, or None}
+    grad_norm = float(np.mean(grad_norms)) if grad_norms else None
+    return {**out, "grad_norm": grad_norm, "skipped_steps": skipped_steps}
 
 
 @torch.no_grad()
@@ -532,8 +564,8 @@ def kl_to_pretrained(run: Run, samples: Samples) -> float | None:
     """Diagnostic, not a loss: how far the policy has moved from the pretrained one.
 
         KL_t = KL( p_θ(x_{t-1} | x_t, c) || p_pretrained(x_{t-1} | x_t, c) ),  averaged over the
-        stochastic steps of `kl_samples` of this epoch's trajectories, evenly spaced (after this
-        epoch's update)
+        stochastic steps of `kl_samples` of this epoch's trajectories in all, evenly spaced over
+        the epoch's samples (after this epoch's update)
 
     Both policies are Gaussians with the same σ_t (Eq. 2), so KL_t = |μ_θ - μ_pre|^2 / (2 σ_t^2),
     averaged over C*H*W like the log-probs. With LoRA the pretrained policy is the same UNet with
@@ -542,9 +574,13 @@ def kl_to_pretrained(run: Run, samples: Samples) -> float | None:
     cfg, model = run.cfg, run.model
     if not cfg.kl_samples:
         return None
-    # K rows spread over this process's samples, so over several prompts (not one prompt's group)
-    idx = torch.linspace(0, len(samples.index) - 1, min(cfg.kl_samples, len(samples.index)))
-    idx = idx.round().long()  # (K,)
+    # K samples evenly spaced over the whole epoch (so over several prompts, not one prompt's
+    # group), whichever process holds them: K in all, for any number of processes
+    total = len(samples.all_prompts)
+    numbers = torch.linspace(0, total - 1, min(cfg.kl_samples, total)).round().long()  # (K,)
+    idx = my_rows(samples, numbers)  # this process's rows of them, (k,), maybe none
+    if not len(idx):
+        return plumbing.mean_over_processes(run, [])  # (a collective: every process calls it)
     steps, _ = trainable_steps(model.scheduler, samples.timesteps, cfg.eta, 1.0)
     embeds = samples.prompt_embeds[idx]  # (K, L, D)
 

@@ -87,6 +87,9 @@ class Run:
         half = loading.DTYPES[cfg.mixed_precision]
         self.autocast = torch.autocast(self.device.type, dtype=half, enabled=half != torch.float32)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=half == torch.float16)
+        # the scale exists from the start: with N processes one may own none of a minibatch, scale
+        # no loss, and still unscale the summed gradients (else GradScaler: "_scale is None")
+        self.scaler.scale(torch.zeros((), device=self.device))
         self.negative_embeds = self.model.encode_prompts([""])  # (1, L, D) the empty prompt
         # training shuffles and RWR noise (checkpointed; the same on every process); a sample's
         # prompt and noise come from seeds made of (seed, epoch, its number), ddpo_min.sample_seed
@@ -304,6 +307,16 @@ def mean_over_processes(run, values: list[float]) -> float | None:
     if run.accelerator.num_processes > 1:
         total = run.accelerator.reduce(total.to(run.device), reduction="sum").cpu()
     return float(total[0] / total[1]) if total[1] else None
+
+
+def weighted_means_over_processes(run, sums: dict[str, list[float]]) -> dict[str, float | None]:
+    """{key: [Σ w * value, Σ w]} on each process -> {key: the weighted mean over all processes},
+    None for a key no process has weight for. One all-reduce."""
+    total = torch.tensor([x for pair in sums.values() for x in pair], dtype=torch.float64)
+    if run.accelerator.num_processes > 1:
+        total = run.accelerator.reduce(total.to(run.device), reduction="sum").cpu()
+    pairs = total.view(-1, 2).tolist()
+    return {key: (num / den if den else None) for key, (num, den) in zip(sums, pairs)}
 
 
 def any_process(run, flag: bool) -> bool:

@@ -1,9 +1,15 @@
-"""The one-shot GPU check at toy size on a CPU: the same code, so it cannot rot before a GPU is
-lent."""
+"""The one-shot GPU check at toy size on a CPU. What this test measures is one thing: in fp32 the
+ratio at theta = theta_old is 1 to rounding. The rest only keeps the command running so that it
+cannot rot before a GPU is lent: at the toy's 8x8 latents nothing underflows in fp16 (the gradient
+per element is 256x larger than at SD's 64x64) and CPU timings say nothing about a GPU. The loss
+scaling that check 2 measures on a GPU is tested at SD's 64x64 latent size in
+tests/test_engine.py (fp16 without scaling: most LoRA gradients 0; with it: the fp32 gradient).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 
 from tools.gpu_check import gpu_check
 
@@ -14,13 +20,13 @@ def test_gpu_check_runs_at_toy_size(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     fp32 = r["ratio_at_theta_old"]["no"]
     assert fp32["max_abs_ratio_minus_1"] < 1e-4  # fp32, same weights: ratio 1 to rounding
-    for precision in ("fp16", "bf16"):
-        v = r["ratio_at_theta_old"][precision]
-        assert 0 <= v["share_past_clip"] <= 1 and v["max_abs_ratio_minus_1"] >= 0
+    # the rest: every figure is there and finite (the command ran through)
+    figures = [r["ratio_at_theta_old"][p]["max_abs_ratio_minus_1"] for p in ("fp16", "bf16")]
     g = r["zero_lora_gradients_fp16"]
-    # (at 8x8 toy latents the gradient is 256x larger per element than at SD's 64x64: no underflow)
-    assert g["with_scaling"]["zero_share"] <= g["without_scaling"]["zero_share"]
+    figures += [g[k]["zero_share"] for k in ("with_scaling", "without_scaling")]
     speed = r["fp16_speed_memory"]
+    figures += [speed[p][k] for p in ("sampling", "training")
+                for k in ("samples_per_s", "ratio_to_floor")]
+    figures.append(r["shortened_epoch_fp16"]["default_epoch_minutes_extrapolated"])
+    assert all(math.isfinite(v) for v in figures), figures
     assert speed["peak_gib_sampling"] is None  # no CUDA here
-    assert speed["sampling"]["samples_per_s"] > 0 and speed["training"]["ratio_to_floor"] > 0
-    assert r["shortened_epoch_fp16"]["default_epoch_minutes_extrapolated"] > 0

@@ -1,0 +1,160 @@
+"""Properties that must hold for every seed, checked over hundreds of them: no UNet runs here, so
+each test takes about a second.
+
+- A minibatch splits over N processes into non-empty chunks that cover each of its samples exactly
+  once, with weights that sum to 1 over the processes, also when a process owns none of it.
+- Groups of samples that share a prompt (the tiny scale) get advantages normalised within the
+  group: they average 0 in every epoch.
+- Exercise 5's harness (per-batch statistics) computes the loop's advantages.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import ddpo_min
+import tiny
+from config import Config, samples_per_epoch
+from tools import ex5
+
+SEEDS = range(300)
+
+
+def _process_samples(cfg: Config, rank: int, processes: int) -> ddpo_min.Samples:
+    """Process `rank`'s share of an epoch, as sample_epoch lays it out (only what the minibatch
+    generators read)."""
+    total = samples_per_epoch(cfg)
+    mine = total // processes
+    index = torch.arange(rank * mine, (rank + 1) * mine)
+    signal = np.random.default_rng(cfg.seed).normal(size=total).astype(np.float32)
+    return ddpo_min.Samples(
+        index=index, latents=torch.empty(0), log_probs=torch.empty(0),
+        timesteps=torch.empty(0), prompt_embeds=torch.empty(0), prompts=[], images=torch.empty(0),
+        rewards=signal[index.numpy()], extras={}, all_prompts=["p"] * total, all_rewards=signal,
+        all_advantages=signal)  # fmt: skip
+
+
+def _terms(cfg: Config, rank: int, processes: int) -> list[list[tuple[list[int], float]]]:
+    """Per optimizer step of one epoch, process `rank`'s loss terms as (sample numbers, weight),
+    from the loop's own minibatch generator with the UNet's loss replaced by a recorder."""
+    scheduler = tiny.make_scheduler()
+    scheduler.set_timesteps(cfg.num_steps)
+    run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"),
+                          train_gen=torch.Generator().manual_seed(cfg.seed + 1),
+                          model=SimpleNamespace(scheduler=scheduler, latent_shape=(3, 2, 2)))
+    samples = _process_samples(cfg, rank, processes)
+    samples.timesteps = scheduler.timesteps.long()
+    calls = []
+
+    def recorder(run, samples, idx, *args):
+        assert len(idx) > 0, "a UNet forward on 0 samples"
+        calls.append(samples.index[idx].tolist())
+        return torch.tensor(0.0), {}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ddpo_min, "policy_loss", recorder)
+        mp.setattr(ddpo_min, "rwr_loss", recorder)
+        adv = torch.as_tensor(samples.all_advantages[samples.index.numpy()])
+        steps = []
+        for terms in ddpo_min.ALGORITHMS[cfg.algo](run, samples, adv):
+            done = len(calls)
+            weights = [w for _, w, _ in terms]
+            steps.append(list(zip(calls[done:], weights, strict=True)))
+    return steps
+
+
+@pytest.mark.parametrize("algo", ["ddpo_is", "rwr_sparse"])
+def test_every_minibatch_splits_exactly_over_processes(algo):
+    """The tests' own toy sizes (16 samples, minibatches of 8, chunks of 2): over 300 seeds and 2
+    and 4 processes, each optimizer step's terms cover what one process's cover, every sample of
+    the minibatch once per trained timestep, no chunk is empty, and the weights sum to 1."""
+    empty_shares = 0
+    for seed in SEEDS:
+        cfg = Config.tiny(algo=algo, seed=seed, num_steps=3, sample_batch_size=4, sample_batches=4,
+                          samples_per_prompt=2, train_batch_size=2, minibatches=2)
+        one = _terms(cfg, 0, 1)
+        for processes in (2, 4):
+            shares = [_terms(cfg, r, processes) for r in range(processes)]
+            assert all(len(share) == len(one) for share in shares)  # every process steps alike
+            for s, step in enumerate(one):
+                terms = [term for share in shares for term in share[s]]
+                empty_shares += sum(not share[s] for share in shares)
+                assert all(0 < len(numbers) <= cfg.train_batch_size for numbers, _ in terms)
+                assert sorted(x for n, _ in terms for x in n) == sorted(x for n, _ in step for x in n)
+                assert sum(w for _, w in terms) == pytest.approx(1.0)
+                per_sample = sum(len(n) for n, _ in terms)  # samples x trained timesteps
+                assert all(w == pytest.approx(len(n) / per_sample) for n, w in terms)
+    assert empty_shares > 0  # the edge case was reached (seed 0 alone does not reach it)
+
+
+def _epoch_rewards(prompts: list[str], rng: np.random.Generator) -> np.ndarray:
+    """Rewards whose mean depends on the prompt, as the tiny JPEG reward's does (82% of its
+    variance is between prompts)."""
+    offset = {p: i % 7 for i, p in enumerate(sorted(set(prompts)))}
+    return np.array([offset[p] + rng.normal(scale=0.3) for p in prompts], np.float32)
+
+
+def test_tiny_groups_are_normalised_within_themselves_in_every_epoch():
+    """The tiny defaults (8 groups of 8 per epoch, a buffer of 8): over 300 seeds x 4 epochs the
+    groups draw 8 different prompts, and each group's advantages average 0 with std 1 (before the
+    clip, which they never reach). Two groups on one prompt failed this in about half the epochs."""
+    for seed in SEEDS:
+        cfg = Config.tiny(seed=seed)
+        k, rng = cfg.samples_per_prompt, np.random.default_rng(seed)
+        tracker = ddpo_min.PerPromptStatTracker(cfg.stat_buffer, cfg.stat_min_count)
+        for epoch in range(4):
+            prompts = ddpo_min.epoch_prompts(cfg, tiny.ANIMAL_PROMPTS, epoch)
+            groups = [prompts[g:g + k] for g in range(0, len(prompts), k)]
+            assert all(len(set(group)) == 1 for group in groups)  # a group shares one prompt
+            assert len({group[0] for group in groups}) == len(groups)  # no prompt twice
+            adv = tracker.update(prompts, _epoch_rewards(prompts, rng)).reshape(-1, k)
+            assert np.abs(adv.mean(axis=1)).max() < 1e-4, (seed, epoch)
+            assert np.abs(adv.std(axis=1) - 1).max() < 1e-3, (seed, epoch)
+
+
+def test_more_groups_than_prompts_cycle_through_the_prompts():
+    cfg = Config.tiny(sample_batch_size=8, sample_batches=2, samples_per_prompt=2)  # 8 groups
+    prompts = ddpo_min.epoch_prompts(cfg, ["a", "b", "c"], epoch=0)
+    firsts = prompts[::2]
+    assert sorted(firsts[:3]) == sorted(firsts[3:6]) == ["a", "b", "c"]  # each once per cycle
+    assert ddpo_min.epoch_prompts(cfg, ["a", "b", "c"], epoch=0) == prompts  # from (seed, epoch)
+    assert ddpo_min.epoch_prompts(cfg, ["a", "b", "c"], epoch=1) != prompts
+
+
+def test_paper_scale_draws_each_prompt_independently():
+    cfg = Config.paper(reward="compressibility")  # samples_per_prompt 1: i.i.d. per sample
+    prompts = ddpo_min.epoch_prompts(cfg, [str(i) for i in range(398)], epoch=0)
+    assert len(prompts) == 256 and len(set(prompts)) < 256  # with replacement: repeats occur
+
+
+def test_the_tracker_normalises_every_reward_with_statistics_that_include_it():
+    """A prompt with more rewards in one batch than its buffer holds (3 groups of 8, a buffer of
+    8): all of them are in the statistics, so their advantages average 0."""
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        tracker = ddpo_min.PerPromptStatTracker(buffer_size=8, min_count=8)
+        rewards = rng.normal(size=24) + np.repeat(rng.normal(size=3) * 3, 8)
+        adv = tracker.update(["cat"] * 24, rewards)
+        assert abs(adv.mean()) < 1e-4 and abs(adv.std() - 1) < 1e-3
+        assert list(tracker.buffers["cat"]) == pytest.approx(rewards[-8:].tolist())  # as before
+
+
+def test_exercise_5_harness_computes_the_loops_advantages_for_every_seed():
+    """tools/ex5.py replaces phase 3 by per-batch statistics (exercise 4); at the tiny defaults
+    the loop's tracker computes the same advantages, in every epoch of 300 seeds."""
+    for seed in SEEDS:
+        cfg = Config.tiny(seed=seed)
+        rng = np.random.default_rng(seed)
+        tracker = ddpo_min.PerPromptStatTracker(cfg.stat_buffer, cfg.stat_min_count)
+        for epoch in range(3):
+            prompts = ddpo_min.epoch_prompts(cfg, tiny.ANIMAL_PROMPTS, epoch)
+            rewards = _epoch_rewards(prompts, rng)
+            loop = ddpo_min.clip_advantages(tracker.update(prompts, rewards), cfg.adv_clip_max)
+            harness = ex5.reference_functions()
+            student = harness["clip_advantages"](harness["advantages"](prompts, rewards),
+                                                 cfg.adv_clip_max)
+            np.testing.assert_allclose(student, loop, rtol=1e-5, atol=1e-5)
