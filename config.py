@@ -165,8 +165,9 @@ ALGO_DEFAULTS = {"ddpo_sf": dict(minibatches=1, inner_epochs=1)}
 # DEVIATION: 20 DDIM steps (paper 50), 64 samples per epoch (paper 256), half the timesteps trained
 # per sample, full fine-tuning in fp32 (paper: LoRA over fp16). Why: minutes on 2 CPU cores, not
 # hours on 8 A100s. Effect: noisier gradients.
-# DEVIATION: each epoch draws 8 prompts and samples each 8 times; advantages are normalised within
-# those 8 (the paper draws a prompt per sample and keeps 32 rewards per prompt). Why: 82% of the
+# DEVIATION: each epoch draws 8 different prompts (without replacement, ddpo_min.epoch_prompts) and
+# samples each 8 times; advantages are normalised within those 8 (the paper draws a prompt per
+# sample and keeps 32 rewards per prompt). Why: 82% of the
 # tiny JPEG reward's variance is between prompts, so short per-prompt buffers made the advantage
 # mostly "which animal". Effect: a baseline from the current epoch only (README, "Deviations").
 # DEVIATION: clip range 1e-3 (paper 1e-4). Why: one AdamW step of full fine-tuning moves the

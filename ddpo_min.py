@@ -635,12 +635,15 @@ def train(cfg: Config) -> Path:
             t1 = time.perf_counter()
             losses = train_epoch(run, samples, adv)  # 4. policy-gradient steps
             t_train = time.perf_counter() - t1
+            kl = kl_to_pretrained(run, samples)  # a diagnostic, after the update
+            t_kl = time.perf_counter() - t1 - t_train
             metrics = {
                 "epoch": epoch, "step": run.state.step,
                 "reward/mean": float(samples.all_rewards.mean()),
                 "reward/std": float(samples.all_rewards.std()),
-                **losses, "kl/pretrained": kl_to_pretrained(run, samples),
-                **timing, "time/train": t_train, "time/epoch": time.perf_counter() - t0,
+                **losses, "kl/pretrained": kl,
+                **timing, "time/train": t_train, "time/kl": t_kl,
+                "time/epoch": time.perf_counter() - t0,
                 "samples_per_second": len(samples.all_rewards) / (time.perf_counter() - t0),
             }  # fmt: skip
             run.state.history.append(metrics)

@@ -84,7 +84,8 @@ def test_every_minibatch_splits_exactly_over_processes(algo):
                 terms = [term for share in shares for term in share[s]]
                 empty_shares += sum(not share[s] for share in shares)
                 assert all(0 < len(numbers) <= cfg.train_batch_size for numbers, _ in terms)
-                assert sorted(x for n, _ in terms for x in n) == sorted(x for n, _ in step for x in n)
+                covered = sorted(x for numbers, _ in terms for x in numbers)
+                assert covered == sorted(x for numbers, _ in step for x in numbers)
                 assert sum(w for _, w in terms) == pytest.approx(1.0)
                 per_sample = sum(len(n) for n, _ in terms)  # samples x trained timesteps
                 assert all(w == pytest.approx(len(n) / per_sample) for n, w in terms)

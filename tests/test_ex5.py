@@ -40,12 +40,17 @@ def test_a_wrong_student_function_is_the_one_that_runs(tmp_path):
 
 def test_train_and_measure_reports_the_held_out_change(tmp_path, monkeypatch):
     monkeypatch.setattr(ex5.tiny, "ANIMAL_PROMPTS", ex5.tiny.ANIMAL_PROMPTS[:4])
-    r = ex5.train_and_measure(tmp_path / "run", minutes=1e-6, functions=ex5.reference_functions(),
+    r = ex5.train_and_measure(tmp_path / "run", epochs=1, functions=ex5.reference_functions(),
                               **TOY)
     assert r["epochs"] == 1 and r["jpeg_kb_before"] > 0 and r["jpeg_kb_after"] > 0
     ratio = r["jpeg_kb_after"] / r["jpeg_kb_before"]
     assert r["change_percent"] == pytest.approx(100 * (ratio - 1))
     assert (Path(r["run_dir"]) / "metrics.jsonl").exists()
-    again = ex5.train_and_measure(tmp_path / "run", minutes=1e-6,
+    # a second attempt starts afresh: without emptying the folder it would resume the first
+    # attempt's checkpoint (here trained at another rate), already at its last epoch
+    other = ex5.train_and_measure(tmp_path / "run", epochs=1, functions=ex5.reference_functions(),
+                                  **{**TOY, "lr": 1e-2})
+    again = ex5.train_and_measure(tmp_path / "run", epochs=1,
                                   functions=ex5.reference_functions(), **TOY)
-    assert again["epochs"] == 1  # the folder is emptied: the first run's epochs are not counted
+    assert other["jpeg_kb_after"] != r["jpeg_kb_after"]
+    assert again["epochs"] == 1 and again["jpeg_kb_after"] == r["jpeg_kb_after"]

@@ -96,7 +96,7 @@ EX6_MISTAKES_UNDONE = [
     ("lambda *a: averaged(*a) * D", "lambda *a: averaged(*a)",
      "summed log-probs: approx_kl up by > 1000x"),
     ('run("batch-wide advantages", per_prompt_stats=False)', 'run("batch-wide advantages")',
-     "batch-wide advantages: most of their variance is between prompts"),
+     "batch-wide advantages: they keep the rewards' between-prompt variance"),
     ('mock.patch.object(ddpo_min, "rescore", rescore_without_guidance)',
      'mock.patch.object(ddpo_min, "rescore", real_rescore)',
      "rescoring without guidance: ratios far from 1 before any update"),

@@ -397,7 +397,7 @@ def main() -> None:
                     help="where the JSON goes (default: assets/bench_gpu.json)")
     pe = sub.add_parser("ex5", help="calibrate exercise 5's bar on the reference (tools/ex5.py)")
     pe.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    pe.add_argument("--minutes", type=float, default=10.0)
+    pe.add_argument("--epochs", type=int, default=12, help="training epochs per seed")
     args = p.parse_args()
     if args.cmd == "speed":
         speed()
@@ -410,7 +410,7 @@ def main() -> None:
     elif args.cmd == "ex5":
         from tools.ex5 import calibrate
 
-        calibrate(args.seeds, args.minutes)
+        calibrate(args.seeds, args.epochs)
     elif args.cmd == "gpu":
         from tools.gpu_check import gpu_check
 

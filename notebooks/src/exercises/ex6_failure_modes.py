@@ -78,10 +78,11 @@ nbutils.check(summed["loss/approx_kl"] > 1000 * baseline["loss/approx_kl"] and s
 #
 # `per_prompt_stats=False` normalises every reward with the whole batch's mean and standard deviation.
 #
-# **Symptom:** most of the advantages' variance is *between* prompts: the advantage says mostly which
-# animal was drawn, not whether this sample was good for its animal. Per prompt, that share is 0 by
-# construction. Explain what the policy gradient then learns, and why the per-prompt baseline is still
-# an unbiased one (notebook 3, §3.2).
+# **Symptom:** the advantages keep all of the rewards' variance *between* prompts (the same share as the
+# raw rewards'; in this small batch of 4 prompts about a fifth, over many epochs of the tiny JPEG reward
+# most of it): that part of the advantage says which animal was drawn, not whether this sample was good
+# for its animal. Per prompt, that share is 0 by construction. Explain what the policy gradient then
+# learns, and why the per-prompt baseline is still an unbiased one (notebook 3, §3.2).
 
 # %%
 captured = {}
@@ -106,9 +107,11 @@ def between_share(prompts, values) -> float:
 with mock.patch.object(ddpo_min, "compute_advantages", spy):
     run("batch-wide advantages", per_prompt_stats=False)
 share = between_share(captured["prompts"], captured["adv"])
+reward_share = between_share(captured["prompts"], captured["rewards"])
 print(f"share of the advantages' variance between prompts: {share:.0%} "
-      f"(of the raw rewards': {between_share(captured['prompts'], captured['rewards']):.0%})")
-nbutils.check(share > 0.5, "batch-wide advantages: most of their variance is between prompts")
+      f"(of the raw rewards': {reward_share:.0%})")
+nbutils.check(share > 0.1 and abs(share - reward_share) < 1e-3,
+              "batch-wide advantages: they keep the rewards' between-prompt variance")
 
 # %% [markdown]
 # ## Problem 3: rescoring without guidance
