@@ -123,6 +123,8 @@ class Config:
     kl_samples: int = _help("diagnostic: the mean per-step KL to the pretrained policy, on this "
                             "many of each epoch's trajectories (over all processes); 0 = off", 4,
                             need=">= 0")
+    kl_steps: int = _help("diagnostic: stochastic steps scored per KL trajectory, evenly spaced "
+                          "and staggered over the trajectories (fewer: cheaper)", 3, need=">= 1")
 
     @classmethod
     def paper(cls, **overrides) -> Config:

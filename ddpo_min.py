@@ -563,38 +563,46 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
 def kl_to_pretrained(run: Run, samples: Samples) -> float | None:
     """Diagnostic, not a loss: how far the policy has moved from the pretrained one.
 
-        KL_t = KL( p_θ(x_{t-1} | x_t, c) || p_pretrained(x_{t-1} | x_t, c) ),  averaged over the
-        stochastic steps of `kl_samples` of this epoch's trajectories in all, evenly spaced over
-        the epoch's samples (after this epoch's update)
+        KL_t = KL( p_θ(x_{t-1} | x_t, c) || p_pretrained(x_{t-1} | x_t, c) ),  after this epoch's
+        update, averaged over `kl_samples` of the epoch's trajectories in all (evenly spaced over
+        its samples, so over several prompts) and `kl_steps` stochastic steps of each
 
     Both policies are Gaussians with the same σ_t (Eq. 2), so KL_t = |μ_θ - μ_pre|^2 / (2 σ_t^2),
     averaged over C*H*W like the log-probs. With LoRA the pretrained policy is the same UNet with
-    its adapters switched off.
+    its adapters switched off. Each trajectory is scored at kl_steps of the S stochastic steps,
+    evenly spaced and staggered from one trajectory to the next, so that together they cover the
+    steps evenly (each one once when kl_samples * kl_steps >= S); kl_steps >= S scores them all.
     """
     cfg, model = run.cfg, run.model
     if not cfg.kl_samples:
         return None
-    # K samples evenly spaced over the whole epoch (so over several prompts, not one prompt's
-    # group), whichever process holds them: K in all, for any number of processes
+    # K samples evenly spaced over the whole epoch, whichever process holds them: K in all, for
+    # any number of processes
     total = len(samples.all_prompts)
-    numbers = torch.linspace(0, total - 1, min(cfg.kl_samples, total)).round().long()  # (K,)
-    idx = my_rows(samples, numbers)  # this process's rows of them, (k,), maybe none
+    K = min(cfg.kl_samples, total)
+    numbers = torch.linspace(0, total - 1, K).round().long()  # (K,) sample numbers
+    steps, _ = trainable_steps(model.scheduler, samples.timesteps, cfg.eta, 1.0)  # (S,)
+    R = min(cfg.kl_steps, len(steps))
+    # trajectory k's r-th step: position (r + k/K) S/R of the S stochastic steps, (K, R)
+    where = ((torch.arange(R)[None, :] + torch.arange(K)[:, None] / K) * len(steps) / R).long()
+    mine = torch.isin(numbers, samples.index)  # the K that this process holds, (K,)
+    idx, where = my_rows(samples, numbers), where[mine]  # (k,), (k, R): maybe none
     if not len(idx):
         return plumbing.mean_over_processes(run, [])  # (a collective: every process calls it)
-    steps, _ = trainable_steps(model.scheduler, samples.timesteps, cfg.eta, 1.0)
-    embeds = samples.prompt_embeds[idx]  # (K, L, D)
+    embeds = samples.prompt_embeds[idx]  # (k, L, D)
 
     def policy_mean(unet, x_t, t):
         with run.autocast:
             out = guided_model_output(unet, x_t, t, embeds, run.negative_embeds,
                                       cfg.guidance_scale)
-        return ddim_step_mean(model.scheduler, out, t, x_t, cfg.eta)  # μ (K, C, H, W), σ_t (K,)
+        return ddim_step_mean(model.scheduler, out, t, x_t, cfg.eta)  # μ (k, C, H, W), σ_t (k,)
 
     model.unet.eval()
     kls = []
-    for j in steps.tolist():
-        x_t = samples.latents[idx, j].to(run.device)  # (K, C, H, W)
-        t = samples.timesteps[j].expand(len(idx)).to(run.device)  # (K,)
+    for r in range(R):
+        j = steps[where[:, r]]  # each trajectory's r-th scored step, (k,)
+        x_t = samples.latents[idx, j].to(run.device)  # (k, C, H, W)
+        t = samples.timesteps[j].to(run.device)  # (k,)
         mean, sigma = policy_mean(model.unet, x_t, t)
         with loading.pretrained_unet(model.unet, run.reference) as pretrained:
             mean_pre, _ = policy_mean(pretrained, x_t, t)

@@ -317,8 +317,9 @@ class Trajectory:
 
 
 def _module_dtype(module: torch.nn.Module) -> torch.dtype:
-    dtype = getattr(module, "dtype", None)  # diffusers ModelMixin has .dtype
-    return dtype if isinstance(dtype, torch.dtype) else next(module.parameters()).dtype
+    """The dtype of the module's first weight: the (frozen) base's, under LoRA. (diffusers'
+    `ModelMixin.dtype` walks every submodule on each call: 3.6% of an epoch at toy size.)"""
+    return next(module.parameters()).dtype
 
 
 def guided_model_output(

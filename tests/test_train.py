@@ -516,33 +516,43 @@ def _spy_kl(monkeypatch) -> dict:
     return seen
 
 
+@pytest.mark.parametrize("num_steps, kl_steps, pairs", [
+    # 3 steps, 2 stochastic: kl_steps 4 >= 2 scores every step of each trajectory
+    (3, 4, {0: [0, 1], 4: [0, 1], 7: [0, 1]}),
+    # 6 steps, all stochastic (the last one's prev is t = 0, not past it), 2 per trajectory,
+    # staggered by a third of the spacing 6/2: positions floor((r + k/3) * 6/2), r = 0, 1
+    (6, 2, {0: [0, 3], 4: [1, 4], 7: [2, 5]}),
+])
 def test_kl_to_pretrained_matches_an_independent_computation(random_tiny_weights, tmp_path,
-                                                             monkeypatch):
+                                                             monkeypatch, num_steps, kl_steps,
+                                                             pairs):
     """Full fine-tuning: the diagnostic against the pretrained weights reloaded from disk, with
-    diffusers' noiseless DDIM step for both means and its own variance for sigma_t."""
+    diffusers' noiseless DDIM step for both means and its own variance for sigma_t, on the
+    (trajectory, step) pairs the docstring names (kl_samples = 3 evenly spaced over 8 samples)."""
     seen = _spy_kl(monkeypatch)
-    run_dir = train(_tiny_config(tmp_path / "kl", epochs=1, lr=1e-3, kl_samples=3))
+    run_dir = train(_tiny_config(tmp_path / "kl", epochs=1, lr=1e-3, kl_samples=3,
+                                 num_steps=num_steps, kl_steps=kl_steps))
     run, samples, value = seen["run"], seen["samples"], seen["value"]
     assert _history(run_dir)[0]["kl/pretrained"] == pytest.approx(value)
     pretrained, scheduler, w = tiny.load_tiny().unet, run.model.scheduler, run.cfg.guidance_scale
-    rows = [0, 4, 7]  # kl_samples = 3 evenly spaced over the 8 samples
-    context = torch.cat([run.negative_embeds.expand(3, -1, -1), samples.prompt_embeds[rows]])
     kls = []
     with torch.no_grad():
-        for j, t in enumerate(samples.timesteps.tolist()):
-            sigma2 = scheduler._get_variance(t, t - 1000 // run.cfg.num_steps)  # eta = 1
-            if sigma2 == 0:  # the deterministic last step has no density
-                continue
-            x = samples.latents[rows, j]
-            means = []
-            for unet in (run.model.unet, pretrained):
-                pair = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
-                uncond, cond = pair.chunk(2)
-                out = uncond + w * (cond - uncond)
-                means.append(scheduler.step(out, t, x, eta=1.0,
-                                            variance_noise=torch.zeros_like(x)).prev_sample)
-            kls.append(((means[0] - means[1]) ** 2).mean(dim=(1, 2, 3)) / (2 * sigma2))
-    oracle = torch.cat(kls).mean().item()
+        for row, steps in pairs.items():
+            for j in steps:
+                t = int(samples.timesteps[j])
+                sigma2 = scheduler._get_variance(t, t - 1000 // num_steps)  # eta = 1
+                assert sigma2 > 0  # a stochastic step
+                x = samples.latents[[row], j]
+                context = torch.cat([run.negative_embeds, samples.prompt_embeds[[row]]])
+                means = []
+                for unet in (run.model.unet, pretrained):
+                    pair = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
+                    uncond, cond = pair.chunk(2)
+                    out = uncond + w * (cond - uncond)
+                    means.append(scheduler.step(out, t, x, eta=1.0,
+                                                variance_noise=torch.zeros_like(x)).prev_sample)
+                kls.append(((means[0] - means[1]) ** 2).mean() / (2 * sigma2))
+    oracle = torch.stack(kls).mean().item()
     assert value > 0 and value == pytest.approx(oracle, rel=1e-3)
 
 

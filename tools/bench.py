@@ -1,6 +1,6 @@
 """Benchmarks that print figures (speed and learning targets live here, not in timed tests).
 
-    python -m tools.bench speed      # tiny defaults: seconds per epoch by phase, vs the UNet floor
+    python -m tools.bench speed      # seconds per epoch by phase vs the UNet floor: tiny and LoRA
     python -m tools.bench contention # epoch time idle vs beside one busy process (~8 min)
     python -m tools.bench learning   # the tiny-scale learning bars, one seed (~1 hour on 2 cores)
     python -m tools.bench learning --only alignment --seeds 0 1 2   # 3 seeds, judged on the mean
@@ -8,10 +8,13 @@
     python -m tools.bench gpu        # the one-shot paper-scale check on a GPU (tools/gpu_check.py)
     python -m tools.bench ex5 --seeds 0 1 2   # exercise 5's bar, calibrated (tools/ex5.py, ~35 min)
 
-`speed` runs five epochs with the tiny defaults and compares each with the "UNet floor", timed
-right after it: the same number of UNet forward calls (sampling) and forward+backward calls
-(training), at the same batch sizes, alone. It reports the median ratio. Target: epoch / floor
-<= 1.15, i.e. everything that is not the network costs at most 15%.
+`speed` runs five epochs of each code path and compares each with the "UNet floor", timed right
+after it: the same number of UNet forward calls (sampling) and forward+backward calls (training),
+at the same batch sizes, alone. It reports the median ratio, leaving out the KL diagnostic, whose
+share of the epoch it reports beside (target <= 3%). Paths: `tiny`, the tiny defaults (target
+epoch / floor <= 1.15); `lora`, the paper-scale code (Stable Diffusion's classes, LoRA rank 4,
+CFG 5) on a random toy-width pipeline at 64 px, 10 steps, 32 samples per epoch, fp32 (target
+<= 1.05).
 
 `learning` fine-tunes the shipped tiny model with the tiny defaults for a fixed wall-clock budget
 per reward, once per `--seeds` value, and evaluates a fixed held-out set (the 45 animal prompts x
@@ -44,6 +47,7 @@ import torch
 
 import config
 import ddpo_min
+import loading
 import rewards as R
 import tiny
 from sampler import trainable_steps
@@ -59,83 +63,130 @@ RUNS = ROOT / "runs"
 # ----------------------------------------------------------------------------------------------
 
 
-def unet_floor(cfg: config.Config) -> dict:
-    """Time the UNet calls one tiny epoch makes, alone: sampling forwards and training
-    forward+backwards."""
-    model = tiny.load_tiny()
+def unet_floor(cfg: config.Config, model) -> dict:
+    """Time the UNet calls one epoch of `cfg` makes, alone, on `model` as the loop loads it (LoRA
+    adapters included): the sampling forwards and the training forward+backwards. The KL
+    diagnostic's forwards are timed apart (`kl_seconds`): the loop reports its share separately."""
     unet = model.unet
     cfg_mult = 1 if cfg.guidance_scale == 1 else 2  # classifier-free guidance doubles the batch
     n = config.samples_per_epoch(cfg)
     model.scheduler.set_timesteps(cfg.num_steps)
-    # trainable timesteps per sample
-    _, t_train = trainable_steps(model.scheduler, model.scheduler.timesteps, cfg.eta,
-                                 cfg.timestep_fraction)
+    steps, t_train = trainable_steps(model.scheduler, model.scheduler.timesteps, cfg.eta,
+                                     cfg.timestep_fraction)  # trained timesteps per sample
     n_fwd = cfg.sample_batches * cfg.num_steps
-    n_fwd_bwd = (cfg.inner_epochs * cfg.minibatches * (n // cfg.minibatches // cfg.train_batch_size)
-                 * t_train)
+    chunks = -(-(n // cfg.minibatches) // cfg.train_batch_size)  # forward chunks per minibatch
+    n_fwd_bwd = cfg.inner_epochs * cfg.minibatches * chunks * t_train
+    # the KL diagnostic: kl_steps rounds of both policies (the trained and the pretrained one)
+    n_kl = 2 * min(cfg.kl_steps, len(steps)) if cfg.kl_samples else 0
+    kl_batch = min(cfg.kl_samples, n)
     emb = model.encode_prompts(tiny.ANIMAL_PROMPTS[:1])
-    emb = emb.expand(cfg_mult * cfg.sample_batch_size, -1, -1)
+    emb = emb.expand(cfg_mult * max(cfg.sample_batch_size, cfg.train_batch_size, kl_batch), -1, -1)
 
     def call(batch: int, grad: bool) -> None:
-        x = torch.randn(batch, *model.latent_shape).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, *model.latent_shape)
         t = torch.randint(0, 1000, (batch,))
         with torch.set_grad_enabled(grad):
             out = unet(x, t, encoder_hidden_states=emb[:batch]).sample
         if grad:
             out.float().mean().backward()
 
+    def timed(calls: int, batch: int, grad: bool) -> float:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call(batch, grad)
+        return time.perf_counter() - t0
+
+    unet.eval()
     call(cfg_mult * cfg.sample_batch_size, False)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(n_fwd):
-        call(cfg_mult * cfg.sample_batch_size, False)
-    fwd = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(n_fwd_bwd):
-        call(cfg_mult * cfg.train_batch_size, True)
-    fwd_bwd = time.perf_counter() - t0
+    fwd = timed(n_fwd, cfg_mult * cfg.sample_batch_size, False)
+    kl = timed(n_kl, cfg_mult * kl_batch, False)
+    unet.train()
+    fwd_bwd = timed(n_fwd_bwd, cfg_mult * cfg.train_batch_size, True)
+    unet.zero_grad(set_to_none=True)
     return dict(forward_calls=n_fwd, forward_seconds=fwd, forward_backward_calls=n_fwd_bwd,
-                forward_backward_seconds=fwd_bwd, floor_seconds=fwd + fwd_bwd)
+                forward_backward_seconds=fwd_bwd, floor_seconds=fwd + fwd_bwd,
+                kl_forward_calls=n_kl, kl_seconds=kl)
 
 
-def speed(rounds: int = 5) -> dict:
-    """Epoch time by phase against the UNet floor, measured in interleaved pairs.
+def lora_speed_config(out: Path) -> config.Config:
+    """The paper-scale code path at a CPU size: a random SD-architecture pipeline (the toy widths,
+    32x32 latents, 64 px images) with LoRA rank 4, fp32, CFG 5, 10 steps, 32 samples per epoch."""
+    from tools.sd_random import save_random_sd
+
+    model = out.parent / f"{out.name}-model"
+    if not (model / "pipe" / "model_index.json").is_file():
+        save_random_sd(model, "toy", latent_size=32, attention_first=False)
+    return config.Config.paper(
+        reward="compressibility", model=str(model / "pipe"), mixed_precision="no", device="cpu",
+        num_steps=10, sample_batch_size=8, sample_batches=4, train_batch_size=4, minibatches=2,
+        guidance_scale=5.0, lora_rank=4, epochs=1, output_dir=str(out))
+
+
+SPEED_PATHS = {"tiny": lambda: config.Config.tiny(epochs=1, output_dir=str(RUNS / "bench-speed")),
+               "lora": lambda: lora_speed_config(RUNS / "bench-speed-lora")}
+SPEED_TARGET = {"tiny": 1.15, "lora": 1.05}  # epoch (without the KL diagnostic) / floor
+KL_SHARE_TARGET = 0.03  # the KL diagnostic's share of an epoch, at the defaults
+
+
+def speed(path: str = "tiny", rounds: int = 5) -> dict:
+    """Epoch time by phase against the UNet floor, measured in interleaved pairs, for the tiny
+    defaults (`tiny`) or the paper-scale code path with LoRA at a CPU size (`lora`).
 
     The speed of these shared 2-core machines drifts by 20% within minutes (the same 40 forwards
     took 8.1 s in one epoch and 9.6 s in the next), more than the overhead being measured. So the
     floor is timed right after each epoch, under the same conditions, and the median of the
     per-pair ratios is reported. Each round trains one more epoch by resuming the same run (a warm
-    process: the first floor is timed once before, to warm up, and discarded).
+    process: the first floor is timed once before, to warm up, and discarded). The ratio leaves
+    out the KL diagnostic (`time/kl`), whose share of the epoch is reported beside it.
     """
-    cfg = config.Config.tiny(epochs=1, output_dir=str(RUNS / "bench-speed"))
+    cfg = SPEED_PATHS[path]()
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    unet_floor(cfg)  # warm-up
+    model = loading.load_model(cfg, torch.device("cpu"))  # the floor's UNet, as the loop loads it
+    unet_floor(cfg, model)  # warm-up
     pairs = []
     for k in range(1, rounds + 1):
         run_cfg = replace(cfg, epochs=k, resume=cfg.output_dir if k > 1 else "")
         run_dir = ddpo_min.train(run_cfg)
         # the epoch just run
         epoch = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        floor = unet_floor(cfg)
+        floor = unet_floor(cfg, model)
         pairs.append(dict(epoch=epoch, floor=floor,
-                          ratio=epoch["time/epoch"] / floor["floor_seconds"]))
+                          ratio=(epoch["time/epoch"] - epoch["time/kl"]) / floor["floor_seconds"],
+                          kl_share=epoch["time/kl"] / epoch["time/epoch"]))
     pairs.sort(key=lambda pair: pair["ratio"])
     median = pairs[len(pairs) // 2]
     epoch, floor, ratio = median["epoch"], median["floor"], median["ratio"]
-    result = dict(threads=torch.get_num_threads(), torch=torch.__version__, epoch=epoch,
-                  floor=floor, ratio=ratio, target=1.15, passed=ratio <= 1.15,
+    kl_share = float(np.median([pair["kl_share"] for pair in pairs]))
+    target = SPEED_TARGET[path]
+    result = dict(path=path, threads=torch.get_num_threads(), torch=torch.__version__,
+                  config={k: getattr(cfg, k) for k in (
+                      "model", "num_steps", "sample_batch_size", "sample_batches",
+                      "train_batch_size", "minibatches", "timestep_fraction", "guidance_scale",
+                      "lora_rank", "mixed_precision", "kl_samples")},
+                  epoch=epoch, floor=floor, ratio=ratio, target=target, passed=ratio <= target,
+                  kl_share=kl_share, kl_share_target=KL_SHARE_TARGET,
                   all_ratios=[pair["ratio"] for pair in pairs],
+                  all_kl_shares=[pair["kl_share"] for pair in pairs],
                   all_epoch_seconds=[pair["epoch"]["time/epoch"] for pair in pairs],
                   all_floor_seconds=[pair["floor"]["floor_seconds"] for pair in pairs])
-    print(f"\nthe median of {rounds} (epoch, floor) pairs ({config.samples_per_epoch(cfg)} "
-          f"samples, {cfg.num_steps} steps, torch threads {torch.get_num_threads()}):")
-    for k in ("time/sample", "time/reward", "time/reward_wait", "time/train", "time/epoch"):
+    result["config"]["model"] = "tiny" if path == "tiny" else "random SD-architecture toy, LoRA"
+    print(f"\n{path}: the median of {rounds} (epoch, floor) pairs "
+          f"({config.samples_per_epoch(cfg)} samples, {cfg.num_steps} steps, torch threads "
+          f"{torch.get_num_threads()}):")
+    for k in ("time/sample", "time/reward", "time/reward_wait", "time/train", "time/kl",
+              "time/epoch"):
         print(f"  {k:<18} {epoch[k]:7.2f} s")
     print(f"  UNet floor: {floor['forward_calls']} forwards {floor['forward_seconds']:.2f} s + "
           f"{floor['forward_backward_calls']} forward+backwards "
           f"{floor['forward_backward_seconds']:.2f} s = {floor['floor_seconds']:.2f} s")
-    print(f"  epoch / floor = {ratio:.3f} (target <= 1.15: {'PASS' if ratio <= 1.15 else 'FAIL'}); "
-          f"all pairs: {', '.join(format(r, '.3f') for r in result['all_ratios'])}")
-    (ASSETS / "bench_speed.json").write_text(json.dumps(result, indent=1))
+    print(f"  (epoch - kl) / floor = {ratio:.3f} (target <= {target}: "
+          f"{'PASS' if ratio <= target else 'FAIL'}); all pairs: "
+          f"{', '.join(format(r, '.3f') for r in result['all_ratios'])}")
+    print(f"  KL diagnostic ({cfg.kl_samples} trajectories, {floor['kl_forward_calls']} forwards, "
+          f"floor {floor['kl_seconds']:.2f} s): {100 * kl_share:.1f}% of the epoch (target <= "
+          f"{100 * KL_SHARE_TARGET:.0f}%)")
+    name = "bench_speed.json" if path == "tiny" else f"bench_speed_{path}.json"
+    (ASSETS / name).write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -375,7 +426,10 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("speed", help="epoch time by phase vs the UNet floor")
+    ps = sub.add_parser("speed", help="epoch time by phase vs the UNet floor")
+    ps.add_argument("--path", choices=sorted(SPEED_PATHS), nargs="*", default=["tiny", "lora"],
+                    help="tiny defaults, and/or the paper-scale code path with LoRA at CPU size")
+    ps.add_argument("--rounds", type=int, default=5, help="(epoch, floor) pairs per path")
     sub.add_parser("contention", help="epoch time idle vs beside a busy process")
     pl = sub.add_parser("learning", help="the tiny-scale learning bars")
     pl.add_argument("--only", nargs="*",
@@ -400,7 +454,8 @@ def main() -> None:
     pe.add_argument("--epochs", type=int, default=12, help="training epochs per seed")
     args = p.parse_args()
     if args.cmd == "speed":
-        speed()
+        for path in args.path:
+            speed(path, args.rounds)
     elif args.cmd == "contention":
         contention()
     elif args.cmd == "compare":
