@@ -97,3 +97,23 @@ def test_the_reference_check_catches_internal_references(line):
 def test_the_reference_check_allows_public_issue_links():
     assert not internal_references("traced in kvablack/ddpo-pytorch#3")
     assert not internal_references("(kvablack/ddpo-pytorch, issue 3)")
+
+
+def _control_characters(text: str) -> list[str]:
+    """Control characters other than newline: what a LaTeX escape such as \\frac or \\rho becomes
+    when written through a non-raw Python string (form feed, carriage return, ...)."""
+    return [repr(c) for c in text if ord(c) < 32 and c != "\n"]
+
+
+def test_markdown_and_notebook_sources_hold_no_control_characters():
+    files = [p for p in (*ROOT.rglob("*.md"), *(ROOT / "notebooks" / "src").rglob("*.py"))
+             if not {"runs", ".git"} & set(p.relative_to(ROOT).parts)]
+    assert len(files) > 10
+    bad = {str(p.relative_to(ROOT)): _control_characters(p.read_text(encoding="utf-8"))[:3]
+           for p in files}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_the_control_character_check_catches_a_broken_latex_escape():
+    assert _control_characters("$\frac12$ and $\rho$") == ["'\\x0c'", "'\\r'"]
+    assert _control_characters(r"$\frac12$ and $\rho$") == []
