@@ -169,9 +169,9 @@ ALGO_DEFAULTS = {"ddpo_sf": dict(minibatches=1, inner_epochs=1)}
 # hours on 8 A100s. Effect: noisier gradients.
 # DEVIATION: each epoch draws 8 different prompts (without replacement, ddpo_min.epoch_prompts) and
 # samples each 8 times; advantages are normalised within those 8 (the paper draws a prompt per
-# sample and keeps 32 rewards per prompt). Why: 82% of the
-# tiny JPEG reward's variance is between prompts, so short per-prompt buffers made the advantage
-# mostly "which animal". Effect: a baseline from the current epoch only (README, "Deviations").
+# sample and keeps 32 rewards per prompt). Why: 82% of the tiny JPEG reward's variance is between
+# prompts, so short per-prompt buffers made the advantage mostly "which animal". Effect: a baseline
+# from the current epoch only (README, "Deviations").
 # DEVIATION: clip range 1e-3 (paper 1e-4). Why: one AdamW step of full fine-tuning moves the
 # averaged log-prob ratio ~50x further than LoRA does, so with 1e-4 the 2nd-4th minibatches were
 # nearly all clipped. Effect: larger steps per epoch; held-out trials in NOTES.md.

@@ -303,10 +303,7 @@ MAX_SKIPS_IN_A_ROW = 20  # the scale halves at each: 2^16 -> 2^-4, far past any 
 
 def mean_over_processes(run, values: list[float]) -> float | None:
     """The mean of every process's values (None if there are none anywhere)."""
-    total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
-    if run.accelerator.num_processes > 1:
-        total = run.accelerator.reduce(total.to(run.device), reduction="sum").cpu()
-    return float(total[0] / total[1]) if total[1] else None
+    return weighted_means_over_processes(run, {"mean": [sum(values), len(values)]})["mean"]
 
 
 def weighted_means_over_processes(run, sums: dict[str, list[float]]) -> dict[str, float | None]:
