@@ -286,6 +286,11 @@ class Samples:
     all_advantages: np.ndarray | None = None  # (S,) set in phase 3
 
 
+def progress(run: Run, iterable, **kwargs):
+    """A progress bar on the main process (TQDM_DISABLE=1 turns it off); the others just iterate."""
+    return tqdm(iterable, leave=False, **kwargs) if run.is_main else iterable
+
+
 def sample_seed(cfg: Config, epoch: int, number: int, stream: int) -> int:
     """A seed for one sample's draws (stream 0: its prompt, 1: its noise), from its number; stream
     2 with number c: the c-th permutation of the prompts that groups of samples draw from."""
@@ -330,8 +335,7 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
     t0 = time.perf_counter()
     batches, futures = [], []
     model.unet.eval()
-    for b in tqdm(range(mine // cfg.sample_batch_size), desc=f"epoch {epoch}: sampling",
-                  leave=False, disable=not run.is_main):
+    for b in progress(run, range(mine // cfg.sample_batch_size), desc=f"epoch {epoch}: sampling"):
         run.cpu_threads.adjust()
         numbers = range(first + b * cfg.sample_batch_size, first + (b + 1) * cfg.sample_batch_size)
         prompts = all_prompts[numbers.start:numbers.stop]
@@ -538,8 +542,8 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
     stats = {"loss/policy": [0.0, 0.0], "loss/approx_kl": [0.0, 0.0], "loss/clipfrac": [0.0, 0.0]}
     grad_norms, skipped_steps = [], 0
     for _ in range(cfg.inner_epochs):
-        for terms in tqdm(minibatches(run, samples, adv), total=cfg.minibatches, leave=False,
-                          desc=f"epoch {run.state.epoch}: training", disable=not run.is_main):
+        for terms in progress(run, minibatches(run, samples, adv), total=cfg.minibatches,
+                              desc=f"epoch {run.state.epoch}: training"):
             run.cpu_threads.adjust()
             nonfinite = 0
             for loss, weight, info in terms:

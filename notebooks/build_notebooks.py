@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -103,6 +104,10 @@ def execute(src: Path) -> None:
     os.environ.update(env)  # the kernel inherits them
     NotebookClient(nb, timeout=TIMEOUT_S, kernel_name=KERNEL["name"],
                    resources={"metadata": {"path": str(folder)}}).execute()
+    for cell in nb.cells:  # no machine paths in the saved outputs
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream":
+                output["text"] = scrub(output["text"])
     nb.metadata["ddpo"] = {"source": str(src.relative_to(HERE.parent)),
                            "source_sha256": source_hash(src)}
     out = executed_copy(src)
@@ -111,14 +116,46 @@ def execute(src: Path) -> None:
     print(f"executed {out.relative_to(HERE.parent)}", flush=True)
 
 
+def scrub(text: str) -> str:
+    """Output text without this machine's paths: the repository's becomes relative, a temporary
+    folder's a placeholder."""
+    text = text.replace(str(HERE.parent) + os.sep, "")
+    return re.sub(r"(/tmp|/var/folders\S*?)/tmp\w+", "<a temporary folder>", text)
+
+
+SHOWN = re.compile(r"^`(?P<path>[^`]+)`, line (?P<line>\d+):\n\n```python\n(?P<code>.*)```\s*$",
+                   re.S)
+
+
+def shown_code_changed(nb: nbformat.NotebookNode) -> list[str]:
+    """The project code an executed notebook displays (nbutils.show_source) that no longer stands
+    at the file and line shown: the copy then shows code the repository no longer has."""
+    changed = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            m = SHOWN.match(output.get("data", {}).get("text/markdown", ""))
+            if not m:
+                continue
+            path, start = HERE.parent / m["path"], int(m["line"])
+            code = m["code"].splitlines()
+            lines = path.read_text().splitlines() if path.exists() else []
+            if lines[start - 1 : start - 1 + len(code)] != code:
+                changed.append(f"{m['path']} line {start}")
+    return changed
+
+
 def stale_executed() -> list[str]:
-    """Executed copies that are missing or were executed from another version of their source."""
+    """Executed copies that are missing, were executed from another version of their source, or
+    display project code that has changed since."""
     stale = []
     for src, _ in targets():
         out = executed_copy(src)
-        meta = nbformat.read(out, as_version=4).metadata.get("ddpo", {}) if out.exists() else {}
+        nb = nbformat.read(out, as_version=4) if out.exists() else None
+        meta = nb.metadata.get("ddpo", {}) if nb else {}
         if meta.get("source_sha256") != source_hash(src):
             stale.append(str(out.relative_to(HERE.parent)))
+        elif changed := shown_code_changed(nb):
+            stale.append(f"{out.relative_to(HERE.parent)} (shows {', '.join(changed)})")
     return stale
 
 
@@ -133,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stale", action="store_true", help="with --execute: only stale copies")
     args = parser.parse_args(argv)
     if args.execute is not None:
-        stale = set(stale_executed())
+        stale = {name.split(" (")[0] for name in stale_executed()}
         for src, _ in targets():
             if args.execute and not any(name in str(src) for name in args.execute):
                 continue

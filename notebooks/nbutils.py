@@ -103,8 +103,9 @@ def check(ok, what: str) -> None:
 
 
 def show_images(images, titles=None, ncols: int = 8, size: float = 1.3,
-                suptitle: str | None = None):
-    """Show float images (B, 3, H, W) in [0, 1] in a grid; returns the matplotlib figure."""
+                suptitle: str | None = None) -> None:
+    """Show float images (B, 3, H, W) in [0, 1] in a grid. Returns nothing: a returned figure
+    would be shown a second time when the call ends a notebook cell."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -124,7 +125,6 @@ def show_images(images, titles=None, ncols: int = 8, size: float = 1.3,
         fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
     plt.show()
-    return fig
 
 
 def restore_inline_plots() -> None:

@@ -14,7 +14,6 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 @pytest.mark.parametrize("notebook, mutant, check", [
-    ("01_diffusion_as_mdp", "diffusion_mse_loss x2", "Eq. 1 == weight_t * diffusion_mse_loss"),
     ("02_logprob_ddim_step", "mean without -sigma^2",
      "ddim_step_with_logprob == DDIMScheduler.step"),
     ("02_logprob_ddim_step", "log-prob summed", "sampler log-prob == Normal(mu_theta, sigma_t)"),
@@ -33,8 +32,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
      "at theta_old: guided rescoring gives rho = 1"),
     ("04_importance_sampling_clipping", "approx_kl without 1/2",
      "approx_kl and clipfrac from ddpo_is_loss == the formulas by hand"),
-    ("05_rwr", "diffusion_mse_loss x2",
-     "variational-bound term L_{t-1} == lambda_t * diffusion_mse_loss"),
+    ("05_rwr", "diffusion_mse_loss x2", "Eq. 1 == weight_t * diffusion_mse_loss"),
     ("06_rewards", "aesthetic head with a ReLU", "the LAION head has no activations"),
     ("06_rewards", "float images rescaled twice", "clip_preprocess == processor on uint8"),
     ("06_rewards", "BERTScore recall and precision swapped",
@@ -49,7 +47,7 @@ def test_a_notebook_check_catches_a_wrong_function(notebook, mutant, check, monk
 # Checks of the notebook's own derivations (a formula written out in a cell, compared with a library
 # or a closed form): the mistake goes into the cell itself, in place of its first occurrence.
 @pytest.mark.parametrize("notebook, right, wrong, check", [
-    ("01_diffusion_as_mdp", "a_t = abar[t_int - 1].sqrt() * betas[t_int]",
+    ("05_rwr", "a_t = abar[t_int - 1].sqrt() * betas[t_int]",
      "a_t = abar[t_int].sqrt() * betas[t_int]", "a_t, b_t and beta-tilde_t == diffusers'"),
     ("01_diffusion_as_mdp", "img = model.decode(actions[k][b : b + 1])",
      "img = model.decode(actions[k - 1][b : b + 1])", "return of the rebuilt MDP == r(x_0, c)"),
@@ -93,7 +91,7 @@ def _fails_at(nb, folder: Path, check: str, monkeypatch) -> None:
 # (the broken version replaced by the correct one), each of the five checks must fail: one run,
 # with DDPO_CHECK_RECORD noting each failure instead of stopping at the first.
 EX6_MISTAKES_UNDONE = [
-    ("lambda *a: averaged(*a) * D", "lambda *a: averaged(*a)",
+    ("return x_prev, log_prob * D", "return x_prev, log_prob",
      "summed log-probs: approx_kl up by > 1000x"),
     ('run("batch-wide advantages", per_prompt_stats=False)', 'run("batch-wide advantages")',
      "batch-wide advantages: they keep the rewards' between-prompt variance"),

@@ -26,11 +26,23 @@ import checks  # noqa: E402  (notebooks/exercises/checks.py)
 
 import ddpo_min  # noqa: E402
 import sampler  # noqa: E402
+import tiny  # noqa: E402
 
 
 def test_notebooks_are_built_from_their_sources():
     assert build_notebooks.main(["--check"]) == 0, (
         "run `python notebooks/build_notebooks.py`, commit the .ipynb")
+
+
+def test_an_executed_copy_showing_changed_code_is_stale():
+    """The staleness check reads the project code an executed notebook displays and compares it
+    with the file at the line shown."""
+    nb = nbformat.read(NOTEBOOKS / "executed" / "05_rwr.ipynb", as_version=4)
+    shown = [o for c in nb.cells for o in c.get("outputs", [])
+             if build_notebooks.SHOWN.match(o.get("data", {}).get("text/markdown", ""))]
+    assert shown and not build_notebooks.shown_code_changed(nb)
+    shown[0]["data"]["text/markdown"] = shown[0]["data"]["text/markdown"].replace("def ", "def  ")
+    assert build_notebooks.shown_code_changed(nb)
 
 
 def test_executed_copies_are_current():
@@ -217,10 +229,15 @@ def test_clip_diagnoses():
 
 
 def _student_step(mistake: str = ""):
-    """Exercise 1 written out from the DDIM equations, with one named mistake (or none)."""
+    """Exercise 1 written out from its text (the DDIM equations, for an epsilon- or v-predicting
+    scheduler, with clipping and a deterministic last step), with one named mistake (or none).
+    "sd only" is a step written for Stable Diffusion's scheduler alone: epsilon prediction, no
+    clipping, no case for sigma_t = 0 (what exercise 1 once asked for)."""
+    sd_only = mistake == "sd only"
 
     def fn(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None):
-        gap = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        config = scheduler.config
+        gap = config.num_train_timesteps // scheduler.num_inference_steps
         abar, final = scheduler.alphas_cumprod.double(), scheduler.final_alpha_cumprod.double()
         t = int(timestep)
         t_prev = t - 1 if mistake in ("t-1", "t-1 both") else t - gap
@@ -229,8 +246,18 @@ def _student_step(mistake: str = ""):
         a_sig = a_prev if mistake != "t-1" else (abar[t - gap] if t - gap >= 0 else final)
         sigma = (1.0 if mistake == "eta ignored" else eta) * torch.sqrt(
             (1 - a_sig) / (1 - a_t) * (1 - a_t / a_sig))
-        eps, x = model_output.double(), sample.double()
-        x0_hat = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        out, x = model_output.double(), sample.double()
+        if config.prediction_type == "v_prediction" and not (sd_only or mistake == "as epsilon"):
+            x0_hat = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+            eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
+        else:
+            eps = out
+            x0_hat = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        if config.clip_sample and not (sd_only or mistake == "no clip"):
+            r = config.clip_sample_range
+            x0_hat = x0_hat.clamp(-r, r)
+            if mistake == "eps from clipped":
+                eps = (x - a_t.sqrt() * x0_hat) / (1 - a_t).sqrt()
         direction = (1 - a_prev - (0.0 if mistake == "direction" else sigma**2)).clamp(min=0).sqrt()
         mean = a_prev.sqrt() * x0_hat + direction * eps
         if mean.requires_grad and mistake == "detached mean":
@@ -241,6 +268,8 @@ def _student_step(mistake: str = ""):
             scale = sigma**2 if mistake == "variance noise" else sigma
             prev_sample = mean if mistake == "mean only" else mean + scale * z
         x_prev = prev_sample if mistake == "undetached" else prev_sample.detach()
+        if sigma == 0 and not (sd_only or mistake == "divides by zero"):
+            return x_prev.float(), torch.zeros(sample.shape[0])  # deterministic: no density
         std = sigma**2 if mistake == "variance density" else sigma
         half = 1.0 if mistake == "no half" else 0.5
         log_prob = -half * (x_prev.double() - mean) ** 2 / std**2
@@ -257,6 +286,11 @@ def _student_step(mistake: str = ""):
         return x_prev.float(), log_prob.float()
 
     return fn
+
+
+def test_the_tiny_scheduler_of_the_checks_is_the_tiny_models():
+    assert checks.TINY_SCHEDULER_CONFIG == tiny.SCHEDULER_CONFIG
+    assert dict(checks.tiny_scheduler().config) == dict(tiny.make_scheduler().config)
 
 
 def test_the_independent_student_step_passes(capsys):
@@ -283,6 +317,11 @@ def test_the_independent_student_step_passes(capsys):
     ("resampled", "return it unchanged"),
     ("undetached", "detach it"),
     ("detached mean", "log_prob has no gradient"),
+    ("sd only", "the model output is v"),
+    ("as epsilon", "you read it as epsilon)"),
+    ("no clip", "x̂_0 is not clipped"),
+    ("eps from clipped", "recomputed it from the clipped"),
+    ("divides by zero", "must be 0 for every sample here"),
 ])  # fmt: skip
 def test_every_logprob_step_diagnosis_fires(mistake, needle):
     _fails_with(checks.check_logprob_step, _student_step(mistake), needle)
@@ -318,7 +357,7 @@ def _is_loss(variant: str):
             loss = torch.maximum(unclipped, clipped)
         lr, r = log_ratio.detach(), log_ratio.detach().exp()
         kl = {"kl squared mean": 0.5 * lr.mean() ** 2, "kl rho": 0.5 * ((r - 1) ** 2).mean(),
-              "kl mean": lr.mean()}.get(variant, 0.5 * (lr**2).mean())
+              "kl mean": lr.mean(), "kl k1": (-lr).mean()}.get(variant, 0.5 * (lr**2).mean())
         frac = {"clipfrac count": ((r - 1).abs() > clip_range).double().sum(),
                 "clipfrac complement": ((r - 1).abs() <= clip_range).double().mean()}.get(
             variant, ((r - 1).abs() > clip_range).double().mean())
@@ -347,6 +386,7 @@ def test_the_independent_student_clipped_loss_passes(capsys):
     ("kl squared mean", "a mean of squares"),
     ("kl rho", "not rho - 1"),
     ("kl mean", "is not a KL estimate"),
+    ("kl k1", "k1 estimator"),
     ("clipfrac count", "not a count"),
     ("clipfrac complement", "OUTSIDE"),
     ("undetached diagnostics", "detach it"),

@@ -1,11 +1,21 @@
-"""The student copy of the exercises (tools/student_copy.py): nothing in it imports the project, and
-its checks, running from the recorded fixtures, pass on the reference solutions and name the
-mistakes of the mutants, exactly as in the repository."""
+"""The student release (tools/student_copy.py): it holds no answer (no reference body of a graded
+function, no answer key, checks that compare with recorded outputs instead of formulas), its checks
+pass on the references and name the mutants exactly as in the repository, and once a student fills
+`my_ddpo.py` the release's own loop trains on the student's code exactly as the repository's harness
+does with the same functions."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import inspect
+import json
 import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -13,47 +23,129 @@ from test_notebooks import _is_loss, _student_step
 
 import ddpo_min
 import sampler
-from tools.student_copy import make_copy
+from tools import ex5
+from tools.student_copy import GRADED, make_copy, strip_checks
+
+STUDENT = Path(__file__).parent / "a_student" / "my_ddpo.py"
+TOY = dict(num_steps=4, sample_batch_size=8, sample_batches=1, samples_per_prompt=4,
+           stat_buffer=4, stat_min_count=4, train_batch_size=4, minibatches=2, grid_size=4,
+           device="cpu")
+METRICS = ("reward/mean", "reward/std", "loss/policy", "loss/approx_kl", "loss/clipfrac",
+           "kl/pretrained")
 
 
 @pytest.fixture(scope="module")
-def copy(tmp_path_factory):
-    return make_copy(tmp_path_factory.mktemp("students") / "ddpo_exercises")
+def release(tmp_path_factory):
+    return make_copy(tmp_path_factory.mktemp("students") / "ddpo_release")
 
 
 @pytest.fixture(scope="module")
-def frozen_checks(copy):
-    spec = importlib.util.spec_from_file_location("student_checks", copy / "checks.py")
+def frozen_checks(release):
+    spec = importlib.util.spec_from_file_location(
+        "student_checks", release / "notebooks" / "exercises" / "checks.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.FROZEN  # no ddpo_min.py above the copy: the fixtures are used
+    assert module.FROZEN
     return module
 
 
-def test_the_copy_has_no_solutions_and_no_project_imports(copy):
-    names = sorted(p.name for p in copy.iterdir())
-    assert names == ["README.md", "checks.py", "ex1_logprob_step.ipynb", "ex2_sf_loss.ipynb",
-                     "ex3_clipped_loss.ipynb", "ex4_advantages.ipynb", "fixtures.pt",
-                     "requirements.txt"]
-    project = re.compile(r"^\s*(import|from)\s+(ddpo_min|sampler|config|rewards)\b", re.M)
-    for path in copy.glob("*.ipynb"):
+def _texts(folder: Path):
+    """(path, text) of every text file, notebooks as their sources and outputs."""
+    for path in sorted(folder.rglob("*")):
+        if path.suffix == ".ipynb":
+            nb = nbformat.read(path, as_version=4)
+            parts = [c.source for c in nb.cells]
+            parts += [json.dumps(o) for c in nb.cells for o in c.get("outputs", [])]
+            yield path, "\n".join(parts)
+        elif path.suffix in (".py", ".md", ".txt", ".json", ".toml"):
+            yield path, path.read_text()
+
+
+def _flat(text: str) -> str:
+    """Text with comments' markers kept but all whitespace runs removed (formatting-blind)."""
+    return re.sub(r"\s+", "", text)
+
+
+def _body_lines(module, qualname: str) -> list[str]:
+    """Every simple statement of a reference function at any depth (its docstring left out),
+    whitespace removed: the pieces of an answer a release must not hold."""
+    fn = module
+    for part in qualname.split("."):
+        fn = getattr(fn, part)
+    source = textwrap.dedent(inspect.getsource(fn))
+    node = ast.parse(source).body[0]
+    docstring = node.body[0] if isinstance(node.body[0], ast.Expr) else None
+    simple = (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Return, ast.Expr, ast.Raise)
+    return [_flat(ast.get_source_segment(source, s)) for s in ast.walk(node)
+            if isinstance(s, simple) and s is not docstring
+            and len(_flat(ast.get_source_segment(source, s))) >= 24]
+
+
+def test_the_release_holds_no_answer(release):
+    names = {p.name for p in release.rglob("*")}
+    assert not names & {"ANSWERS.md", "RUBRIC.md", "INSTRUCTOR.md", "build_notebooks.py"}
+    modules = {"sampler.py": sampler, "ddpo_min.py": ddpo_min}
+    bodies = {q: _body_lines(modules[m], q) for m, stubs in GRADED.items() for q in stubs}
+    assert all(bodies.values()) and sum(map(len, bodies.values())) > 40
+    found = []
+    for path, text in _texts(release):
+        flat = _flat(text)
+        found += [(path.name, q, line) for q, lines in bodies.items() for line in lines
+                  if line in flat]
+    assert not found, found[:5]
+
+
+def test_the_answer_search_finds_an_answer(release, tmp_path):
+    """The search above fails on a release that still holds one reference body."""
+    leaky = tmp_path / "leaky"
+    shutil.copytree(release, leaky)
+    (leaky / "notes.py").write_text(inspect.getsource(ddpo_min.ddpo_is_loss))
+    lines = _body_lines(ddpo_min, "ddpo_is_loss")
+    assert lines and all(line in _flat(dict(_texts(leaky))[leaky / "notes.py"]) for line in lines)
+
+
+def test_the_checks_compare_with_recorded_outputs_not_formulas(release):
+    text = (release / "notebooks" / "exercises" / "checks.py").read_text()
+    tree = ast.parse(text)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and getattr(n.func, "id", "") == "reference"]
+    assert len(calls) >= 7 and all(isinstance(c.args[1], ast.Constant) for c in calls)
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert not defined & {"_expected_step", "_ddim_variant", "_tiny_variants", "_sigma",
+                          "_expected_clipped_loss", "_expected_advantages", "_grad_of",
+                          "reference_batch_advantages", "_step_pieces"}
+    assert not re.search(r"^\s*(import|from)\s+(ddpo_min|sampler)\b", text, re.M)
+    assert "np.clip(np.abs" not in text and "torch.maximum" not in text
+    # the same stripping on a checks.py with one more formula helper strips that one too
+    source = (Path(__file__).parents[1] / "notebooks/exercises/checks.py").read_text()
+    extra = (source + "\n\ndef _leak():\n    return 1\n\n\n"
+             'def check_x(fn):\n    reference("k", _leak)\n')
+    assert "_leak" in extra and "def _leak" not in strip_checks(extra)
+
+
+def test_exercise_notebooks_have_no_solution_cells(release):
+    for path in (release / "notebooks" / "exercises").glob("ex*.ipynb"):
         code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells
                          if c.cell_type == "code")
-        assert "SOLUTION_MODE" not in code and not project.search(code), path.name
-        assert "raise NotImplementedError" in code
-    assert not project.search((copy / "checks.py").read_text().split("if FROZEN:")[0])
+        assert "SOLUTION_MODE" not in code and "reference_functions" not in code, path.name
+    for n in range(1, 5):
+        path = next((release / "notebooks" / "exercises").glob(f"ex{n}_*.ipynb"))
+        assert "raise NotImplementedError" in path.read_text()
 
 
 def test_frozen_checks_pass_on_the_references(frozen_checks, capsys):
     frozen_checks.check_logprob_step(sampler.ddim_step_with_logprob)
     frozen_checks.check_sf_loss(ddpo_min.ddpo_sf_loss)
     frozen_checks.check_clipped_loss(ddpo_min.ddpo_is_loss)
+    frozen_checks.check_advantages(ex5.reference_functions()["advantages"])
     frozen_checks.check_clip_advantages(ddpo_min.clip_advantages)
-    assert capsys.readouterr().out.count("match: True") == 4
+    assert capsys.readouterr().out.count("match: True") == 5
 
 
 @pytest.mark.parametrize("mistake, needle", [("t-1 both", "not t - 1"), ("summed", "summed"),
-                                             ("wrapped index", "final_alpha_cumprod")])
+                                             ("wrapped index", "final_alpha_cumprod"),
+                                             ("sd only", "the model output is v"),
+                                             ("divides by zero", "must be 0")])
 def test_frozen_checks_name_the_mutants(frozen_checks, mistake, needle):
     with pytest.raises(AssertionError, match=re.escape(needle)):
         frozen_checks.check_logprob_step(_student_step(mistake))
@@ -71,11 +163,58 @@ def test_frozen_clipped_loss_check_names_the_mutants(frozen_checks, variant, nee
         frozen_checks.check_clipped_loss(fn)
 
 
-def test_an_unsolved_copied_notebook_fails_its_check(copy):
+def test_an_unsolved_release_notebook_fails_its_check(release):
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
-    nb = nbformat.read(copy / "ex2_sf_loss.ipynb", as_version=4)
+    folder = release / "notebooks" / "exercises"
+    nb = nbformat.read(folder / "ex2_sf_loss.ipynb", as_version=4)
     with pytest.raises(CellExecutionError, match="not implemented yet"):
         NotebookClient(nb, timeout=300, kernel_name="python3",
-                       resources={"metadata": {"path": str(copy)}}).execute()
+                       resources={"metadata": {"path": str(folder)}}).execute()
+
+
+def _toy_epoch_in(folder: Path) -> dict:
+    """One toy epoch of the release's own loop, run in a fresh interpreter inside `folder`."""
+    script = textwrap.dedent(f"""
+        import json, sys, tempfile
+        sys.path.insert(0, ".")
+        import ddpo_min
+        from config import Config
+        with tempfile.TemporaryDirectory() as d:
+            run = ddpo_min.train(Config.tiny(epochs=1, output_dir=d, **{TOY!r}))
+            print("METRICS", (run / "metrics.jsonl").read_text().splitlines()[0])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.split("METRICS ", 1)[1].splitlines()[0])
+
+
+def test_a_filled_release_trains_on_the_students_code(release, tmp_path):
+    """The release's loop with a student's my_ddpo.py = the repository's loop with the same five
+    functions patched in (exercise 5's harness): the same samples, losses and diagnostics."""
+    filled = tmp_path / "filled"
+    shutil.copytree(release, filled)
+    shutil.copy(STUDENT, filled / "notebooks" / "exercises" / "my_ddpo.py")
+    got = _toy_epoch_in(filled)
+
+    spec = importlib.util.spec_from_file_location("a_student", STUDENT)
+    student = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(student)
+    with ex5.student_loop(**ex5.functions_of(student)):
+        from config import Config
+
+        run = ddpo_min.train(Config.tiny(epochs=1, output_dir=str(tmp_path / "repo"), **TOY))
+    want = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    for key in METRICS[:-1]:
+        assert got[key] == want[key], key
+    # the KL diagnostic reads the policy's mean off the student's step instead of a closed form
+    assert got["kl/pretrained"] == pytest.approx(want["kl/pretrained"], rel=1e-4)
+
+
+def test_the_release_checks_the_setup(release):
+    out = subprocess.run([sys.executable, "-m", "tools.check_setup"], cwd=release,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "setup OK" in out.stdout and "exercise 5" in out.stdout

@@ -6,7 +6,7 @@
     python -m tools.bench learning --only alignment --seeds 0 1 2   # 3 seeds, judged on the mean
     python -m tools.bench compare    # DDPO_IS vs DDPO_SF vs RWR vs sparse RWR (tools/compare.py)
     python -m tools.bench gpu        # the one-shot paper-scale check on a GPU (tools/gpu_check.py)
-    python -m tools.bench ex5 --seeds 0 1 2   # exercise 5's bar, calibrated (tools/ex5.py, ~35 min)
+    python -m tools.bench ex5 --seeds 0 1 2   # exercise 5's bar, reference and mutants (~1 h)
 
 `speed` runs five epochs of each code path and compares each with the "UNet floor", timed right
 after it: the same number of UNet forward calls (sampling) and forward+backward calls (training),
@@ -452,6 +452,8 @@ def main() -> None:
     pe = sub.add_parser("ex5", help="calibrate exercise 5's bar on the reference (tools/ex5.py)")
     pe.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     pe.add_argument("--epochs", type=int, default=12, help="training epochs per seed")
+    pe.add_argument("--mutants", nargs="*", default=None,
+                    help="wrong implementations to run (default: all of tools/ex5.MUTANTS)")
     args = p.parse_args()
     if args.cmd == "speed":
         for path in args.path:
@@ -465,7 +467,7 @@ def main() -> None:
     elif args.cmd == "ex5":
         from tools.ex5 import calibrate
 
-        calibrate(args.seeds, args.epochs)
+        calibrate(args.seeds, args.epochs, args.mutants)
     elif args.cmd == "gpu":
         from tools.gpu_check import gpu_check
 

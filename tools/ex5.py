@@ -134,20 +134,103 @@ def reference_functions() -> dict:
                 clip_advantages=ddpo_min.clip_advantages)
 
 
-def calibrate(seeds: list[int], epochs: int = EPOCHS) -> dict:
-    """The reference through the harness, once per seed; the bar is set below the worst seed."""
-    runs = [train_and_measure(ROOT / "runs" / f"ex5-calibration-seed{s}", seed=s,
-                              epochs=epochs, functions=reference_functions()) for s in seeds]
-    worst = max(r["change_percent"] for r in runs)  # the smallest fall (changes are negative)
-    bar = float(np.floor(-worst) - 2.0)  # at least this many percent down: 2 points of slack
-    result = dict(epochs=epochs, threads=torch.get_num_threads(), runs=runs,
-                  worst_change_percent=worst, bar_percent=bar,
-                  rule="bar = floor(worst seed's fall) - 2 points")
+def functions_of(module) -> dict:
+    """The four functions of a student's my_ddpo.py, by the names the harness patches."""
+    return dict(step=module.my_ddim_step_with_logprob, clipped_loss=module.my_clipped_loss,
+                advantages=module.my_advantages, clip_advantages=module.my_clip_advantages)
+
+
+def mutant_functions(name: str, seed: int = 0) -> dict:
+    """The reference with one mistake a student could make (MUTANTS names them): the bar must
+    reject each. The quick checks of exercises 1, 3 and 4 reject them too; here they train."""
+    f = reference_functions()
+    if name == "reward-blind":  # advantages drawn at random, independent of the rewards
+        rng = np.random.default_rng(seed)
+        f["advantages"] = lambda prompts, rewards: rng.standard_normal(len(rewards))
+    elif name == "sign-flipped":
+        f["advantages"] = lambda prompts, rewards: -_per_batch_reference(prompts, rewards)
+    elif name == "batch-wide":  # one mean and std over the whole batch, not per prompt
+        f["advantages"] = lambda prompts, rewards: ((rewards - rewards.mean())
+                                                    / (rewards.std() + 1e-6))
+    elif name == "summed log-probs":
+        step = f["step"]
+        f["step"] = lambda *a, **k: (lambda x, lp: (x, lp * x[0].numel()))(*step(*a, **k))
+    elif name == "no clipping":
+        def unclipped(log_prob, old_log_prob, advantages, clip_range):
+            _, info = ddpo_min.ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range)
+            ratio = torch.exp(log_prob - old_log_prob.detach())
+            return (-advantages.detach() * ratio).mean(), info
+
+        f["clipped_loss"] = unclipped
+    else:
+        raise ValueError(f"unknown mutant {name!r}; one of {', '.join(MUTANTS)}")
+    return f
+
+
+MUTANTS = {
+    "reward-blind": "advantages drawn from N(0, 1), independent of the rewards",
+    "sign-flipped": "advantages with the wrong sign",
+    "batch-wide": "advantages normalised over the whole batch instead of per prompt",
+    "summed log-probs": "the step's log-prob summed over C, H, W instead of averaged",
+    "no clipping": "the importance-sampling loss without PPO's clip",
+}
+# Each reward and the direction in which training on it must move the held-out JPEG size
+REWARDS = {"compressibility": -1, "incompressibility": +1}
+
+
+def _run(name: str, reward: str, seed: int, epochs: int) -> dict:
+    """One calibration run, kept in runs/ex5-calibration/...: a finished one is read back, so
+    an interrupted calibration resumes where it stopped."""
+    folder = ROOT / "runs" / "ex5-calibration" / f"{name.replace(' ', '-')}-{reward}-seed{seed}"
+    done = folder.with_suffix(".json")
+    if done.exists() and json.loads(done.read_text())["epochs"] == epochs:
+        return json.loads(done.read_text())
+    functions = (reference_functions() if name == "reference"
+                 else mutant_functions(name, seed))
+    result = dict(implementation=name, reward=reward,
+                  **train_and_measure(folder, seed=seed, epochs=epochs, functions=functions,
+                                      reward=reward))
+    done.write_text(json.dumps(result, indent=1))
+    print(f"{name:17s} {reward:17s} seed {seed}: {result['epochs']} epochs in "
+          f"{result['minutes']:.1f} min, held-out JPEG {result['jpeg_kb_before']:.3f} -> "
+          f"{result['jpeg_kb_after']:.3f} kB ({result['change_percent']:+.1f}%)")
+    return result
+
+
+def passes(changes: dict[str, float], calibration: dict) -> bool:
+    """Whether held-out JPEG changes (percent, per reward) clear the bar of every reward."""
+    return all(REWARDS[reward] * changes[reward] >= bar["bar_percent"]
+               for reward, bar in calibration["bars"].items())
+
+
+def calibrate(seeds: list[int], epochs: int = EPOCHS,
+              mutants: list[str] | None = None) -> dict:
+    """The reference through the harness on both JPEG rewards, once per seed; the bar of each
+    reward is set 2 points below its worst seed. Then each mutant, once per reward (seed 0): it
+    must miss the bar of at least one reward."""
+    runs = [_run("reference", reward, s, epochs) for reward in REWARDS for s in seeds]
+    bars = {}
+    for reward, sign in REWARDS.items():
+        moved = [sign * r["change_percent"] for r in runs if r["reward"] == reward]
+        bars[reward] = dict(direction="down" if sign < 0 else "up", worst_percent=min(moved),
+                            bar_percent=float(np.floor(min(moved)) - 2.0))
+    result = dict(epochs=epochs, threads=torch.get_num_threads(), bars=bars, runs=runs,
+                  rule="per reward: bar = floor(the worst seed's move toward the reward) - 2 "
+                       "points; a run passes if it clears the bar of both rewards")
+    result["mutants"] = {}
+    for name in (MUTANTS if mutants is None else mutants):
+        mutant_runs = [_run(name, reward, seeds[0], epochs) for reward in REWARDS]
+        changes = {r["reward"]: r["change_percent"] for r in mutant_runs}
+        result["mutants"][name] = dict(description=MUTANTS[name], seed=seeds[0],
+                                       change_percent=changes, passes=passes(changes, result))
+        result["runs"] += mutant_runs
     CALIBRATION.write_text(json.dumps(result, indent=1))
-    for r in runs:
-        print(f"seed {r['seed']}: {r['epochs']} epochs in {r['minutes']:.1f} min, held-out JPEG "
-              f"{r['jpeg_kb_before']:.3f} -> {r['jpeg_kb_after']:.3f} kB "
-              f"({r['change_percent']:+.1f}%)")
-    print(f"bar: the held-out JPEG size must fall by at least {bar:.0f}% "
-          f"(worst seed {worst:+.1f}%) -> {CALIBRATION}")
+    for reward, bar in bars.items():
+        print(f"bar, {reward}: the held-out JPEG size must go {bar['direction']} by at least "
+              f"{bar['bar_percent']:.0f}% (worst reference seed {bar['worst_percent']:.1f}%)")
+    for name, m in result["mutants"].items():
+        print(f"mutant {name!r}: " + ", ".join(f"{k} {v:+.1f}%" for k, v in
+                                               m["change_percent"].items())
+              + (" -- PASSES the bar" if m["passes"] else " -- misses the bar"))
+    print(f"-> {CALIBRATION}")
     return result

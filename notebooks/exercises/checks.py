@@ -8,11 +8,15 @@ How the diagnoses work: besides the reference, each check computes a few *known-
 the same quantity (summed instead of averaged, sign flipped, the max forgotten, ...). If the
 student's output equals one of them, the message names that mistake. The variants are deliberately
 wrong formulas; the right answer always comes from the project's code (sampler.py, ddpo_min.py) or
-from diffusers.
+from diffusers. In the student release every reference value and every variant's output is read from
+fixtures.pt instead: `tools/student_copy.py` strips the formulas from its copy of this file.
+
+`hidden_inputs(seed)` draws other random inputs of the same shapes: the autograder's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -27,9 +31,8 @@ warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto wi
 from diffusers import DDIMScheduler  # noqa: E402
 
 # The reference values come from the project's code (sampler.py, ddpo_min.py) when this file sits in
-# the repository. In a student copy (`python -m tools.student_copy`) the project is absent and they
-# come from fixtures.pt beside this file: the same values, recorded from the project on the same
-# inputs.
+# the repository. In the student release (`python -m tools.student_copy`) they come from fixtures.pt
+# beside this file: the same values, recorded from the project on the same inputs.
 FIXTURES = Path(__file__).with_name("fixtures.pt")
 _ROOT = next((p for p in Path(__file__).resolve().parents if (p / "ddpo_min.py").exists()), None)
 FROZEN = _ROOT is None or os.environ.get("DDPO_CHECKS_FROZEN") == "1"
@@ -43,14 +46,37 @@ else:
 _TAPE: dict = {}  # what reference() computed, for tools/student_copy.py to save as fixtures
 
 
+_seed_offset = 0  # 0: the inputs every student sees; other values: the autograder's hidden inputs
+
+
+def _gen(seed: int) -> torch.Generator:
+    """The generator of one random input of the checks (shifted under `hidden_inputs`)."""
+    return torch.Generator().manual_seed(seed + 7919 * _seed_offset)
+
+
+@contextlib.contextmanager
+def hidden_inputs(seed: int):
+    """Run the checks on other random inputs than the notebooks show (the autograder's). The
+    reference values are then computed by the project, so this needs the repository."""
+    global _seed_offset
+    if FROZEN and seed != 0:
+        raise RuntimeError("hidden inputs need the project's reference functions, not fixtures.pt")
+    previous, _seed_offset = _seed_offset, seed
+    try:
+        yield
+    finally:
+        _seed_offset = previous
+
+
 def reference(key: str, compute: Callable):
     """The reference value named `key`: computed by the project, or read from the fixtures."""
     if FROZEN:
         if key not in _FIXTURES:
-            raise KeyError(f"fixtures.pt has no {key!r}: rebuild the student copy")
+            raise KeyError(f"fixtures.pt has no {key!r}: rebuild the student release")
         return _FIXTURES[key]
     value = compute()
-    _TAPE[key] = value
+    if _seed_offset == 0:
+        _TAPE[key] = value
     return value
 
 
@@ -148,71 +174,160 @@ def _gauss_mean_log_prob(x, mean, sigma) -> torch.Tensor:
     return torch.distributions.Normal(mean.double(), sigma).log_prob(x.double()).mean(dim=(1, 2, 3))
 
 
+def tiny_scheduler(num_steps: int = 20) -> DDIMScheduler:
+    """A DDIMScheduler configured like the tiny model's (tiny.SCHEDULER_CONFIG: v-prediction,
+    x̂_0 clipped to [-1, 1], alphā = 1 after the last step, so that step has sigma_t = 0)."""
+    scheduler = DDIMScheduler(**TINY_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+# tiny.SCHEDULER_CONFIG, written out so that the student release needs no project (a test keeps
+# the two equal)
+TINY_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+    clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True, steps_offset=0,
+    timestep_spacing="trailing",
+)  # fmt: skip
+
+# (scheduler, sampling-step index j, eta) of every case: Stable Diffusion's first, a middle and a
+# late step and its last one (t = 1, where t_prev < 0); the tiny model's first step (t = 999, where
+# clipping x̂_0 matters most), a middle one and its last (t = 49, sigma_t = 0)
+STEP_CASES = (("sd", 0, 1.0), ("sd", 25, 1.0), ("sd", 40, 0.5), ("sd", 49, 1.0),
+              ("tiny", 0, 1.0), ("tiny", 10, 1.0), ("tiny", 19, 1.0))
+
+
+def _diffusers_step(scheduler: DDIMScheduler, model_output, t: int, x_t, eta: float, z,
+                    use_clipped_model_output: bool = False, **config_changes) -> torch.Tensor:
+    """diffusers' DDIM step with the noise z, on a copy of `scheduler` with some settings changed
+    (for the variants: what a student who ignores one setting computes)."""
+    if config_changes:
+        changed = DDIMScheduler.from_config({**scheduler.config, **config_changes})
+        changed.set_timesteps(scheduler.num_inference_steps)
+        scheduler = changed
+    return scheduler.step(model_output, t, x_t, eta=eta, variance_noise=z,
+                          use_clipped_model_output=use_clipped_model_output).prev_sample.double()
+
+
+def _tiny_variants(scheduler, out, t, x_t, eta, z) -> dict[str, torch.Tensor]:
+    """The mistakes of a step written for an epsilon-predicting scheduler only, on the tiny one."""
+    v_hint = ("scheduler.config.prediction_type is 'v_prediction' here: the model output is v, so "
+              "x̂_0 = sqrt(alphā_t) x_t - sqrt(1 - alphā_t) v and "
+              "eps_hat = sqrt(alphā_t) v + sqrt(1 - alphā_t) x_t")
+    return {
+        f"{v_hint} (you read it as epsilon and did not clip x̂_0 either)":
+            _diffusers_step(scheduler, out, t, x_t, eta, z, prediction_type="epsilon",
+                            clip_sample=False),
+        f"{v_hint} (you read it as epsilon)":
+            _diffusers_step(scheduler, out, t, x_t, eta, z, prediction_type="epsilon"),
+        "x̂_0 is not clipped: with scheduler.config.clip_sample, clamp it to "
+        "[-clip_sample_range, clip_sample_range] before the mean":
+            _diffusers_step(scheduler, out, t, x_t, eta, z, clip_sample=False),
+        "eps_hat comes from the model output and x_t, before clipping; you recomputed it from the "
+        "clipped x̂_0":
+            _diffusers_step(scheduler, out, t, x_t, eta, z, use_clipped_model_output=True),
+    }
+
+
+def _expected_step(kind: str, scheduler: DDIMScheduler, eps, t: int, x_t, eta: float,
+                   seed: int, last: bool) -> dict:
+    """What the check of one step compares with: the reference's sampled action and log-prob,
+    the policy's mean and sigma_t, and the outputs of the usual mistakes (x_prev and log-prob)."""
+    x, log_prob = sampler.ddim_step_with_logprob(scheduler, eps, t, x_t, eta=eta,
+                                                 generator=_gen(seed))
+    mean, sigma, a_t, a_prev, a_prev_lit, a_prev_wrap = _step_pieces(scheduler, eps, t, x_t, eta)
+    z = torch.randn(SHAPE, generator=_gen(seed))  # the noise the reference drew
+    if sigma == 0:  # deterministic: no mistake in the noise or the density can show
+        x_variants = dict(_tiny_variants(scheduler, eps, t, x_t, eta, z))
+        return dict(x=x, log_prob=log_prob, mean=mean, sigma=sigma, x_variants=x_variants,
+                    lp_variants={})
+    if kind == "tiny":
+        x_variants = {**_tiny_variants(scheduler, eps, t, x_t, eta, z),
+                      "you returned the mean: add the noise sigma_t * z": mean}
+    else:
+        sigma_eta1 = _step_pieces(scheduler, eps, t, x_t, 1.0)[1]
+        x_variants = {
+            "you added sigma_t^2 * z; the noise is scaled by the standard deviation sigma_t":
+                mean + sigma**2 * z,
+            "you returned the mean: add the noise sigma_t * z": mean,
+            "eta is ignored: sigma_t = eta * sqrt(...)":
+                _ddim_variant(eps, x_t, a_t, a_prev, sigma_eta1, z),
+            "the direction term must be sqrt(1 - abar_prev - sigma_t^2) * eps_hat "
+            "(you left out -sigma_t^2)":
+                _ddim_variant(eps, x_t, a_t, a_prev, sigma, z, direction_sigma=False),
+            "t_prev is the next timestep on the sampling grid "
+            "(t - 1000 // num_inference_steps), not t - 1":
+                _ddim_variant(eps, x_t, a_t, a_prev_lit, sigma, z),
+            "t_prev is the next timestep on the sampling grid "
+            "(t - 1000 // num_inference_steps), not t - 1 (for sigma_t too)":
+                _ddim_variant(eps, x_t, a_t, a_prev_lit, _sigma(a_t, a_prev_lit, eta), z),
+        }
+        if last:
+            x_variants["at the last step t_prev < 0: alphā_{t-1} is "
+                       "scheduler.final_alpha_cumprod (alphas_cumprod[t_prev] with a negative "
+                       "index wraps to the end of the schedule)"] = _ddim_variant(
+                eps, x_t, a_t, a_prev_wrap, _sigma(a_t, a_prev_wrap, eta), z)
+    xd, lp = x.double(), log_prob.double()
+    D = SHAPE[1] * SHAPE[2] * SHAPE[3]
+    lp_variants = {
+        "your log-prob is summed, not averaged, over C,H,W (it is D times too large)": lp * D,
+        "the sign is flipped: "
+        "log N(x | mu, sigma^2) = -(x-mu)^2/(2 sigma^2) - log sigma - log sqrt(2 pi)": -lp,
+        "the normalising terms -log sigma_t - 0.5 log(2 pi) are missing":
+            lp + math.log(sigma) + 0.5 * math.log(2 * math.pi),
+        "you used the variance sigma_t^2 where the standard deviation sigma_t belongs":
+            _gauss_mean_log_prob(xd, mean, sigma**2),
+        "the quadratic term is missing its 1/2: -(x-mu)^2 / (2 sigma^2)":
+            lp - ((xd - mean) ** 2).mean(dim=(1, 2, 3)) / (2 * sigma**2),
+    }
+    return dict(x=x, log_prob=log_prob, mean=mean, sigma=sigma, x_variants=x_variants,
+                lp_variants=lp_variants)
+
+
 def check_logprob_step(fn: Callable) -> None:
     """fn(scheduler, model_output, timestep, sample, eta=1.0, prev_sample=None, generator=None)
-    -> (x_{t-1} (B,C,H,W), log_prob (B,)), for an epsilon-predicting DDIMScheduler, like
-    sampler.ddim_step_with_logprob."""
-    scheduler = sd_scheduler(50)
-    D = SHAPE[1] * SHAPE[2] * SHAPE[3]
-    # the first, a middle and a late step, and the last one (t = 1, where t_prev < 0)
-    for case, (j, eta) in enumerate(((0, 1.0), (25, 1.0), (40, 0.5), (49, 1.0))):
+    -> (x_{t-1} (B,C,H,W), log_prob (B,)), like sampler.ddim_step_with_logprob, on Stable
+    Diffusion's scheduler (epsilon prediction) and the tiny model's (v-prediction, clipped x̂_0,
+    sigma_t = 0 at the last step)."""
+    schedulers = {"sd": sd_scheduler(50), "tiny": tiny_scheduler(20)}
+    for case, (kind, j, eta) in enumerate(STEP_CASES):
+        scheduler = schedulers[kind]
         t = int(scheduler.timesteps[j])
-        g = torch.Generator().manual_seed(10 + case)
+        g = _gen(10 + case)
         x_t, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
-        where = f"[t={t}, eta={eta}]"
+        where = f"[{kind} scheduler, t={t}, eta={eta}]"
         seed = 100 + case
-        ref_x, ref_lp = reference(f"ex1_step_{case}", lambda e=eps, t=t, x=x_t, eta=eta, s=seed:
-                                  sampler.ddim_step_with_logprob(
-                                      scheduler, e, t, x, eta=eta,
-                                      generator=torch.Generator().manual_seed(s)))
-        got = _call(fn, scheduler, eps.clone(), t, x_t.clone(), eta=eta,
-                    generator=torch.Generator().manual_seed(seed))
+        last = j == len(scheduler.timesteps) - 1
+        exp = reference(f"ex1_step_{case}", lambda k=kind, sch=scheduler, e=eps, t=t, x=x_t,
+                        eta=eta, s=seed, last=last: _expected_step(k, sch, e, t, x, eta, s, last))
+        ref_x, ref_lp, mean, sigma = exp["x"], exp["log_prob"], exp["mean"], exp["sigma"]
+        deterministic = sigma == 0  # the tiny model's last step
+        got = _call(fn, scheduler, eps.clone(), t, x_t.clone(), eta=eta, generator=_gen(seed))
         if not (isinstance(got, tuple) and len(got) == 2):
             _fail("return a pair (x_prev, log_prob)")
         got_x, got_lp = got
-        mean, sigma, a_t, a_prev, a_prev_lit, a_prev_wrap = _step_pieces(scheduler, eps, t, x_t,
-                                                                          eta)
-        # the noise the reference drew
-        z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
         # --- the sampled action x_{t-1} = mu + sigma z
         if tuple(got_x.shape) != SHAPE:
             _fail(f"{where} x_prev has shape {tuple(got_x.shape)}, expected {SHAPE} (B, C, H, W)")
-        last = j == len(scheduler.timesteps) - 1
         if not torch.isfinite(torch.as_tensor(got_x)).all():
             _fail(f"{where} x_prev is not finite"
-                  + (": at the last step t_prev < 0, and alphā_{t-1} is "
+                  + (": sigma_t = 0 at this step (alphā_{t-1} = final_alpha_cumprod = 1), so the "
+                     "step is deterministic: x_{t-1} = mu, with nothing to divide by sigma_t"
+                     if deterministic else
+                     ": at the last step t_prev < 0, and alphā_{t-1} is "
                      "scheduler.final_alpha_cumprod (alphas_cumprod[t_prev] with a negative index "
                      "wraps to the end of the schedule, and sigma_t becomes the root of a negative "
                      "number)" if last else ""))
         if not _close(got_x, ref_x, 1e-4):
-            sigma_eta1 = _step_pieces(scheduler, eps, t, x_t, 1.0)[1]
-            variants = {
-                "you added sigma_t^2 * z; the noise is scaled by the standard deviation sigma_t":
-                    mean + sigma**2 * z,
-                "you returned the mean: add the noise sigma_t * z": mean,
-                "eta is ignored: sigma_t = eta * sqrt(...)":
-                    _ddim_variant(eps, x_t, a_t, a_prev, sigma_eta1, z),
-                "the direction term must be sqrt(1 - abar_prev - sigma_t^2) * eps_hat "
-                "(you left out -sigma_t^2)":
-                    _ddim_variant(eps, x_t, a_t, a_prev, sigma, z, direction_sigma=False),
-                "t_prev is the next timestep on the sampling grid "
-                "(t - 1000 // num_inference_steps), not t - 1":
-                    _ddim_variant(eps, x_t, a_t, a_prev_lit, sigma, z),
-                "t_prev is the next timestep on the sampling grid "
-                "(t - 1000 // num_inference_steps), not t - 1 (for sigma_t too)":
-                    _ddim_variant(eps, x_t, a_t, a_prev_lit, _sigma(a_t, a_prev_lit, eta), z),
-                "at the last step t_prev < 0: alphā_{t-1} is scheduler.final_alpha_cumprod "
-                "(alphas_cumprod[t_prev] with a negative index wraps to the end of the schedule)":
-                    _ddim_variant(eps, x_t, a_t, a_prev_wrap, _sigma(a_t, a_prev_wrap, eta), z)
-                    if last else None,
-            }
-            residual = (got_x.double() - mean) / sigma  # should be exactly the reference's z
-            if (not any(v is not None and _close(got_x, v, 1e-4) for v in variants.values())
-                    and abs(residual.std().item() - 1) < 0.1):
-                _fail(f"{where} x_prev = mu + sigma_t * (noise), but not the reference's noise: "
-                      "draw it with torch.randn(sample.shape, generator=generator), once, "
-                      "after computing the mean")
+            variants = exp["x_variants"]
+            if not deterministic:
+                residual = (got_x.double() - mean) / sigma  # should be exactly the reference's z
+                if (not any(v is not None and _close(got_x, v, 1e-4) for v in variants.values())
+                        and abs(residual.std().item() - 1) < 0.1):
+                    _fail(f"{where} x_prev = mu + sigma_t * (noise), but not the reference's "
+                          "noise: draw it with torch.randn(sample.shape, generator=generator), "
+                          "once, after computing the mean")
             _diagnose(got_x, variants, f"{where} x_prev", tol=1e-4)
         _ok(f"{where} x_prev matches the reference (same noise)")
 
@@ -231,45 +346,40 @@ def check_logprob_step(fn: Callable) -> None:
             if lp.dim() == 0:
                 _fail(f"{where} log_prob is a scalar: "
                       "keep one log-prob per sample (average over C, H, W only)")
+            if deterministic and not _close(lp, ref_lp):
+                _fail(f"{where} log_prob ({mode} mode) must be 0 for every sample here: "
+                      "sigma_t = 0, so the step is deterministic and has no density (the "
+                      "training loop never trains on it); return torch.zeros(B) instead of "
+                      "dividing by sigma_t "
+                      f"(yours: {lp.flatten()[:3].tolist()})")
             if not _close(lp, ref_lp, 1e-4):
-                x = ref_x.double()
-                const = math.log(sigma) + 0.5 * math.log(2 * math.pi)
-                _diagnose(lp, {
-                    "your log-prob is summed, not averaged, over C,H,W (it is D times too large)":
-                        ref_lp.double() * D,
-                    "the sign is flipped: "
-                    "log N(x | mu, sigma^2) = -(x-mu)^2/(2 sigma^2) - log sigma - log sqrt(2 pi)":
-                        -ref_lp.double(),
-                    "the normalising terms -log sigma_t - 0.5 log(2 pi) are missing":
-                        ref_lp.double() + const,
-                    "you used the variance sigma_t^2 where the standard deviation sigma_t belongs":
-                        _gauss_mean_log_prob(x, mean, sigma**2),
-                    "the quadratic term is missing its 1/2: -(x-mu)^2 / (2 sigma^2)":
-                        ref_lp.double() - ((x - mean) ** 2).mean(dim=(1, 2, 3)) / (2 * sigma**2),
-                }, f"{where} log_prob ({mode} mode)", tol=1e-4)
+                _diagnose(lp, exp["lp_variants"], f"{where} log_prob ({mode} mode)", tol=1e-4)
         _ok(f"{where} log_prob matches, sampled and scored")
 
-    # --- gradients reach theta through the mean only; the action is data
-    scheduler = sd_scheduler(50)
-    t = int(scheduler.timesteps[10])
-    g = torch.Generator().manual_seed(7)
-    x_t, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
-    x_prev = torch.randn(SHAPE, generator=g) * 0.3 + x_t
-    eps_got = eps.clone().requires_grad_(True)
-    ref_grad = reference("ex1_grad", lambda: _grad_of(lambda e: sampler.ddim_step_with_logprob(
-        scheduler, e, t, x_t, prev_sample=x_prev)[1].sum(), eps))
-    got_x, got_lp = _call(fn, scheduler, eps_got, t, x_t, prev_sample=x_prev)
-    sampled_x, _ = _call(fn, scheduler, eps_got, t, x_t, generator=torch.Generator().manual_seed(0))
-    if sampled_x.requires_grad:
-        _fail("the returned x_prev carries gradient: "
-              "detach it (the action is data, not a function of theta)")
-    if not got_lp.requires_grad:
-        _fail("log_prob has no gradient w.r.t. the model output: "
-              "do not detach the mean or wrap it in no_grad")
-    got_lp.sum().backward()
-    if not _close(eps_got.grad, ref_grad, 1e-4):
-        _fail("d log_prob / d model_output differs from the reference "
-              "(is sigma_t a constant? is x_prev detached?)")
+    # --- gradients reach theta through the mean only; the action is data. On the tiny scheduler's
+    # first step half of x̂_0 is clipped: no gradient flows through the clipped elements of x̂_0
+    for key, kind, j in (("ex1_grad", "sd", 10), ("ex1_grad_tiny", "tiny", 0)):
+        scheduler = schedulers[kind]
+        t = int(scheduler.timesteps[j])
+        g = _gen(7)
+        x_t, eps = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+        x_prev = torch.randn(SHAPE, generator=g) * 0.3 + x_t
+        eps_got = eps.clone().requires_grad_(True)
+        ref_grad = reference(key, lambda sch=scheduler, t=t, x=x_t, xp=x_prev, e0=eps: _grad_of(
+            lambda e: sampler.ddim_step_with_logprob(sch, e, t, x, prev_sample=xp)[1].sum(), e0))
+        got_x, got_lp = _call(fn, scheduler, eps_got, t, x_t, prev_sample=x_prev)
+        sampled_x, _ = _call(fn, scheduler, eps_got, t, x_t, generator=_gen(0))
+        if sampled_x.requires_grad:
+            _fail("the returned x_prev carries gradient: "
+                  "detach it (the action is data, not a function of theta)")
+        if not got_lp.requires_grad:
+            _fail("log_prob has no gradient w.r.t. the model output: "
+                  "do not detach the mean or wrap it in no_grad")
+        got_lp.sum().backward()
+        if not _close(eps_got.grad, ref_grad, 1e-4):
+            _fail(f"[{kind} scheduler, t={t}] d log_prob / d model_output differs from the "
+                  "reference (is sigma_t a constant? is x_prev detached? is x̂_0 clamped with "
+                  "torch.clamp, which passes no gradient where it clips?)")
     _ok("gradient w.r.t. the model output matches")
     print("match: True")
 
@@ -281,11 +391,25 @@ def check_logprob_step(fn: Callable) -> None:
 
 def check_sf_loss(fn: Callable) -> None:
     """fn(log_prob (B,), advantages (B,)) -> scalar loss, like ddpo_min.ddpo_sf_loss."""
-    g = torch.Generator().manual_seed(0)
+    g = _gen(0)
     B = 16
     base_lp = torch.randn(B, generator=g, dtype=torch.float64) - 1.0
     adv = torch.randn(B, generator=g, dtype=torch.float64)
-    ref = reference("ex2_loss", lambda: ddpo_min.ddpo_sf_loss(base_lp, adv))
+    exp = reference("ex2_loss", lambda: dict(
+        loss=ddpo_min.ddpo_sf_loss(base_lp, adv),
+        grad=_grad_of(lambda x: ddpo_min.ddpo_sf_loss(x, adv), base_lp),
+        variants={
+            "sign of the loss is flipped: the optimiser minimises, so the loss is -mean(A * log p)":
+                -ddpo_min.ddpo_sf_loss(base_lp, adv),
+            "you summed over the batch; use the mean (the learning rate assumes a mean)":
+                ddpo_min.ddpo_sf_loss(base_lp, adv) * B,
+            "you multiplied the means, mean(A) * mean(log p); "
+            "the estimator is the mean of the products":
+                -(adv.mean() * base_lp.mean()),
+            "use the log-probability, not the probability exp(log p)":
+                -(adv * base_lp.exp()).mean(),
+        }))
+    ref = exp["loss"]
 
     lp = base_lp.clone().requires_grad_(True)
     a = adv.clone().requires_grad_(True)  # a student who forgets .detach() will send gradient here
@@ -295,22 +419,13 @@ def check_sf_loss(fn: Callable) -> None:
     if loss.shape == (B,):
         _fail("the loss has one value per sample: take the mean over the batch to get a scalar")
     if not _close(loss, ref):
-        _diagnose(loss, {
-            "sign of the loss is flipped: the optimiser minimises, so the loss is -mean(A * log p)":
-                -ref,
-            "you summed over the batch; use the mean (the learning rate assumes a mean)": ref * B,
-            "you multiplied the means, mean(A) * mean(log p); "
-            "the estimator is the mean of the products":
-                -(adv.mean() * base_lp.mean()),
-            "use the log-probability, not the probability exp(log p)":
-                -(adv * base_lp.exp()).mean(),
-        }, "loss value")
+        _diagnose(loss, exp["variants"], "loss value")
     _ok("loss value matches")
     loss.backward()
     if a.grad is not None and a.grad.abs().sum() > 0:
         _fail("gradient flows into the advantages: "
               "detach them (A is a constant weight, not a function of theta)")
-    if lp.grad is None or not _close(lp.grad, -adv / B):
+    if lp.grad is None or not _close(lp.grad, exp["grad"]):
         _fail("d loss / d log_prob should be -A / B for each sample")
     _ok("gradient: d loss / d log_prob = -A / B, none into A")
     print("match: True")
@@ -321,18 +436,64 @@ def check_sf_loss(fn: Callable) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _expected_clipped_loss(new, old, adv, eps: float) -> dict:
+    """The reference's loss and diagnostics, and the outputs of the usual mistakes."""
+    loss, info = ddpo_min.ddpo_is_loss(new, old, adv, eps)
+    log_ratio = new - old
+    rho = log_ratio.exp()
+    clipped = rho.clamp(1 - eps, 1 + eps)
+    return dict(loss=loss, info=info, loss_variants={
+        "you clipped the ratio but forgot the max: loss = mean(max(-A rho, -A clip(rho)))":
+            (-adv * clipped).mean(),
+        "max and min are swapped: "
+        "the loss keeps the larger (pessimistic) of -A rho and -A clip(rho)":
+            torch.minimum(-adv * rho, -adv * clipped).mean(),
+        "there is no clipping: "
+        "add the clipped branch -A clip(rho, 1-eps, 1+eps) and take the max":
+            (-adv * rho).mean(),
+        "sign of the loss is flipped": -loss,
+        "rho must be exp(log_prob - old_log_prob), not the log-ratio itself":
+            torch.maximum(-adv * log_ratio, -adv * log_ratio.clamp(1 - eps, 1 + eps)).mean(),
+        "the ratio is p_new / p_old = exp(log_prob - old_log_prob); yours is inverted":
+            torch.maximum(-adv / rho, -adv * (1 / rho).clamp(1 - eps, 1 + eps)).mean(),
+        "clip the ratio, not the advantages":
+            torch.maximum(-adv * rho, -adv.clamp(1 - eps, 1 + eps) * rho).mean(),
+    }, kl_variants={
+        "approx_kl is 0.5 * mean(log_ratio^2): you left out the 0.5": 2 * info["approx_kl"],
+        "approx_kl is 0.5 * mean(log_ratio^2), a mean of squares, not a square of the mean":
+            0.5 * log_ratio.mean() ** 2,
+        "approx_kl uses the log-ratio, 0.5 * mean((log p - log p_old)^2), not rho - 1":
+            0.5 * ((rho - 1) ** 2).mean(),
+        "mean(log_ratio) is not a KL estimate (it can be negative); "
+        "use 0.5 * mean(log_ratio^2)":
+            log_ratio.mean(),
+        "that is the k1 estimator mean(log p_old - log p) (Spinning Up's approx_kl): unbiased "
+        "for KL(old || new) in expectation but noisy and often negative on one batch; this loop "
+        "logs 0.5 * mean(log_ratio^2), always >= 0":
+            -log_ratio.mean(),
+    }, clipfrac_variants={
+        "clipfrac counts |rho - 1| > eps on both sides, not only rho > 1 + eps":
+            (rho > 1 + eps).double().mean(),
+        "clipfrac is a fraction of samples (a mean), not a count":
+            (rho - 1).abs().gt(eps).double().sum(),
+        "clipfrac is the share of samples OUTSIDE 1 ± eps":
+            (rho - 1).abs().le(eps).double().mean(),
+    })
+
+
 def check_clipped_loss(fn: Callable) -> None:
     """fn(log_prob, old_log_prob, advantages, clip_range) -> (loss, {"approx_kl", "clipfrac"}), like
     ddpo_min.ddpo_is_loss."""
     eps = 0.1
-    g = torch.Generator().manual_seed(0)
+    g = _gen(0)
     B = 64
     old = torch.randn(B, generator=g, dtype=torch.float64)
     # ratios in [0.74, 1.35]
     log_ratio = (torch.rand(B, generator=g, dtype=torch.float64) - 0.5) * 0.6
     new = old + log_ratio
     adv = torch.randn(B, generator=g, dtype=torch.float64)
-    ref_loss, ref_info = reference("ex3_loss", lambda: ddpo_min.ddpo_is_loss(new, old, adv, eps))
+    exp = reference("ex3_loss", lambda: _expected_clipped_loss(new, old, adv, eps))
+    ref_loss, ref_info = exp["loss"], exp["info"]
 
     lp, lp_old, a = new.clone().requires_grad_(True), old.clone().requires_grad_(True), adv.clone()
     got = _call(fn, lp, lp_old, a, eps)
@@ -341,26 +502,8 @@ def check_clipped_loss(fn: Callable) -> None:
     loss, info = got
     if loss.shape != ():
         _fail("the loss must be a scalar: the mean over the batch")
-    rho = log_ratio.exp()
-    clipped = rho.clamp(1 - eps, 1 + eps)
     if not _close(loss, ref_loss):
-        _diagnose(loss, {
-            "you clipped the ratio but forgot the max: loss = mean(max(-A rho, -A clip(rho)))":
-                (-adv * clipped).mean(),
-            "max and min are swapped: "
-            "the loss keeps the larger (pessimistic) of -A rho and -A clip(rho)":
-                torch.minimum(-adv * rho, -adv * clipped).mean(),
-            "there is no clipping: "
-            "add the clipped branch -A clip(rho, 1-eps, 1+eps) and take the max":
-                (-adv * rho).mean(),
-            "sign of the loss is flipped": -ref_loss,
-            "rho must be exp(log_prob - old_log_prob), not the log-ratio itself":
-                torch.maximum(-adv * log_ratio, -adv * log_ratio.clamp(1 - eps, 1 + eps)).mean(),
-            "the ratio is p_new / p_old = exp(log_prob - old_log_prob); yours is inverted":
-                torch.maximum(-adv / rho, -adv * (1 / rho).clamp(1 - eps, 1 + eps)).mean(),
-            "clip the ratio, not the advantages":
-                torch.maximum(-adv * rho, -adv.clamp(1 - eps, 1 + eps) * rho).mean(),
-        }, "loss value")
+        _diagnose(loss, exp["loss_variants"], "loss value")
     _ok("loss value matches")
     loss.backward()
     if lp_old.grad is not None and lp_old.grad.abs().sum() > 0:
@@ -376,25 +519,9 @@ def check_clipped_loss(fn: Callable) -> None:
         if key not in info:
             _fail(f'info has no "{key}"')
     if not _close(info["approx_kl"], ref_info["approx_kl"]):
-        _diagnose(info["approx_kl"], {
-            "approx_kl is 0.5 * mean(log_ratio^2): you left out the 0.5": 2 * ref_info["approx_kl"],
-            "approx_kl is 0.5 * mean(log_ratio^2), a mean of squares, not a square of the mean":
-                0.5 * log_ratio.mean() ** 2,
-            "approx_kl uses the log-ratio, 0.5 * mean((log p - log p_old)^2), not rho - 1":
-                0.5 * ((rho - 1) ** 2).mean(),
-            "mean(log_ratio) is not a KL estimate (it can be negative); "
-            "use 0.5 * mean(log_ratio^2)":
-                log_ratio.mean(),
-        }, "approx_kl")
+        _diagnose(info["approx_kl"], exp["kl_variants"], "approx_kl")
     if not _close(info["clipfrac"], ref_info["clipfrac"]):
-        _diagnose(info["clipfrac"], {
-            "clipfrac counts |rho - 1| > eps on both sides, not only rho > 1 + eps":
-                (rho > 1 + eps).double().mean(),
-            "clipfrac is a fraction of samples (a mean), not a count":
-                (rho - 1).abs().gt(eps).double().sum(),
-            "clipfrac is the share of samples OUTSIDE 1 ± eps":
-                (rho - 1).abs().le(eps).double().mean(),
-        }, "clipfrac")
+        _diagnose(info["clipfrac"], exp["clipfrac_variants"], "clipfrac")
     for key in ("approx_kl", "clipfrac"):
         if torch.as_tensor(info[key]).requires_grad:
             _fail(f"{key} is a diagnostic: detach it (it should not be part of the graph)")
@@ -409,7 +536,7 @@ def check_clipped_loss(fn: Callable) -> None:
 
 def advantage_inputs() -> tuple[list[str], np.ndarray]:
     """Prompts with very different reward levels, one with identical rewards, one seen only once."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(_seed_offset)
     prompts, rewards = [], []
     for prompt, level, spread, n in (("a cat", -60.0, 5.0, 6), ("a dog", -20.0, 1.0, 5),
                                      ("a frog", -35.0, 0.0, 3), ("a whale", -5.0, 2.0, 1)):
@@ -426,11 +553,42 @@ def reference_batch_advantages(prompts, rewards) -> np.ndarray:
     return tracker.update(prompts, rewards)
 
 
+def _expected_advantages(prompts, r) -> dict:
+    """The reference's per-prompt advantages and the outputs of the usual mistakes."""
+    ref = reference_batch_advantages(prompts, r)
+    arr = np.asarray(prompts, dtype=object)
+
+    def per_prompt(f):
+        out = np.empty_like(r)
+        for p in dict.fromkeys(prompts):
+            idx = np.flatnonzero(arr == p)
+            out[idx] = f(r[idx])
+        return out
+
+    sorted_ref = np.concatenate([ref[np.flatnonzero(arr == p)] for p in dict.fromkeys(prompts)])
+    return dict(advantages=ref, variants={
+        "you normalised over the whole batch; group the rewards by prompt first":
+            (r - r.mean()) / (r.std() + 1e-6),
+        "you used the sample std (ddof=1); "
+        "the tracker uses the population std (np.std's default, ddof=0)":
+            per_prompt(lambda x: (x - x.mean()) / ((x.std(ddof=1) if len(x) > 1 else 0.0) + 1e-6)),
+        "you subtracted the per-prompt mean but did not divide by the per-prompt std":
+            per_prompt(lambda x: x - x.mean()),
+        "divide by the standard deviation, not the variance":
+            per_prompt(lambda x: (x - x.mean()) / (x.var() + 1e-6)),
+        "you divided by the std but did not subtract the mean first":
+            per_prompt(lambda x: x / (x.std() + 1e-6)),
+        "the advantages are grouped by prompt: return them in the order of the input rewards":
+            sorted_ref,
+    })
+
+
 def check_advantages(fn: Callable) -> None:
     """fn(prompts, rewards) -> (B,) advantages (r - mean_c) / (std_c + 1e-6), stats per prompt in
     the batch."""
     prompts, r = advantage_inputs()
-    ref = reference("ex4_advantages", lambda: reference_batch_advantages(prompts, r))
+    exp = reference("ex4_advantages", lambda: _expected_advantages(prompts, r))
+    ref = exp["advantages"]
     got = _call(fn, list(prompts), r.copy())
     got = np.asarray(got.detach().cpu() if isinstance(got, torch.Tensor) else got, dtype=np.float64)
     if got.shape != r.shape:
@@ -440,32 +598,7 @@ def check_advantages(fn: Callable) -> None:
               "'a frog' has identical rewards (std 0) and 'a whale' a single one; "
               "divide by (std + 1e-6)")
     if not np.allclose(got, ref, atol=1e-4):
-        arr = np.asarray(prompts, dtype=object)
-
-        def per_prompt(f):
-            out = np.empty_like(r)
-            for p in dict.fromkeys(prompts):
-                idx = np.flatnonzero(arr == p)
-                out[idx] = f(r[idx])
-            return out
-
-        sorted_ref = np.concatenate([ref[np.flatnonzero(arr == p)] for p in dict.fromkeys(prompts)])
-        _diagnose(got, {
-            "you normalised over the whole batch; group the rewards by prompt first":
-                (r - r.mean()) / (r.std() + 1e-6),
-            "you used the sample std (ddof=1); "
-            "the tracker uses the population std (np.std's default, ddof=0)":
-                per_prompt(lambda x: (x - x.mean())
-                           / ((x.std(ddof=1) if len(x) > 1 else 0.0) + 1e-6)),
-            "you subtracted the per-prompt mean but did not divide by the per-prompt std":
-                per_prompt(lambda x: x - x.mean()),
-            "divide by the standard deviation, not the variance":
-                per_prompt(lambda x: (x - x.mean()) / (x.var() + 1e-6)),
-            "you divided by the std but did not subtract the mean first":
-                per_prompt(lambda x: x / (x.std() + 1e-6)),
-            "the advantages are grouped by prompt: return them in the order of the input rewards":
-                sorted_ref,
-        }, "advantages", tol=1e-4)
+        _diagnose(got, exp["variants"], "advantages", tol=1e-4)
     _ok("per-prompt advantages match (incl. a constant-reward prompt and a single-sample prompt)")
     print("match: True")
 
@@ -474,16 +607,16 @@ def check_clip_advantages(fn: Callable) -> None:
     """fn(advantages, max_abs) -> advantages clipped to [-max_abs, max_abs], like
     ddpo_min.clip_advantages."""
     a = np.array([-9.0, -5.0, -4.9, -0.5, 0.0, 0.7, 4.99, 5.0, 12.0])
-    ref = reference("ex4_clip", lambda: ddpo_min.clip_advantages(a, 5.0))
+    exp = reference("ex4_clip", lambda: dict(clipped=ddpo_min.clip_advantages(a, 5.0), variants={
+        "clip both sides: values below -max_abs become -max_abs too": np.minimum(a, 5.0),
+        "clip, do not rescale: values inside [-max_abs, max_abs] must not change":
+            a / np.abs(a).max() * 5.0,
+        "clipping keeps the sign: clip(A, -5, 5), not clip(|A|, 0, 5)": np.clip(np.abs(a), 0, 5.0),
+    }))
+    ref = exp["clipped"]
     got = np.asarray(_call(fn, a.copy(), 5.0), dtype=np.float64)
     if got.shape != a.shape or not np.allclose(got, ref):
-        _diagnose(got, {
-            "clip both sides: values below -max_abs become -max_abs too": np.minimum(a, 5.0),
-            "clip, do not rescale: values inside [-max_abs, max_abs] must not change":
-                a / np.abs(a).max() * 5.0,
-            "clipping keeps the sign: clip(A, -5, 5), not clip(|A|, 0, 5)":
-                np.clip(np.abs(a), 0, 5.0),
-        }, "clipped advantages")
+        _diagnose(got, exp["variants"], "clipped advantages")
     t = torch.tensor(a)
     got_t = _call(fn, t.clone(), 5.0)
     if not isinstance(got_t, torch.Tensor) or not _close(got_t, torch.as_tensor(ref)):

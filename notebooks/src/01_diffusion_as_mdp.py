@@ -4,15 +4,16 @@
 # # 1. Denoising as a decision process
 #
 # DDPO starts from a change of viewpoint. A diffusion model is usually *trained* as a likelihood model
-# (Eq. 1 below) and *used* by running a chain of Gaussian denoising steps (Eq. 2). Reinforcement learning
+# and *used* by running a chain of Gaussian denoising steps (the paper's Eq. 2). Reinforcement learning
 # needs something else: states, actions, a policy whose probabilities we can evaluate, and a reward.
 # This notebook shows that the sampling chain already is such a decision process, and that the reward of
 # the whole chain is simply the reward of the final image.
 #
-# Plan: (1) the training objective, Eq. 1, checked against `ddpo_min.diffusion_mse_loss`;
-# (2) the reverse process, Eq. 2, and a real trajectory of the tiny model, decoded at several steps;
-# (3) the two MDPs of the paper (RWR's one-step MDP and DDPO's multi-step MDP), and the multi-step MDP
-# rebuilt step by step with diffusers: it reproduces the sampler's chain, and its return equals $r(x_0, c)$.
+# Plan: (1) the reverse process, Eq. 2, and a real trajectory of the tiny model, each state $x_t$ beside
+# the model's current guess $\hat x_0$ of the final image; (2) the two MDPs of the paper (RWR's one-step
+# MDP and DDPO's multi-step MDP), and the multi-step MDP rebuilt step by step with diffusers: it
+# reproduces the sampler's chain, and its return equals $r(x_0, c)$. The training objective (the paper's
+# Eq. 1), which DDPO never uses, comes in notebook 5, where RWR needs it.
 
 # %%
 SCALE = "tiny"  # "tiny": the repo's 32x32 emoji model, CPU, offline, ~30 s.
@@ -26,14 +27,12 @@ SCALE = nbutils.use_scale(SCALE)  # DDPO_SCALE in the environment wins
 import matplotlib.pyplot as plt
 import torch
 
-import ddpo_min
 import rewards
 import sampler
 
 torch.manual_seed(0)
 if SCALE == "tiny":
     import tiny
-    from tools import tiny_data
 
     model = tiny.load_tiny()  # the shipped weights, assets/tiny_unet.safetensors
     PROMPTS = ["a cat", "a frog", "a whale", "a bee"]
@@ -47,116 +46,7 @@ device = next(unet.parameters()).device
 print(model.name, "latent (C, H, W) =", model.latent_shape, "| scheduler:", scheduler.config.prediction_type)
 
 # %% [markdown]
-# ## 1.1 The training objective (Eq. 1)
-#
-# The forward process adds Gaussian noise step by step. With $\alpha_t = 1-\beta_t$ and
-# $\bar\alpha_t = \prod_{s\le t}\alpha_s$ it can be sampled in one shot:
-#
-# $$q(x_t \mid x_0) = \mathcal N\!\big(\sqrt{\bar\alpha_t}\,x_0,\ (1-\bar\alpha_t) I\big),\qquad
-#   x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon .$$
-#
-# Going back one step *given* $x_0$ is again Gaussian, with a mean that mixes $x_0$ and $x_t$:
-#
-# $$q(x_{t-1}\mid x_t, x_0) = \mathcal N(\tilde\mu(x_t,x_0), \tilde\beta_t I),\qquad
-#   \tilde\mu(x_t, x_0) = \underbrace{\frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1-\bar\alpha_t}}_{a_t}\,x_0
-#   + \underbrace{\frac{\sqrt{\alpha_t}\,(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}}_{b_t}\,x_t .$$
-#
-# The model learns a mean predictor $\mu_\theta(x_t, t, c)$ for this posterior, which is the paper's Eq. 1 (arXiv 2305.13301, Sec. 3.1):
-#
-# $$\mathcal L_{\text{DDPM}}(\theta) = \mathbb E\big[\,\|\tilde\mu(x_t, x_0) - \mu_\theta(x_t, t, c)\|^2\,\big]
-#   \tag{1}$$
-#
-# Nobody predicts $\mu_\theta$ directly. The network predicts something from which $\hat x_0$ follows, and
-# $\mu_\theta = a_t \hat x_0 + b_t x_t$ (same $a_t, b_t$). The tiny model predicts
-# $v = \sqrt{\bar\alpha_t}\,\varepsilon - \sqrt{1-\bar\alpha_t}\,x_0$, so that
-# $x_0 = \sqrt{\bar\alpha_t}\,x_t - \sqrt{1-\bar\alpha_t}\,v$ exactly and
-# $\hat x_0 = \sqrt{\bar\alpha_t}\,x_t - \sqrt{1-\bar\alpha_t}\,v_\theta$. The $x_t$ terms cancel:
-#
-# $$\tilde\mu - \mu_\theta = a_t (x_0 - \hat x_0) = a_t\sqrt{1-\bar\alpha_t}\,(v_\theta - v)
-#   \quad\Longrightarrow\quad
-#   \|\tilde\mu - \mu_\theta\|^2 = a_t^2 (1-\bar\alpha_t)\;\|v_\theta - v\|^2 .$$
-#
-# (SD v1.4 predicts $\varepsilon$ instead: then $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon_\theta)/\sqrt{\bar\alpha_t}$
-# and the weight is $a_t^2 (1-\bar\alpha_t)/\bar\alpha_t$ on $\|\varepsilon_\theta - \varepsilon\|^2$; the cell below
-# handles both.)
-#
-# So Eq. 1 at a fixed $t$ is the "simple" regression loss on $v$ that `ddpo_min.diffusion_mse_loss`
-# computes (and that pretrained the tiny model), times a weight that depends only on $t$.
-#
-# Neither Eq. 1 nor the "simple" loss is the likelihood. The variational bound on $-\log p_\theta(x_0\mid c)$
-# has one term per step, $L_{t-1} = \|\tilde\mu - \mu_\theta\|^2/(2\tilde\beta_t)$ when the model's variance is fixed
-# to the posterior's (notebook 5, §5.3). Eq. 1 already drops the factor $1/(2\tilde\beta_t)$, and the simple loss
-# drops $a_t^2(1-\bar\alpha_t)$ as well: both are *reweighted* bounds, with different weights over $t$. Notebook 5
-# comes back to this, because it is one of the two reasons RWR is approximate.
-#
-# **Checks.** First, the coefficients $a_t, b_t$ and $\tilde\beta_t$ written above against diffusers'
-# `DDPMScheduler`, which computes the same posterior independently. Then take a real image $x_0$ (a fresh
-# render of the cat emoji), noise it at three timesteps, compute $\frac{1}{CHW}\|\tilde\mu - \mu_\theta\|^2$
-# from the scheduler's $\beta_t, \bar\alpha_t$ and the network's prediction, and compare it with
-# $a_t^2(1-\bar\alpha_t)\times$`diffusion_mse_loss`. (The second check alone could not catch wrong $a_t, b_t$:
-# $b_t x_t$ cancels in $\tilde\mu - \mu_\theta$ and $a_t$ appears on both sides.)
-
-# %%
-if SCALE == "tiny":
-    x0 = tiny.to_model_space(tiny_data.render_prompt_images(["a cat"], seed=1)).to(device)  # (1, 3, 32, 32)
-else:
-    x0 = torch.randn(1, *model.latent_shape, device=device)  # stand-in latent (paper scale: encode an image)
-c = model.encode_prompts(["a cat"])  # (1, L, D)
-betas, alphas = scheduler.betas.double(), scheduler.alphas.double()
-abar = scheduler.alphas_cumprod.double()
-
-posterior_ok = []
-for t_int in (100, 500, 900):  # a_t, b_t, beta-tilde_t by hand vs DDPMScheduler's posterior
-    x_t = scheduler.add_noise(x0, torch.randn_like(x0), torch.tensor([t_int], device=device))
-    a_t = abar[t_int - 1].sqrt() * betas[t_int] / (1 - abar[t_int])
-    b_t = alphas[t_int].sqrt() * (1 - abar[t_int - 1]) / (1 - abar[t_int])
-    beta_tilde_t = (1 - abar[t_int - 1]) / (1 - abar[t_int]) * betas[t_int]
-    mean_ref, var_ref = nbutils.ddpm_posterior(scheduler, t_int, x0, x_t)
-    mean_ours = (a_t * x0.double() + b_t * x_t.double()).cpu()
-    # diffusers works in float32: agreement to ~5e-7 (means) and ~3e-5 relative (variance); a 1% error
-    # in a_t moves the mean by ~3e-5
-    posterior_ok.append(torch.allclose(mean_ours, mean_ref, atol=2e-6)
-                        and abs(beta_tilde_t.item() - var_ref.item()) <= 1e-4 * var_ref.item())
-    print(f"t={t_int:4d}  a_t {a_t.item():.5f}  b_t {b_t.item():.5f}  beta-tilde {beta_tilde_t.item():.3e} "
-          f"(diffusers {var_ref.item():.3e})")
-nbutils.check(all(posterior_ok), "a_t, b_t and beta-tilde_t == diffusers' DDPMScheduler posterior at t = 100, 500, 900")
-
-rows = []
-for t_int in (100, 500, 900):
-    t = torch.tensor([t_int], device=device)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t_int)).to(device)  # eps
-    with torch.no_grad():
-        # the project's Eq. 1 in practice: mean over C,H,W of (v_theta - v)^2 (one sample, so no batch mean)
-        simple = ddpo_min.diffusion_mse_loss(unet, scheduler, x0, c, t, noise).double()
-        # Eq. 1 written out with the posterior means
-        x_t = scheduler.add_noise(x0, noise, t).double()  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-        out = unet(x_t.float(), t, encoder_hidden_states=c).sample.double()  # v_theta (eps_theta for SD)
-    a_t = abar[t_int - 1].sqrt() * betas[t_int] / (1 - abar[t_int])  # weight of x0 in mu-tilde
-    b_t = alphas[t_int].sqrt() * (1 - abar[t_int - 1]) / (1 - abar[t_int])  # weight of x_t in mu-tilde
-    if scheduler.config.prediction_type == "v_prediction":
-        x0_hat = abar[t_int].sqrt() * x_t - (1 - abar[t_int]).sqrt() * out
-        weight = a_t**2 * (1 - abar[t_int])
-    else:  # epsilon
-        x0_hat = (x_t - (1 - abar[t_int]).sqrt() * out) / abar[t_int].sqrt()
-        weight = a_t**2 * (1 - abar[t_int]) / abar[t_int]
-    mu_tilde = a_t * x0.double() + b_t * x_t  # posterior mean
-    mu_theta = a_t * x0_hat + b_t * x_t  # model mean
-    eq1 = ((mu_tilde - mu_theta) ** 2).mean()
-    rows.append((t_int, eq1.item(), weight.item(), simple.item(), (weight * simple).item()))
-    print(f"t={t_int:4d}  Eq.1 = {eq1.item():.4e}   weight = {weight.item():.3e}   "
-          f"diffusion_mse_loss = {simple.item():.4f}   product = {(weight * simple).item():.4e}")
-
-nbutils.check(all(abs(e - p) <= 1e-5 * abs(e) + 1e-12 for _, e, _, _, p in rows),
-              "Eq. 1 == weight_t * diffusion_mse_loss at t = 100, 500, 900")
-
-# %% [markdown]
-# The code of the derivation above, as it runs in the repository:
-
-# %%
-nbutils.show_source(ddpo_min.diffusion_mse_loss)
-
-# %% [markdown]
-# ## 1.2 The reverse process (Eq. 2): sampling is a chain of Gaussians
+# ## 1.1 The reverse process (Eq. 2): sampling is a chain of Gaussians
 #
 # Sampling starts from $x_T \sim \mathcal N(0, I)$ and applies $T$ steps of
 #
@@ -218,7 +108,7 @@ plt.show()
 # last handful of steps mostly sharpen detail. Every arrow in this picture is one draw from a Gaussian
 # whose density we can evaluate, which is what a policy gradient needs.
 #
-# ## 1.3 Two ways to see the sampler as an MDP
+# ## 1.2 Two ways to see the sampler as an MDP
 #
 # An MDP is $(\mathcal S, \mathcal A, \rho_0, P, R)$ and an agent following $\pi(a\mid s)$ maximises
 # $\mathcal J_{\text{RL}}(\pi) = \mathbb E_\tau\big[\sum_t R(s_t, a_t)\big]$. The goal of the paper is
@@ -238,15 +128,15 @@ plt.show()
 # | horizon | 1 | $T$ denoising steps |
 #
 # The difference that matters: in the one-step MDP the policy's density is $p_\theta(x_0\mid c)$, the
-# marginal of the whole chain, which nobody can compute; RWR falls back on the diffusion loss, a bound
-# on it. In the multi-step MDP every action's density is an isotropic Gaussian, computed exactly and
+# marginal of the whole chain, which nobody can compute; RWR falls back on the diffusion loss, a
+# reweighted version of the bound on it (notebook 5 §5.3). In the multi-step MDP every action's density is an isotropic Gaussian, computed exactly and
 # cheaply (`sampler.ddim_step_with_logprob`). The transition just copies the action into the next state,
 # so all randomness lives in the policy, and only the last step is rewarded.
 #
 # **Check.** Rebuild the MDP's trajectory $\tau = (s_0, a_0, \dots, s_{T-1}, a_{T-1})$ without the
 # sampler: $\rho_0$ gives $x_T$, each action $a_k$ is drawn from the state $s_k$ by diffusers'
 # `DDIMScheduler.step` (on the guided model output, with the step's noise $z$ regenerated from the seed
-# of §1.2), and $P$ copies the action into the next state. If `sample_with_logprob` is the policy it claims
+# of §1.1), and $P$ copies the action into the next state. If `sample_with_logprob` is the policy it claims
 # to be, this chain reproduces its recorded latents. Then give rewards as the table says, on freshly
 # decoded images of the MDP's own actions, and compare the return $\sum_k R(s_k, a_k)$ with $r(x_0, c)$
 # of the sampler's $x_0$. The reward here is the paper's JPEG compressibility,
@@ -257,7 +147,7 @@ images = model.decode(traj.x0)  # (B, 3, H, W) in [0, 1]: the sampler's x_0, dec
 r_final, _ = rewards.jpeg_compressibility(images, PROMPTS)  # r(x_0, c), (B,)
 
 # The MDP, rebuilt with diffusers. The sampler drew x_T and then one z per step from one generator.
-g_mdp = torch.Generator().manual_seed(0)  # the seed of 1.2
+g_mdp = torch.Generator().manual_seed(0)  # the seed of 1.1
 shape = (B, *model.latent_shape)
 x = torch.randn(shape, generator=g_mdp).to(device) * scheduler.init_noise_sigma  # x_T ~ rho_0
 states, actions = [], []  # MDP step k: s_k = (c, t_k, x_{t_k}), a_k = x_{t_k - 1}; t counts down

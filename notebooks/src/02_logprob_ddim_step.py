@@ -210,8 +210,8 @@ for name, lr in (("averaged", log_ratio_avg), ("summed", log_ratio_sum)):
 # Same parameter change, same transitions. With averaging, a typical $|\log\rho|$ is $10^{-5}$ to
 # $10^{-4}$, the scale of $\epsilon = 10^{-4}$: the clip range catches the ratios that moved most (mostly
 # the late, low-noise steps) and leaves the rest alone. With summing, the same update moves the tiny
-# model's ratios by factors up to $e^{\pm\text{several}}$, and every single one would land outside a trust
-# region of $1 \pm 10^{-4}$.
+# model's ratios by factors of about $e^{\pm 0.2}$ typically and up to $e^{\pm 2}$ (the printed range), and
+# almost every one would land outside a trust region of $1 \pm 10^{-4}$.
 #
 # At Stable Diffusion's $D = 4\cdot 64\cdot 64 = 16384$ the gap widens: the sum's spread grows like
 # $\sqrt D$, the mean's shrinks like $1/\sqrt D$. Below, the measured per-transition spreads are scaled to

@@ -151,8 +151,9 @@ nbutils.show_source(ddpo_sf_loss)
 # advantage from it. DDPO has none. The reward $r(x_0, c)$ arrives only at the end and there is no
 # discount, so the return from every step of a trajectory is the same number $r(x_0, c)$, and every step
 # of a trajectory gets the same advantage $A_b$. The per-prompt mean reward $\bar r_c$ plays the role of
-# the value baseline: a Monte-Carlo estimate of $V(s_0) = \mathbb E[r(x_0, c)\mid c]$, used at every step
-# (it depends on $c$, not on the step's action, apart from the own-reward share above). A learned
+# the value baseline: a Monte-Carlo estimate of $\mathbb E[r(x_0, c)\mid c]$, the value of the prompt before
+# $x_T$ is drawn (once $x_T$ is drawn, $V(s_0) = \mathbb E[r\mid c, x_T]$ already depends on the noise), used at
+# every step (it depends on $c$, not on the step's action, apart from the own-reward share above). A learned
 # $V(s_t)$ could know more at later steps, where $x_t$ already fixes much of the image; DDPO does
 # without one.
 #

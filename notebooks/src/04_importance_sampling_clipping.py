@@ -283,7 +283,7 @@ per_step_clip = ((log_ratio.exp() - 1).abs() > 1e-4).double().reshape(B, T).mean
 plt.figure(figsize=(6, 2.6))
 plt.bar(range(T), per_step_clip.numpy())
 plt.xticks(range(0, T, 2))
-plt.xlabel("denoising step index j (t goes 999 → 19)")
+plt.xlabel(f"denoising step index j (t goes {int(traj.timesteps[0])} → {int(traj.timesteps[-1])})")
 plt.ylabel("clipfrac")
 plt.title("after one update: which steps left the trust region", fontsize=9)
 plt.tight_layout()

@@ -44,7 +44,7 @@ else:
 # %% [markdown]
 # ## 5.1 Two weightings
 #
-# RWR minimises the diffusion loss of notebook 1 on the model's own samples, each weighted by
+# RWR minimises the diffusion loss (§5.3 derives it from the paper's Eq. 1) on the model's own samples, each weighted by
 #
 # $$w_\text{RWR}(x_0, c) = \frac1Z\exp\big(\beta\, r(x_0,c)\big)
 #   \qquad\text{or}\qquad
@@ -154,13 +154,114 @@ nbutils.check(abs(mle_mean - exact_mean) < 0.01 and abs(mle_var - exact_var) < 0
 # ## 5.3 Second approximation: the diffusion loss is not $\log p_\theta(x_0\mid c)$
 #
 # The weighted maximum likelihood above needs $\log\pi_\theta(x_0\mid c)$, the marginal density of the whole
-# denoising chain, which is intractable. RWR for diffusion substitutes the training loss. That loss
-# comes from the variational bound
+# denoising chain, which is intractable. RWR for diffusion substitutes the training loss: the paper's Eq. 1
+# (Sec. 3.1), implemented as the "simple" loss. First what that loss is.
+#
+# The forward process adds Gaussian noise step by step. With $\alpha_t = 1-\beta_t$ and
+# $\bar\alpha_t = \prod_{s\le t}\alpha_s$ it can be sampled in one shot:
+#
+# $$q(x_t \mid x_0) = \mathcal N\!\big(\sqrt{\bar\alpha_t}\,x_0,\ (1-\bar\alpha_t) I\big),\qquad
+#   x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon .$$
+#
+# Going back one step *given* $x_0$ is again Gaussian, with a mean that mixes $x_0$ and $x_t$:
+#
+# $$q(x_{t-1}\mid x_t, x_0) = \mathcal N(\tilde\mu(x_t,x_0), \tilde\beta_t I),\qquad
+#   \tilde\mu(x_t, x_0) = \underbrace{\frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1-\bar\alpha_t}}_{a_t}\,x_0
+#   + \underbrace{\frac{\sqrt{\alpha_t}\,(1-\bar\alpha_{t-1})}{1-\bar\alpha_t}}_{b_t}\,x_t .$$
+#
+# The model learns a mean predictor $\mu_\theta(x_t, t, c)$ for this posterior, which is the paper's Eq. 1 (arXiv 2305.13301, Sec. 3.1):
+#
+# $$\mathcal L_{\text{DDPM}}(\theta) = \mathbb E\big[\,\|\tilde\mu(x_t, x_0) - \mu_\theta(x_t, t, c)\|^2\,\big]
+#   \tag{1}$$
+#
+# Nobody predicts $\mu_\theta$ directly. The network predicts something from which $\hat x_0$ follows, and
+# $\mu_\theta = a_t \hat x_0 + b_t x_t$ (same $a_t, b_t$). The tiny model predicts
+# $v = \sqrt{\bar\alpha_t}\,\varepsilon - \sqrt{1-\bar\alpha_t}\,x_0$, so that
+# $x_0 = \sqrt{\bar\alpha_t}\,x_t - \sqrt{1-\bar\alpha_t}\,v$ exactly and
+# $\hat x_0 = \sqrt{\bar\alpha_t}\,x_t - \sqrt{1-\bar\alpha_t}\,v_\theta$. The $x_t$ terms cancel:
+#
+# $$\tilde\mu - \mu_\theta = a_t (x_0 - \hat x_0) = a_t\sqrt{1-\bar\alpha_t}\,(v_\theta - v)
+#   \quad\Longrightarrow\quad
+#   \|\tilde\mu - \mu_\theta\|^2 = a_t^2 (1-\bar\alpha_t)\;\|v_\theta - v\|^2 .$$
+#
+# (SD v1.4 predicts $\varepsilon$ instead: then $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon_\theta)/\sqrt{\bar\alpha_t}$
+# and the weight is $a_t^2 (1-\bar\alpha_t)/\bar\alpha_t$ on $\|\varepsilon_\theta - \varepsilon\|^2$; the cell below
+# handles both.)
+#
+# So Eq. 1 at a fixed $t$ is the "simple" regression loss on $v$ that `ddpo_min.diffusion_mse_loss`
+# computes (and that pretrained the tiny model), times a weight that depends only on $t$.
+#
+# Neither Eq. 1 nor the "simple" loss is the likelihood: the bound below weighs each $t$ differently again.
+#
+# **Checks.** First, the coefficients $a_t, b_t$ and $\tilde\beta_t$ written above against diffusers'
+# `DDPMScheduler`, which computes the same posterior independently. Then take a real image $x_0$ (a fresh
+# render of the cat emoji), noise it at three timesteps, compute $\frac{1}{CHW}\|\tilde\mu - \mu_\theta\|^2$
+# from the scheduler's $\beta_t, \bar\alpha_t$ and the network's prediction, and compare it with
+# $a_t^2(1-\bar\alpha_t)\times$`diffusion_mse_loss`. (The second check alone could not catch wrong $a_t, b_t$:
+# $b_t x_t$ cancels in $\tilde\mu - \mu_\theta$ and $a_t$ appears on both sides.)
+
+# %%
+unet, scheduler = model.unet, model.scheduler
+device = next(unet.parameters()).device
+if SCALE == "tiny":
+    x0 = tiny.to_model_space(tiny_data.render_prompt_images(["a cat"], seed=1)).to(device)  # (1, 3, 32, 32)
+else:
+    x0 = torch.randn(1, *model.latent_shape, device=device)  # stand-in latent (paper scale: encode an image)
+c = model.encode_prompts(["a cat"])  # (1, L, D)
+betas, alphas = scheduler.betas.double(), scheduler.alphas.double()
+abar = scheduler.alphas_cumprod.double()
+
+posterior_ok = []
+for t_int in (100, 500, 900):  # a_t, b_t, beta-tilde_t by hand vs DDPMScheduler's posterior
+    x_t = scheduler.add_noise(x0, torch.randn_like(x0), torch.tensor([t_int], device=device))
+    a_t = abar[t_int - 1].sqrt() * betas[t_int] / (1 - abar[t_int])
+    b_t = alphas[t_int].sqrt() * (1 - abar[t_int - 1]) / (1 - abar[t_int])
+    beta_tilde_t = (1 - abar[t_int - 1]) / (1 - abar[t_int]) * betas[t_int]
+    mean_ref, var_ref = nbutils.ddpm_posterior(scheduler, t_int, x0, x_t)
+    mean_ours = (a_t * x0.double() + b_t * x_t.double()).cpu()
+    # diffusers works in float32: agreement to ~5e-7 (means) and ~3e-5 relative (variance); a 1% error
+    # in a_t moves the mean by ~3e-5
+    posterior_ok.append(torch.allclose(mean_ours, mean_ref, atol=2e-6)
+                        and abs(beta_tilde_t.item() - var_ref.item()) <= 1e-4 * var_ref.item())
+    print(f"t={t_int:4d}  a_t {a_t.item():.5f}  b_t {b_t.item():.5f}  beta-tilde {beta_tilde_t.item():.3e} "
+          f"(diffusers {var_ref.item():.3e})")
+nbutils.check(all(posterior_ok), "a_t, b_t and beta-tilde_t == diffusers' DDPMScheduler posterior at t = 100, 500, 900")
+
+rows = []
+for t_int in (100, 500, 900):
+    t = torch.tensor([t_int], device=device)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(t_int)).to(device)  # eps
+    with torch.no_grad():
+        # the project's Eq. 1 in practice: mean over C,H,W of (v_theta - v)^2 (one sample, so no batch mean)
+        simple = ddpo_min.diffusion_mse_loss(unet, scheduler, x0, c, t, noise).double()
+        # Eq. 1 written out with the posterior means
+        x_t = scheduler.add_noise(x0, noise, t).double()  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+        out = unet(x_t.float(), t, encoder_hidden_states=c).sample.double()  # v_theta (eps_theta for SD)
+    a_t = abar[t_int - 1].sqrt() * betas[t_int] / (1 - abar[t_int])  # weight of x0 in mu-tilde
+    b_t = alphas[t_int].sqrt() * (1 - abar[t_int - 1]) / (1 - abar[t_int])  # weight of x_t in mu-tilde
+    if scheduler.config.prediction_type == "v_prediction":
+        x0_hat = abar[t_int].sqrt() * x_t - (1 - abar[t_int]).sqrt() * out
+        weight = a_t**2 * (1 - abar[t_int])
+    else:  # epsilon
+        x0_hat = (x_t - (1 - abar[t_int]).sqrt() * out) / abar[t_int].sqrt()
+        weight = a_t**2 * (1 - abar[t_int]) / abar[t_int]
+    mu_tilde = a_t * x0.double() + b_t * x_t  # posterior mean
+    mu_theta = a_t * x0_hat + b_t * x_t  # model mean
+    eq1 = ((mu_tilde - mu_theta) ** 2).mean()
+    rows.append((t_int, eq1.item(), weight.item(), simple.item(), (weight * simple).item()))
+    print(f"t={t_int:4d}  Eq.1 = {eq1.item():.4e}   weight = {weight.item():.3e}   "
+          f"diffusion_mse_loss = {simple.item():.4f}   product = {(weight * simple).item():.4e}")
+
+nbutils.check(all(abs(e - p) <= 1e-5 * abs(e) + 1e-12 for _, e, _, _, p in rows),
+              "Eq. 1 == weight_t * diffusion_mse_loss at t = 100, 500, 900")
+
+# %% [markdown]
+# That loss comes from the variational bound
 #
 # $$-\log p_\theta(x_0\mid c) \le \mathbb E_q\Big[\sum_{t>1}\underbrace{\mathrm{KL}\big(q(x_{t-1}\mid x_t,x_0)\,\|\,p_\theta(x_{t-1}\mid x_t,c)\big)}_{L_{t-1}}\Big] + \dots$$
 #
 # in which each term, with the model's variance fixed to the posterior's $\tilde\beta_t$, is a squared
-# error of means: $L_{t-1} = \|\tilde\mu - \mu_\theta\|^2/(2\tilde\beta_t)$. By notebook 1, that is
+# error of means: $L_{t-1} = \|\tilde\mu - \mu_\theta\|^2/(2\tilde\beta_t)$. By the derivation above, that is
 # $\lambda_t\,\|v_\theta - v\|^2$ with $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\tilde\beta_t)$ (for an $\varepsilon$-predicting
 # model such as SD: $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\bar\alpha_t\tilde\beta_t)$ on $\|\varepsilon_\theta - \varepsilon\|^2$). The practical loss
 # (`diffusion_mse_loss`, Eq. 1 as everyone implements it) sets $\lambda_t = 1$ for all $t$: a *reweighted*

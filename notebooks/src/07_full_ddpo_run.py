@@ -10,7 +10,7 @@
 # | 1. sample | roll out $x_T\to x_0$ with CFG, record every $x_t$ and $\log p_{\theta_\text{old}}(x_{t-1}\mid x_t,c)$ | `sampler.sample_with_logprob` (nb. 1-2) |
 # | 2. reward | $r(x_0,c)$ for each image; on a GPU on a worker thread while the next batch samples, on a CPU inline | `rewards.make_reward` (nb. 6) |
 # | 3. advantages | $A = (r - \bar r_c)/(\text{std}_c + 10^{-6})$ per prompt, clipped to $\pm5$ | `PerPromptStatTracker`, `clip_advantages` (nb. 3) |
-# | 4. train | shuffle samples and, per sample, timesteps; per minibatch, rescore every transition and accumulate the gradient of the clipped surrogate over all timesteps; clip the grad norm; one AdamW step | `recompute_log_prob`, `ddpo_is_loss` (nb. 4) |
+# | 4. train | shuffle samples and, per sample, its stochastic timesteps, keeping a fraction of them (`timestep_fraction`: 1 at paper scale, 0.5 at tiny scale); per minibatch, rescore those transitions and accumulate the gradient of the clipped surrogate over them; clip the grad norm; one AdamW step | `recompute_log_prob`, `ddpo_is_loss` (nb. 4) |
 #
 # and logs `reward/mean`, `reward/std`, `loss/policy`, `loss/approx_kl`, `loss/clipfrac`, `kl/pretrained`
 # (how far the policy is from the pretrained one, a diagnostic: 7.6) and timings to `metrics.jsonl`, plus an
@@ -166,7 +166,9 @@ else:  # the loop's own grids (fresh prompts and noise each epoch)
 # The paper reports that, trained long enough, every reward is exploited: compressibility removes
 # backgrounds and blurs, incompressibility dissolves into high-frequency noise, and the alignment reward
 # is fooled by typographic attacks. Nothing in the objective says "stay a picture of a cat"; the only
-# brakes are the trust region (per update) and early stopping (by eye).
+# brakes are the trust region (per update) and stopping early. The paper names over-optimisation an open
+# problem with no general-purpose remedy (Sec. 6.4); its runs were stopped by looking at the samples, a
+# limitation its OpenReview reviewers point out.
 #
 # Where compressibility leads can be read off the reward itself, without training. Take a sample and
 # remove its content step by step: blur it, then flatten it to its mean colour. Every step *raises* the
@@ -221,8 +223,8 @@ for reward in ("compressibility", "incompressibility"):
 # Read the two rows against 7.4. The reward went where it was asked to go, and the animals went with it:
 # compressibility buys its kilobytes by removing what makes the image a particular animal (detail, edges,
 # colour), incompressibility by adding texture no animal has. Nothing in the objective says "stay a picture
-# of a cat". The paper's cure is to stop early, by eye; a KL penalty towards the pretrained model is the
-# other common choice, and it is not part of DDPO.
+# of a cat". The paper stops its runs early, by looking at the samples (Sec. 6.4 leaves the problem
+# open); a KL penalty towards the pretrained model is the other common choice, and it is not part of DDPO.
 #
 # With `LONG_RUN` set to a run folder of your own, the cell below shows its saved grids from the first to
 # the last epoch and its reward curve.

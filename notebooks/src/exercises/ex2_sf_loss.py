@@ -43,3 +43,7 @@ checks.check_sf_loss(my_sf_loss)
 # down as training goes well (the advantages are re-normalised every epoch). Only its gradient at the
 # current parameters matters. Why is it wrong to use it for more than one optimizer step on the same batch?
 # (Exercise 3 and notebook 4.)
+
+# %% [markdown]
+# **Then copy `my_sf_loss` into `my_ddpo.py`** (beside this notebook), unchanged: exercises 5 and 6 train with it
+# from there, and that file is what you submit.

@@ -47,3 +47,7 @@ checks.check_clipped_loss(my_clipped_loss)
 # **Think about it.** For a sample with $A > 0$ whose ratio has dropped to $\rho < 1-\epsilon$ (the update
 # made it *less* likely), does your loss still push it up? And for $A > 0$, $\rho > 1+\epsilon$? Check your
 # answer against the table in notebook 4 §4.3.
+
+# %% [markdown]
+# **Then copy `my_clipped_loss` into `my_ddpo.py`** (beside this notebook), unchanged: exercises 5 and 6 train with it
+# from there, and that file is what you submit.

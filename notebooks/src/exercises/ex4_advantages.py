@@ -60,3 +60,7 @@ checks.check_clip_advantages(my_clip_advantages)
 # **Think about it.** In the check's data, 'a frog' got the same reward three times. What advantage does
 # each of those samples get, and what does that mean for the gradient? Why might that be the right thing
 # when a prompt's samples are all equally good?
+
+# %% [markdown]
+# **Then copy `my_advantages` and `my_clip_advantages` into `my_ddpo.py`** (beside this notebook), unchanged: exercises 5 and 6 train with it
+# from there, and that file is what you submit.

@@ -8,7 +8,8 @@
 # beside a correct run from the same seed, and prints the metrics of both. The problem states the symptom
 # you should see; your task is to **explain it**: why does this mistake produce this symptom, and what would
 # happen in a long run? Write two or three sentences per problem, with numbers from the output. (The
-# derivations you need are in notebooks 2-4; `notebooks/course/ANSWERS.md` has the instructor's answers.)
+# derivations you need are in notebooks 2-4.) In the student release the loop runs your functions from
+# `my_ddpo.py`, so do exercises 1-4 first.
 #
 # Every run below: the shipped tiny model, compressibility, 16 samples (4 prompts x 4) of 10 DDIM steps,
 # 2 optimizer steps (so the second minibatch sees an updated $\theta$), about 10 seconds each on 2 cores.
@@ -59,7 +60,7 @@ baseline = run("correct loop")
 # ## Problem 1: summed log-probabilities
 #
 # The loop averages each step's log-density over the $D = C\cdot H\cdot W$ latent dimensions (3072 here).
-# Below, `gaussian_log_prob` sums instead, as the textbook density would.
+# Below, the step's log-probability is multiplied by $D$: summed instead, as the textbook density would be.
 #
 # **Symptom:** `approx_kl` grows by orders of magnitude, and `clipfrac` is about 1 on the second minibatch
 # (the epoch's average is near one half: the first minibatch, at $\theta_\text{old}$, has ratios of 1).
@@ -67,8 +68,15 @@ baseline = run("correct loop")
 
 # %%
 D = 3 * 32 * 32
-averaged = sampler.gaussian_log_prob
-with mock.patch.object(sampler, "gaussian_log_prob", lambda *a: averaged(*a) * D):
+averaged_step = sampler.ddim_step_with_logprob
+
+
+def summed_step(*args, **kwargs):
+    x_prev, log_prob = averaged_step(*args, **kwargs)
+    return x_prev, log_prob * D
+
+
+with mock.patch.object(sampler, "ddim_step_with_logprob", summed_step):
     summed = run("summed log-probs")
 nbutils.check(summed["loss/approx_kl"] > 1000 * baseline["loss/approx_kl"] and summed["loss/clipfrac"] > 0.4,
               "summed log-probs: approx_kl up by > 1000x, clipfrac near one half over the epoch")
@@ -146,9 +154,11 @@ nbutils.check(on_policy["loss/approx_kl"] < 1e-9 and unguided["loss/approx_kl"] 
 # ($\sigma_t = 0$) and the loop leaves it out of training. Below it is `False` (Stable Diffusion's setting):
 # the last step keeps a tiny $\sigma_t$ and is trained like the others.
 #
-# **Symptom:** `approx_kl` (and with it `clipfrac`) jumps after the first update, far above the correct
-# run's. Print $\sigma_t$ of the last step in pixel units and explain the jump. Why is this a problem for
-# the gradient, not only for the diagnostic?
+# **Symptom:** `approx_kl` jumps after the first update, by orders of magnitude above the correct run's,
+# while `clipfrac` stays where it was. Print $\sigma_t$ of the last step in pixel units and explain the
+# jump. Why does `clipfrac` not show it (what does it count, and what share of the second minibatch is
+# clipped in the correct run already)? Why is this a problem for the gradient, not only for the
+# diagnostic?
 
 # %%
 load_tiny = tiny.load_tiny
