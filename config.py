@@ -89,6 +89,9 @@ class Config:
     clip_range: float = _help("PPO clip range eps on the ratio (ddpo_is)", 1e-4, need="> 0")
     adv_clip_max: float = _help("advantages are clipped to [-this, this]", 5.0, need="> 0")
     per_prompt_stats: bool = _help("normalise rewards per prompt (else over the batch)", True)
+    reward_blind: bool = _help("a control for comparisons: train on N(0, 1) draws in place of the "
+                               "rewards, independent of the samples (the logged rewards stay the "
+                               "real ones)", False)
     stat_buffer: int = _help("per-prompt reward buffer length", 32, need=">= 1")
     stat_min_count: int = _help("rewards a prompt needs before its own stats are used", 16,
                                 need=">= 1")

@@ -284,6 +284,7 @@ class Samples:
     all_prompts: list[str]  # (S,) every process's prompts, in sample order
     all_rewards: np.ndarray  # (S,) every process's rewards, gathered
     all_advantages: np.ndarray | None = None  # (S,) set in phase 3
+    train_rewards: np.ndarray | None = None  # (S,) what phases 3-4 train on, set in phase 3
 
 
 def progress(run: Run, iterable, **kwargs):
@@ -293,7 +294,8 @@ def progress(run: Run, iterable, **kwargs):
 
 def sample_seed(cfg: Config, epoch: int, number: int, stream: int) -> int:
     """A seed for one sample's draws (stream 0: its prompt, 1: its noise), from its number; stream
-    2 with number c: the c-th permutation of the prompts that groups of samples draw from."""
+    2 with number c: the c-th permutation of the prompts that groups of samples draw from; stream
+    3: the epoch's draws of a reward-blind control."""
     return int(np.random.SeedSequence([cfg.seed, epoch, number, stream]).generate_state(1)[0])
 
 
@@ -387,10 +389,14 @@ def compute_advantages(run: Run, samples: Samples) -> torch.Tensor:
 
     Computed from every process's rewards, identically on each; returns this process's rows."""
     cfg = run.cfg
+    samples.train_rewards = samples.all_rewards  # (S,)
+    if cfg.reward_blind:  # a control (tools/compare.py): the same loop on draws that say nothing
+        rng = np.random.default_rng(sample_seed(cfg, run.state.epoch, 0, 3))
+        samples.train_rewards = rng.standard_normal(len(samples.all_rewards)).astype(np.float32)
     if cfg.per_prompt_stats:
-        adv = run.tracker.update(samples.all_prompts, samples.all_rewards)  # (S,)
+        adv = run.tracker.update(samples.all_prompts, samples.train_rewards)  # (S,)
     else:
-        r = samples.all_rewards.astype(np.float64)
+        r = samples.train_rewards.astype(np.float64)
         adv = ((r - r.mean()) / (r.std() + 1e-6)).astype(np.float32)
     samples.all_advantages = clip_advantages(adv, cfg.adv_clip_max)  # (S,)
     return torch.as_tensor(samples.all_advantages[samples.index.numpy()], device=run.device)
@@ -501,7 +507,7 @@ def rwr_minibatches(run: Run, samples: Samples, adv: torch.Tensor, select: Calla
     """RWR (Sec. 4.2): one diffusion loss per chunk of the selected samples, selected and weighted
     by the reward r, or by the advantage A (`rwr_signal`, the tiny default)."""
     cfg, total = run.cfg, len(samples.all_prompts)
-    signal = samples.all_rewards if cfg.rwr_signal == "reward" else samples.all_advantages
+    signal = samples.train_rewards if cfg.rwr_signal == "reward" else samples.all_advantages
     keep, weights = select(cfg, torch.as_tensor(signal))  # sample numbers, (S,)
     order = keep[torch.randperm(len(keep), generator=run.train_gen)]  # shuffled kept samples
     # each sample's diffusion timestep and noise ε, drawn for all S alike on every process

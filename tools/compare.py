@@ -1,4 +1,5 @@
-"""The paper's comparison at tiny scale: DDPO_IS vs DDPO_SF vs RWR vs sparse RWR (Sec. 6.1, Fig. 4).
+"""The paper's comparison at tiny scale: DDPO_IS vs DDPO_SF vs RWR vs sparse RWR (Sec. 6.1, Fig. 4),
+each measured against a control that sees no reward.
 
     python -m tools.bench compare                  # run (or continue) every run, then the report
     python -m tools.bench compare --max-minutes 60 # stop starting new chunks after an hour
@@ -7,25 +8,25 @@
 The protocol, the same for every algorithm:
 - the same sample budget: EPOCHS epochs of the tiny defaults' 64 samples, so every run makes the
   same number of reward queries (the x axis of the paper's Fig. 4);
-- its own learning rate: a sweep over LRS on compressibility, seed 0, picks each algorithm's rate
-  by its mean on-policy reward over the last 3 epochs; when the pick is the grid's largest or
-  smallest rate, the grid grows by one more factor of 4 on that side (at most MAX_EXTENSIONS times),
-  so that no algorithm is held back by the grid's edge; the picked rate then runs for every reward
-  and seed (the sweep's seed-0 run at the picked rate is reused);
-- SEEDS seeds per (reward, algorithm);
+- one grid of learning rates for every algorithm (GRID), every rate run with SEEDS seeds on both
+  rewards: no rate is picked on one seed, and any two algorithms can be compared at the same rate;
+- a control for every algorithm at every rate and seed: the same algorithm trained on N(0, 1)
+  draws in place of the rewards (`--reward-blind`), so that what it gains comes from fine-tuning on
+  its own samples, not from the reward. A reward-blind run does not depend on the reward, so one
+  run serves both rewards. RWR with every weight 1 (beta = 0), the earlier control, runs too;
+- each algorithm is reported at the rate with the largest mean gain *over its control* per reward
+  (3 seeds; the grid is in the report beside it, so a reader sees how much the pick matters);
 - training on 36 of the 45 animals; every EVAL_EVERY epochs the policy samples a fixed held-out
   noise set on three prompt sets: the trained animals, the 9 held-out animals and 32 everyday
-  emoji (objects, food, ...) never trained on. Each set is scored with the JPEG size and the tiny
-  captioner's top-1 ("is it still the animal?": over-optimisation, Sec. 6.4);
-- the KL to the pretrained policy, logged by the loop every epoch;
-- a control, after the main runs: RWR with uniform weights (beta = 0: plain fine-tuning on the
-  model's own samples, the reward unused) at RWR's picked rate, the same seeds and rewards. Whatever
-  it gains, RWR's gain owes to fine-tuning on its own samples, not to the reward.
+  emoji never trained on. Each is scored with the JPEG size and the tiny captioner's top-1 ("is it
+  still the animal?": over-optimisation, Sec. 6.4); every figure is also given over the control;
+- the KL to the pretrained policy, logged by the loop every epoch.
 
-Each run trains in chunks between evaluations and checkpoints every epoch, so the whole
-comparison can be stopped at any point and continued by running the command again. A finished
-run's figures go to assets/compare/runs/<name>.json (committed: the report needs only those);
-the report is assets/compare.json and assets/compare.png.
+Each run trains in chunks between evaluations and checkpoints every epoch, so the whole comparison
+can be stopped at any point and continued by running the command again; seed 0 of everything runs
+first, so a partial comparison is already a complete one-seed grid. A finished run's figures go to
+assets/compare/runs/<name>.json (committed: the report needs only those); the report is
+assets/compare.json and assets/compare.png.
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ REPORT = ROOT / "assets" / "compare.json"  # and compare.png beside it
 OVERRIDES: dict = {}  # config overrides for every run (the tests' toy size)
 
 ALGOS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
-CONTROL, CONTROL_OF = "rwr_uniform", "rwr"  # RWR with beta = 0 (every weight 1), at RWR's rate
+BLIND = "blind"  # a reward-blind twin: "<algo>/blind"
+UNIFORM = "rwr_uniform"  # RWR with beta = 0: every weight 1
 REWARDS = ("compressibility", "incompressibility")
-LRS = (5e-5, 2e-4, 8e-4)  # the sweep: the tiny default 2e-4, and 4x either side
-MAX_EXTENSIONS = 2  # extra rates, 4x beyond the edge, when the sweep picks an edge
-SWEEP_REWARD, SWEEP_SEED = "compressibility", 0
+SIGN = {"compressibility": -1, "incompressibility": +1}  # the direction the reward moves JPEG size
+GRID = (5e-5, 2e-4, 8e-4)  # the tiny default 2e-4, and 4x either side
 SEEDS = (0, 1, 2)
 EPOCHS, EVAL_EVERY = 12, 4  # 12 x 64 = 768 reward queries per run
 
@@ -70,8 +71,19 @@ EVAL_SETS = {  # name: (prompts, noise seeds per prompt)
 }
 
 
-def run_name(reward: str, algo: str, lr: float, seed: int) -> str:
+def control_of(algo: str) -> str:
+    return f"{algo}/{BLIND}"
+
+
+def run_name(reward: str | None, algo: str, lr: float, seed: int) -> str:
+    """The run's file name. A control does not depend on the reward: one name serves both."""
+    if is_control(algo):
+        return f"control-{algo.replace('/', '-')}-lr{lr:g}-seed{seed}"
     return f"{reward}-{algo}-lr{lr:g}-seed{seed}"
+
+
+def is_control(algo: str) -> bool:
+    return algo.endswith("/" + BLIND) or algo == UNIFORM
 
 
 @torch.no_grad()
@@ -89,14 +101,20 @@ def evaluate(model, cfg: config.Config) -> dict:
     return out
 
 
-def base_config(reward: str, algo: str, lr: float, seed: int) -> config.Config:
+def base_config(reward: str | None, algo: str, lr: float, seed: int) -> config.Config:
     RUNS.mkdir(parents=True, exist_ok=True)
     prompts = RUNS / "train_animals.txt"
     prompts.write_text("\n".join(TRAIN_ANIMALS) + "\n")
-    control = dict(algo=CONTROL_OF, rwr_beta=0.0) if algo == CONTROL else dict(algo=algo)
-    return config.Config.tiny(reward=reward, lr=lr, seed=seed, epochs=EPOCHS, prompts=str(prompts),
+    if algo == UNIFORM:
+        kind = dict(algo="rwr", rwr_beta=0.0)
+    elif is_control(algo):
+        kind = dict(algo=algo.split("/")[0], reward_blind=True)
+    else:
+        kind = dict(algo=algo)
+    return config.Config.tiny(reward=reward or REWARDS[0], lr=lr, seed=seed, epochs=EPOCHS,
+                              prompts=str(prompts),
                               output_dir=str(RUNS / run_name(reward, algo, lr, seed)),
-                              **control, **OVERRIDES)
+                              **kind, **OVERRIDES)
 
 
 def pretrained_scores(cfg: config.Config) -> dict:
@@ -136,8 +154,10 @@ def run_one(cfg: config.Config, deadline: float) -> bool:
     history = _checkpoint(folder)["history"]
     keep = ("reward/mean", "reward/std", "kl/pretrained", "loss/approx_kl", "loss/clipfrac",
             "grad_norm", "time/epoch")
-    result = dict(name=name, reward=cfg.reward, algo=cfg.algo, rwr_beta=cfg.rwr_beta, lr=cfg.lr,
-                  seed=cfg.seed, epochs=EPOCHS, samples_per_epoch=config.samples_per_epoch(cfg),
+    result = dict(name=name, reward=None if cfg.reward_blind or cfg.rwr_beta == 0 and
+                  cfg.algo == "rwr" else cfg.reward, algo=cfg.algo, reward_blind=cfg.reward_blind,
+                  rwr_beta=cfg.rwr_beta, lr=cfg.lr, seed=cfg.seed, epochs=EPOCHS,
+                  samples_per_epoch=config.samples_per_epoch(cfg),
                   wall_seconds=float(sum(h["time/epoch"] for h in history)),
                   history={k: [h.get(k) for h in history] for k in keep},
                   evals={int(k): v for k, v in evals.items()},
@@ -171,82 +191,130 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _final_reward(result: dict) -> float:
-    """The sweep's criterion: the mean on-policy reward of the last 3 epochs."""
-    return float(np.mean(result["history"]["reward/mean"][-3:]))
-
-
-def sweep_lrs(algo: str) -> list[float]:
-    """The rates `algo` is swept over: LRS, grown by a factor of 4 beyond an edge while the best
-    finished run sits on that edge (at most MAX_EXTENSIONS extra rates). Stops growing at the first
-    rate not yet run: the grid's next step depends on it."""
-    lrs = list(LRS)
-    while True:
-        runs = [_load(run_name(SWEEP_REWARD, algo, lr, SWEEP_SEED)) for lr in lrs]
-        if any(r is None for r in runs) or len(lrs) >= len(LRS) + MAX_EXTENSIONS:
-            return lrs
-        best = max(runs, key=_final_reward)["lr"]
-        if best == max(lrs):
-            lrs.append(float(f"{max(lrs) * 4:.3g}"))
-        elif best == min(lrs):
-            lrs.insert(0, float(f"{min(lrs) / 4:.3g}"))
-        else:
-            return lrs
-
-
-def picked_lr(algo: str) -> float | None:
-    """The sweep's pick for `algo`, once all its sweep runs are done."""
-    runs = [_load(run_name(SWEEP_REWARD, algo, lr, SWEEP_SEED)) for lr in sweep_lrs(algo)]
-    if any(r is None for r in runs):
-        return None
-    return max(runs, key=_final_reward)["lr"]
+def schedule() -> list[tuple[str | None, str, float, int]]:
+    """Every run, (reward or None, algo, lr, seed), seed-major: seed 0 of the whole grid first."""
+    runs = []
+    for seed in SEEDS:
+        for lr in GRID:
+            for algo in ALGOS:
+                runs.append((None, control_of(algo), lr, seed))
+                runs += [(reward, algo, lr, seed) for reward in REWARDS]
+            if "rwr" in ALGOS:
+                runs.append((None, UNIFORM, lr, seed))
+    return runs
 
 
 def compare(max_minutes: float = 0.0) -> None:
-    """Run (or continue) the sweep, then every (reward, seed, algorithm) at its picked rate."""
+    """Run (or continue) every run of the schedule, then the report."""
     deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
-    pretrained_scores(base_config(SWEEP_REWARD, ALGOS[0], LRS[0], 0))
-    for algo in ALGOS:  # the sweep, one rate at a time: an edge pick adds the next rate
-        while picked_lr(algo) is None:
-            todo = [lr for lr in sweep_lrs(algo)
-                    if _load(run_name(SWEEP_REWARD, algo, lr, SWEEP_SEED)) is None]
-            if not run_one(base_config(SWEEP_REWARD, algo, todo[0], SWEEP_SEED), deadline):
-                return report()
-    for reward in REWARDS:
-        for seed in SEEDS:
-            for algo in ALGOS:
-                if not run_one(base_config(reward, algo, picked_lr(algo), seed), deadline):
-                    return report()
-    for reward in REWARDS if CONTROL_OF in ALGOS else ():  # the control, after the comparison
-        for seed in SEEDS:
-            if not run_one(base_config(reward, CONTROL, picked_lr(CONTROL_OF), seed), deadline):
-                return report()
+    pretrained_scores(base_config(REWARDS[0], ALGOS[0], GRID[0], 0))
+    for reward, algo, lr, seed in schedule():
+        if not run_one(base_config(reward, algo, lr, seed), deadline):
+            break
     report()
+
+
+# ---- the report -------------------------------------------------------------------------------
+
+
+def _gain_curve(run: dict, eval_set: str, pretrained: dict, reward: str) -> list[float]:
+    """The held-out JPEG change toward `reward` at each checkpoint, in percent of the pretrained
+    model's size."""
+    base = pretrained[eval_set]["jpeg_kb"]
+    return [SIGN[reward] * 100 * (run["evals"][e][eval_set]["jpeg_kb"] / base - 1)
+            for e in sorted(run["evals"], key=int)]
+
+
+def _top1_curve(run: dict, eval_set: str) -> list[float]:
+    return [100 * run["evals"][e][eval_set]["caption_top1"] for e in sorted(run["evals"], key=int)]
+
+
+def _band(values: list[list[float]]) -> dict:
+    a = np.array(values, dtype=float)
+    return dict(mean=a.mean(0).tolist(), min=a.min(0).tolist(), max=a.max(0).tolist())
+
+
+def cell(reward: str, algo: str, lr: float, pretrained: dict) -> dict | None:
+    """One (reward, algorithm, rate): bands over the seeds whose run and control both finished,
+    of the held-out gain and top-1, over the pretrained model and over the control (the same
+    seed's control, so the difference pairs the same sampling noise)."""
+    pairs = []
+    for seed in SEEDS:
+        run, ctl = _load(run_name(reward, algo, lr, seed)), _load(run_name(
+            None, control_of(algo), lr, seed))
+        if run and ctl:
+            pairs.append((seed, run, ctl))
+    if not pairs:
+        return None
+    n = pairs[0][1]["samples_per_epoch"]
+    epochs = sorted(pairs[0][1]["evals"], key=int)
+    out = dict(seeds=[s for s, _, _ in pairs], lr=lr, eval_queries=[n * int(e) for e in epochs],
+               queries=[n * e for e in range(pairs[0][1]["epochs"])],
+               kl_queries=[n * (e + 1) for e in range(pairs[0][1]["epochs"])],
+               train_reward=_band([r["history"]["reward/mean"] for _, r, _ in pairs]),
+               kl_pretrained=_band([r["history"]["kl/pretrained"] for _, r, _ in pairs]),
+               control_kl_pretrained=_band([c["history"]["kl/pretrained"] for _, _, c in pairs]))
+    for name in EVAL_SETS:
+        gain = [_gain_curve(r, name, pretrained, reward) for _, r, _ in pairs]
+        ctl = [_gain_curve(c, name, pretrained, reward) for _, _, c in pairs]
+        out[f"{name}/gain"] = _band(gain)
+        out[f"{name}/control_gain"] = _band(ctl)
+        out[f"{name}/gain_over_control"] = _band([list(np.subtract(g, c))
+                                                  for g, c in zip(gain, ctl)])
+        top = [_top1_curve(r, name) for _, r, _ in pairs]
+        top_ctl = [_top1_curve(c, name) for _, _, c in pairs]
+        out[f"{name}/top1"] = _band(top)
+        out[f"{name}/top1_over_control"] = _band([list(np.subtract(t, c))
+                                                  for t, c in zip(top, top_ctl)])
+    return out
+
+
+def uniform_cell(reward: str, lr: float, pretrained: dict) -> dict | None:
+    runs = [r for seed in SEEDS if (r := _load(run_name(None, UNIFORM, lr, seed)))]
+    if not runs:
+        return None
+    return dict(seeds=[r["seed"] for r in runs], lr=lr, **{
+        f"{name}/gain": _band([_gain_curve(r, name, pretrained, reward) for r in runs])
+        for name in EVAL_SETS}, **{f"{name}/top1": _band([_top1_curve(r, name) for r in runs])
+                                   for name in EVAL_SETS})
+
+
+def best_lr(grid: dict) -> float | None:
+    """The rate with the largest mean final gain over the control on the trained animals, among
+    those finished with every seed."""
+    full = {lr: c for lr, c in grid.items() if c and len(c["seeds"]) == len(SEEDS)}
+    if not full:
+        return None
+    return max(full, key=lambda lr: full[lr]["trained/gain_over_control"]["mean"][-1])
 
 
 def report() -> dict:
     """assets/compare.json and assets/compare.png from the finished runs."""
     pretrained = json.loads((OUT / "pretrained.json").read_text())
     summary: dict = dict(
-        protocol=dict(epochs=EPOCHS, eval_every=EVAL_EVERY, lrs=LRS, max_extensions=MAX_EXTENSIONS,
-                      sweep=f"{SWEEP_REWARD}, seed {SWEEP_SEED}, criterion: mean on-policy "
-                            "reward of the last 3 epochs", seeds=SEEDS,
+        protocol=dict(epochs=EPOCHS, eval_every=EVAL_EVERY, grid=GRID, seeds=SEEDS,
+                      selection="per reward and algorithm, the rate with the largest mean final "
+                                "held-out gain over the control (trained animals), over all seeds",
+                      control="the same algorithm trained on N(0, 1) draws in place of the "
+                              "rewards (--reward-blind true); one run serves both rewards",
                       eval_sets={k: dict(prompts=len(p), per_prompt=n)
                                  for k, (p, n) in EVAL_SETS.items()},
                       held_out_animals=HELD_OUT_ANIMALS),
-        pretrained=pretrained, sweep={}, picked_lr={}, results={})
-    for algo in ALGOS:
-        runs = {lr: _load(run_name(SWEEP_REWARD, algo, lr, SWEEP_SEED)) for lr in sweep_lrs(algo)}
-        summary["sweep"][algo] = {f"{lr:g}": _final_reward(r) for lr, r in runs.items() if r}
-        summary["picked_lr"][algo] = picked_lr(algo)
+        pretrained=pretrained, grid={}, best_lr={}, results={}, uniform={})
     for reward in REWARDS:
-        for algo in (*ALGOS, CONTROL):
-            lr = summary["picked_lr"].get(CONTROL_OF if algo == CONTROL else algo)
-            runs = [r for seed in SEEDS if lr and (r := _load(run_name(reward, algo, lr, seed)))]
-            if runs:
-                summary["results"].setdefault(reward, {})[algo] = _aggregate(runs)
+        for algo in ALGOS:
+            grid = {lr: cell(reward, algo, lr, pretrained) for lr in GRID}
+            summary["grid"].setdefault(reward, {})[algo] = {f"{lr:g}": c for lr, c in grid.items()
+                                                             if c}
+            lr = best_lr(grid)
+            summary["best_lr"].setdefault(reward, {})[algo] = lr
+            if lr is not None:
+                summary["results"].setdefault(reward, {})[algo] = grid[lr]
+        summary["uniform"][reward] = {f"{lr:g}": c for lr in GRID
+                                      if (c := uniform_cell(reward, lr, pretrained))}
     finished = [json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))]
     summary["finished_runs"] = len(finished)
+    summary["planned_runs"] = len(schedule())
     summary["training_hours"] = sum(r["wall_seconds"] for r in finished) / 3600  # w/o evals
     REPORT.write_text(json.dumps(summary, indent=1))
     if summary["results"]:
@@ -255,33 +323,8 @@ def report() -> dict:
     return summary
 
 
-def _aggregate(runs: list[dict]) -> dict:
-    """Mean and min/max band over seeds of the curves and the held-out checkpoints."""
-    def band(values: list[list[float]]) -> dict:
-        a = np.array(values, dtype=float)
-        return dict(mean=a.mean(0).tolist(), min=a.min(0).tolist(), max=a.max(0).tolist())
-
-    n = runs[0]["samples_per_epoch"]
-    # epoch e's samples come from the policy after e updates, i.e. after n * e reward queries;
-    # its KL is measured after its own update, n * (e + 1)
-    out = dict(seeds=[r["seed"] for r in runs], lr=runs[0]["lr"],
-               queries=[n * e for e in range(runs[0]["epochs"])],
-               kl_queries=[n * (e + 1) for e in range(runs[0]["epochs"])],
-               wall_minutes=float(np.mean([r["wall_seconds"] for r in runs]) / 60),
-               train_reward=band([r["history"]["reward/mean"] for r in runs]),
-               kl_pretrained=band([r["history"]["kl/pretrained"] for r in runs]), evals={})
-    epochs = sorted(runs[0]["evals"], key=int)
-    out["eval_queries"] = [n * int(e) for e in epochs]
-    for name in EVAL_SETS:
-        for metric in ("jpeg_kb", "caption_top1"):
-            out["evals"][f"{name}/{metric}"] = band(
-                [[r["evals"][e][name][metric] for e in epochs] for r in runs])
-    return out
-
-
-COLOURS = {"ddpo_is": "C0", "ddpo_sf": "C1", "rwr": "C2", "rwr_sparse": "C3", CONTROL: "0.5"}
-LABELS = {"ddpo_is": "DDPO_IS", "ddpo_sf": "DDPO_SF", "rwr": "RWR", "rwr_sparse": "sparse RWR",
-          CONTROL: "control: RWR, uniform weights"}
+COLOURS = {"ddpo_is": "C0", "ddpo_sf": "C1", "rwr": "C2", "rwr_sparse": "C3"}
+LABELS = {"ddpo_is": "DDPO_IS", "ddpo_sf": "DDPO_SF", "rwr": "RWR", "rwr_sparse": "sparse RWR"}
 
 
 def _figure(summary: dict, path: Path) -> None:
@@ -290,91 +333,74 @@ def _figure(summary: dict, path: Path) -> None:
     rewards = list(summary["results"])
     fig = Figure(figsize=(16, 3.6 * len(rewards)), dpi=100)
     axes = fig.subplots(len(rewards), 4, squeeze=False)
-    pre = summary["pretrained"]
-    legend: dict = {}  # algo: (its line, lr, [(reward, seeds)]), one legend under the figure
+    handles = {}
     for row, reward in zip(axes, rewards):
-        sign = -1 if reward == "compressibility" else 1
         for algo, res in summary["results"][reward].items():
             c = COLOURS[algo]
-            line = _band(row[0], res["queries"], res["train_reward"], c)
-            legend.setdefault(algo, (line, res["lr"], []))[2].append((reward, len(res["seeds"])))
             xe = [0] + res["eval_queries"]
-            for name, style in (("trained", "-"), ("unseen_animals", "--"), ("objects", ":")):
-                gain = {k: [0.0] + v for k, v in _gain(res, name, pre, sign).items()}
-                _band(row[1], xe, gain, c, style)
-            top = res["evals"]["trained/caption_top1"]
-            top = {k: [100 * pre["trained"]["caption_top1"]] + [100 * v for v in top[k]]
-                   for k in top}
-            _band(row[2], xe, top, c)
-            _band(row[3], res["kl_queries"], res["kl_pretrained"], c)
-        row[0].set(title=f"{reward}: on-policy reward", xlabel="reward queries (samples)",
-                   ylabel="reward (JPEG kB, signed)")
-        row[1].set(title="held-out gain: trained -, unseen animals --, objects :",
-                   xlabel="reward queries", ylabel="JPEG change toward the reward (%)")
-        row[2].set(title="captioner top-1 on trained animals", xlabel="reward queries",
-                   ylabel="top-1 (%)")
-        row[3].set(title="KL to the pretrained policy (per step)", xlabel="reward queries",
-                   ylabel="KL (per latent dim)", yscale="log")
+            zero = {k: [0.0] + v for k, v in res["trained/gain_over_control"].items()}
+            handles[algo] = _plot_band(row[0], xe, zero, c)
+            for name, style in (("unseen_animals", "--"), ("objects", ":")):
+                _plot_band(row[0], xe, {k: [0.0] + v for k, v in
+                                        res[f"{name}/gain_over_control"].items()}, c, style, 0.05)
+            grid = summary["grid"][reward][algo]
+            lrs = sorted(grid, key=float)
+            means = [grid[lr]["trained/gain_over_control"]["mean"][-1] for lr in lrs]
+            lows = [grid[lr]["trained/gain_over_control"]["min"][-1] for lr in lrs]
+            highs = [grid[lr]["trained/gain_over_control"]["max"][-1] for lr in lrs]
+            x = [float(lr) for lr in lrs]
+            row[1].errorbar(x, means, yerr=[np.subtract(means, lows), np.subtract(highs, means)],
+                            marker="o", color=c, capsize=3)
+            _plot_band(row[2], xe, {k: [0.0] + v for k, v in
+                                    res["trained/top1_over_control"].items()}, c)
+            _plot_band(row[3], res["kl_queries"], res["kl_pretrained"], c)
+            _plot_band(row[3], res["kl_queries"], res["control_kl_pretrained"], c, ":", 0.05)
+        row[0].set(title=f"{reward}: held-out gain over the control (trained -, unseen --, "
+                         "objects :)", xlabel="reward queries", ylabel="JPEG change (points)")
+        row[1].set(title="final gain over the control, every rate (min-max over seeds)",
+                   xlabel="learning rate", ylabel="points", xscale="log")
+        row[2].set(title="captioner top-1 on trained animals, over the control",
+                   xlabel="reward queries", ylabel="points")
+        row[3].set(title="KL to the pretrained policy (control dotted)", xlabel="reward queries",
+                   ylabel="KL per latent dim", yscale="log")
         for ax in row:
             ax.grid(alpha=0.3)
-
-    def seeds(counts: list[tuple[str, int]]) -> str:  # "3 seeds", or per reward where they differ
-        each = [f"{n} seed{'s' * (n != 1)}" for _, n in counts]
-        if len(counts) == len(rewards) and len(set(each)) == 1:
-            return each[0]
-        return ", ".join(f"{reward}: {text}" for (reward, _), text in zip(counts, each))
-
-    labels = [f"{LABELS[a]} (lr {lr:g}, {seeds(n)})" for a, (_, lr, n) in legend.items()]
-    columns = 5 if max(map(len, labels)) <= 55 else 3  # per-reward seed counts make longer labels
-    fig.legend([line for line, _, _ in legend.values()], labels, loc="lower center",
-               ncol=min(len(legend), columns), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.7 / fig.get_figheight(), 1, 1))
+            ax.axhline(0, color="k", lw=0.6) if ax is not row[3] else None
+    labels = [f"{LABELS[a]}" for a in handles]
+    fig.legend(list(handles.values()), labels, loc="lower center", ncol=len(handles), fontsize=9,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
     fig.savefig(path)
 
 
-def _band(ax, x, b: dict, colour: str, style: str = "-"):
+def _plot_band(ax, x, b: dict, colour: str, style: str = "-", alpha: float = 0.15):
     """The mean as a line, the min-max over seeds as a shaded band; returns the line."""
-    ax.fill_between(x, b["min"], b["max"], color=colour, alpha=0.15)
+    ax.fill_between(x, b["min"], b["max"], color=colour, alpha=alpha)
     return ax.plot(x, b["mean"], style, color=colour)[0]
 
 
+def _fmt(band: dict, i: int = -1) -> str:
+    return f"{band['mean'][i]:+5.1f} [{band['min'][i]:+5.1f}, {band['max'][i]:+5.1f}]"
+
+
 def print_summary(summary: dict) -> None:
-    """The report's numbers: the sweep, then per reward and algorithm the held-out changes."""
+    """The report's numbers: per reward the grid, then each algorithm at its rate."""
     p = summary["protocol"]
     print(f"protocol: {p['epochs']} epochs of 64 samples per run, held-out checkpoints every "
-          f"{p['eval_every']} epochs; {summary['finished_runs']} runs finished, "
-          f"{summary['training_hours']:.1f} h of training (evaluations not counted)")
-    print("\nlearning-rate sweep (mean on-policy reward, last 3 epochs):")
-    for algo, scores in summary["sweep"].items():
-        print(f"  {algo:<11} " + "  ".join(f"lr {lr}: {v:+.4f}" for lr, v in scores.items())
-              + f"  -> {summary['picked_lr'][algo]}")
-    pre = summary["pretrained"]
-    for reward, algos in summary["results"].items():
-        sign = -1 if reward == "compressibility" else 1
-        print(f"\n{reward}: held-out JPEG change toward the reward after {p['epochs']} epochs "
-              "(mean over seeds; trained / unseen animals / objects), captioner top-1")
-        for algo, res in algos.items():
-            gains = [_gain(res, k, pre, sign)["mean"][-1] for k in EVAL_SETS]
-            top1 = 100 * res["evals"]["trained/caption_top1"]["mean"][-1]
-            print(f"  {algo:<11} {len(res['seeds'])} seed(s): "
-                  + " / ".join(f"{g:+.1f}%" for g in gains)
-                  + f" | top-1 {100 * pre['trained']['caption_top1']:.0f}% -> {top1:.0f}%"
-                  f" | final KL {res['kl_pretrained']['mean'][-1]:.2e}")
-        queries = next(iter(algos.values()))["eval_queries"]
-        print(f"  trained animals, mean [min, max] over seeds at {queries} reward queries:")
-        order = sorted(algos, key=lambda a: -_gain(algos[a], "trained", pre, sign)["mean"][-1])
-        for algo in order:
-            g = _gain(algos[algo], "trained", pre, sign)
-            print(f"  {algo:<11} " + "  ".join(f"{m:+5.1f}% [{lo:+5.1f}, {hi:+5.1f}]"
-                                               for m, lo, hi in zip(g["mean"], g["min"], g["max"])))
-
-
-def _gain(res: dict, eval_set: str, pretrained: dict, sign: int) -> dict:
-    """The held-out JPEG change toward the reward, in percent of the pretrained model's size (the
-    band's min and max swap for compressibility, where a smaller size is a larger gain)."""
-    b = res["evals"][f"{eval_set}/jpeg_kb"]
-    base = pretrained[eval_set]["jpeg_kb"]
-    g = {k: [sign * 100 * (v / base - 1) for v in b[k]] for k in ("mean", "min", "max")}
-    if sign < 0:
-        g["min"], g["max"] = g["max"], g["min"]
-    return g
+          f"{p['eval_every']} epochs; {summary['finished_runs']} of {summary['planned_runs']} "
+          f"runs finished, {summary['training_hours']:.1f} h of training (evaluations not counted)")
+    for reward in summary["grid"]:
+        print(f"\n{reward}: final held-out gain on the trained animals over the control, "
+              "mean [min, max] over seeds, by learning rate")
+        for algo, grid in summary["grid"][reward].items():
+            print(f"  {algo:<11} " + "  ".join(
+                f"{lr}: {_fmt(c['trained/gain_over_control'])} ({len(c['seeds'])}s)"
+                for lr, c in grid.items()))
+        for algo, res in summary["results"].get(reward, {}).items():
+            print(f"  {algo:<11} at lr {res['lr']:g}: gain {_fmt(res['trained/gain'])}, "
+                  f"control {_fmt(res['trained/control_gain'])}, "
+                  f"over it {_fmt(res['trained/gain_over_control'])}; unseen animals over it "
+                  f"{_fmt(res['unseen_animals/gain_over_control'])}; objects "
+                  f"{_fmt(res['objects/gain_over_control'])}; top-1 over the control "
+                  f"{_fmt(res['trained/top1_over_control'])}; "
+                  f"KL {res['kl_pretrained']['mean'][-1]:.2e}")
