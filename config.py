@@ -89,6 +89,10 @@ class Config:
     clip_range: float = _help("PPO clip range eps on the ratio (ddpo_is)", 1e-4, need="> 0")
     adv_clip_max: float = _help("advantages are clipped to [-this, this]", 5.0, need="> 0")
     per_prompt_stats: bool = _help("normalise rewards per prompt (else over the batch)", True)
+    kl_coef: float = _help("beta: DDPO plus beta times each trained transition's KL to the "
+                           "pretrained policy (a KL leash, as DPOK; 0 = the paper's objective). "
+                           "One more UNet forward per transition, without gradient", 0.0,
+                           need=">= 0")
     reward_blind: bool = _help("a control for comparisons: train on N(0, 1) draws in place of the "
                                "rewards, independent of the samples (the logged rewards stay the "
                                "real ones)", False)

@@ -46,6 +46,7 @@ from config import Config, ConfigError, TrainingDiverged, parse_args, samples_pe
 from plumbing import Run
 from sampler import (
     ddim_step_mean,
+    ddim_step_with_logprob,
     gaussian_kl,
     guided_model_output,
     recompute_log_prob,
@@ -441,8 +442,46 @@ def rescore(run: Run, samples: Samples, idx: torch.Tensor, j: torch.Tensor) -> t
 
 def policy_loss(run: Run, samples: Samples, idx: torch.Tensor, j: torch.Tensor,
                 adv: torch.Tensor, objective: Callable) -> tuple[torch.Tensor, dict]:
-    """The DDPO loss of transitions (rows idx, steps j): rescore under θ, compare with θ_old."""
-    return objective(run.cfg, rescore(run, samples, idx, j), samples.log_probs[idx, j], adv)
+    """The DDPO loss of transitions (rows idx, steps j): rescore under θ, compare with θ_old.
+    With --kl-coef β > 0, plus β times the transitions' mean KL to the pretrained policy."""
+    if not run.cfg.kl_coef:
+        return objective(run.cfg, rescore(run, samples, idx, j), samples.log_probs[idx, j], adv)
+    log_prob, kl = rescore_with_kl(run, samples, idx, j)
+    loss, info = objective(run.cfg, log_prob, samples.log_probs[idx, j], adv)
+    return loss + run.cfg.kl_coef * kl.mean(), {**info, "kl_penalty": kl.mean().detach()}
+
+
+def rescore_with_kl(run: Run, samples: Samples, idx: torch.Tensor,
+                    j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p_θ of stored transitions and their per-step KL to the pretrained policy, (b,) each,
+    both with gradient through μ_θ. The objective with a KL leash (not the paper's):
+
+        J_β(θ) = E[ r(x_0, c) ] - β KL( p_θ(x_{0:T} | c) || p_pre(x_{0:T} | c) )
+        KL( p_θ(x_{0:T} | c) || p_pre(x_{0:T} | c) ) = Σ_t E_{x_t ~ p_θ}[ KL_t ]        (chain rule)
+        KL_t = KL( p_θ(x_{t-1} | x_t, c) || p_pre(x_{t-1} | x_t, c) )
+             = |μ_θ(x_t, t, c) - μ_pre(x_t, t, c)|^2 / (2 σ_t^2)   (Eq. 2: one σ_t for both)
+
+    Each trained transition adds β KL_t to its loss, at its stored state x_t (sampled by θ_old,
+    which the trust region keeps near θ); the gradient flows through μ_θ, not through the
+    distribution of the states. KL_t is averaged over C*H*W like the log-probs, so β weighs it
+    against the advantage term as it would with both summed. The sum over steps of these per-step
+    KLs bounds the KL between the final images' distributions; DPOK (Fan et al., arXiv 2305.16381)
+    regularises with the same sum. The pretrained mean costs one more guided UNet call per
+    transition, without gradient (the frozen copy, or the UNet with its LoRA adapters off)."""
+    cfg, model = run.cfg, run.model
+    x_t, x_prev = samples.latents[idx, j], samples.latents[idx, j + 1]  # (b, C, H, W) each
+    t, embeds = samples.timesteps[j], samples.prompt_embeds[idx]  # (b,), (b, L, D)
+    with run.autocast:
+        out = guided_model_output(model.unet, x_t, t, embeds, run.negative_embeds,
+                                  cfg.guidance_scale)  # under θ, with gradient
+        with torch.no_grad(), loading.pretrained_unet(model.unet, run.reference) as pretrained:
+            out_pre = guided_model_output(pretrained, x_t, t, embeds, run.negative_embeds,
+                                          cfg.guidance_scale)
+    _, log_prob = ddim_step_with_logprob(model.scheduler, out, t, x_t, cfg.eta,
+                                         prev_sample=x_prev)  # (b,)
+    mean, sigma = ddim_step_mean(model.scheduler, out, t, x_t, cfg.eta)  # μ_θ, σ_t
+    mean_pre, _ = ddim_step_mean(model.scheduler, out_pre, t, x_t, cfg.eta)  # μ_pre
+    return log_prob, gaussian_kl(mean, mean_pre, sigma)  # (b,) each
 
 
 def sf_objective(cfg: Config, log_prob, old_log_prob, adv):
@@ -546,6 +585,8 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
     # over the epoch and the processes, over the weights' sum: sample-weighted, the same for any
     # number of processes and any chunking
     stats = {"loss/policy": [0.0, 0.0], "loss/approx_kl": [0.0, 0.0], "loss/clipfrac": [0.0, 0.0]}
+    if cfg.kl_coef:
+        stats["loss/kl_penalty"] = [0.0, 0.0]  # the KL term before its β
     grad_norms, skipped_steps = [], 0
     for _ in range(cfg.inner_epochs):
         for terms in progress(run, minibatches(run, samples, adv), total=cfg.minibatches,

@@ -75,9 +75,9 @@ class Run:
         except (ValueError, RewardModelUnavailable) as err:
             raise ConfigError(str(err)) from None
         self.model = loading.load_model(cfg, self.device)  # after the cheap checks: SD is slow
-        # the pretrained policy, for the KL diagnostic: LoRA switches its adapters off instead
+        # the pretrained policy, for the KL diagnostic and penalty: LoRA switches its adapters off
         self.reference = (loading.frozen_copy(self.model.unet)
-                          if cfg.kl_samples and not cfg.lora_rank else None)
+                          if (cfg.kl_samples or cfg.kl_coef) and not cfg.lora_rank else None)
         self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
