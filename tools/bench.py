@@ -444,6 +444,10 @@ def main() -> None:
                     help="start no new training chunk after this many minutes (0 = run all)")
     pc.add_argument("--report", action="store_true",
                     help="only rebuild assets/compare.json and compare.png from finished runs")
+    pk = sub.add_parser("kl", help="KL-regularised DDPO_IS: reward gain against top-1 for "
+                        "several --kl-coef (resumable; see tools/kl_tradeoff.py)")
+    pk.add_argument("--max-minutes", type=float, default=0.0)
+    pk.add_argument("--report", action="store_true")
     pg = sub.add_parser("gpu", help="SD v1.4 (random weights, no network) on a GPU: ratios at "
                         "theta_old, fp16 gradients, memory, speed (see tools/gpu_check.py)")
     pg.add_argument("--toy", action="store_true", help="toy size on a CPU (what the tests run)")
@@ -464,6 +468,10 @@ def main() -> None:
         from tools import compare
 
         compare.report() if args.report else compare.compare(args.max_minutes)
+    elif args.cmd == "kl":
+        from tools import kl_tradeoff
+
+        kl_tradeoff.report() if args.report else kl_tradeoff.run(args.max_minutes)
     elif args.cmd == "ex5":
         from tools.ex5 import calibrate
 

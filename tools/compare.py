@@ -128,10 +128,11 @@ def pretrained_scores(cfg: config.Config) -> dict:
     return scores
 
 
-def run_one(cfg: config.Config, deadline: float) -> bool:
-    """Train and evaluate one run in chunks; True once it is finished (its JSON written)."""
+def run_one(cfg: config.Config, deadline: float, out: Path | None = None) -> bool:
+    """Train and evaluate one run in chunks; True once it is finished (its JSON written to
+    out/runs, by default the comparison's)."""
     name = Path(cfg.output_dir).name
-    result_path = OUT / "runs" / f"{name}.json"
+    result_path = (out or OUT) / "runs" / f"{name}.json"
     if result_path.is_file():
         return True
     folder = Path(cfg.output_dir)
@@ -156,7 +157,8 @@ def run_one(cfg: config.Config, deadline: float) -> bool:
             "grad_norm", "time/epoch")
     result = dict(name=name, reward=None if cfg.reward_blind or cfg.rwr_beta == 0 and
                   cfg.algo == "rwr" else cfg.reward, algo=cfg.algo, reward_blind=cfg.reward_blind,
-                  rwr_beta=cfg.rwr_beta, lr=cfg.lr, seed=cfg.seed, epochs=EPOCHS,
+                  rwr_beta=cfg.rwr_beta, kl_coef=cfg.kl_coef, lr=cfg.lr, seed=cfg.seed,
+                  epochs=EPOCHS,
                   samples_per_epoch=config.samples_per_epoch(cfg),
                   wall_seconds=float(sum(h["time/epoch"] for h in history)),
                   history={k: [h.get(k) for h in history] for k in keep},

@@ -1,0 +1,94 @@
+"""What a KL leash buys at tiny scale: `python -m tools.bench kl` (resumable; --report rebuilds).
+
+DDPO_IS on compressibility with `--kl-coef beta` for each beta of BETAS, SEEDS seeds each, with the
+comparison's protocol (tools/compare.py: 12 epochs of 64 samples, the 36 trained animals, held-out
+evaluations every 4 epochs). The reference points are beta = 0 (plain DDPO_IS) and DDPO_IS's
+reward-blind control, both at the same rate: the figure puts each run's held-out reward gain against
+the captioner's top-1 on the trained animals ("is it still the animal?"), the trade-off beta moves
+along. Runs go to assets/kl_tradeoff/runs (committed), the report to assets/kl_tradeoff.json/.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from tools import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "assets" / "kl_tradeoff"
+REPORT = ROOT / "assets" / "kl_tradeoff.json"
+REWARD, ALGO, LR = "compressibility", "ddpo_is", 2e-4  # the tiny default rate
+BETAS = (0.0, 1.0, 10.0, 100.0)  # 0: the paper's objective
+SEEDS = (0, 1, 2)
+
+
+def config(beta: float, seed: int, blind: bool = False):
+    algo = compare.control_of(ALGO) if blind else ALGO
+    cfg = compare.base_config(None if blind else REWARD, algo, LR, seed)
+    name = f"blind-lr{LR:g}-seed{seed}" if blind else f"beta{beta:g}-lr{LR:g}-seed{seed}"
+    return replace(cfg, kl_coef=beta, output_dir=str(compare.RUNS.parent / "kl_tradeoff" / name))
+
+
+def run(max_minutes: float = 0.0) -> dict:
+    deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
+    compare.pretrained_scores(config(0.0, 0))
+    for seed in SEEDS:
+        for cfg in [config(beta, seed) for beta in BETAS] + [config(0.0, seed, blind=True)]:
+            if not compare.run_one(cfg, deadline, OUT):
+                return report()
+    return report()
+
+
+def _final(result: dict, pretrained: dict) -> dict:
+    last = max(result["evals"], key=int)
+    ev = result["evals"][last]
+    base = pretrained["trained"]["jpeg_kb"]
+    return dict(gain=-100 * (ev["trained"]["jpeg_kb"] / base - 1),
+                top1=100 * ev["trained"]["caption_top1"],
+                kl=result["history"]["kl/pretrained"][-1])
+
+
+def report() -> dict:
+    pretrained = json.loads((compare.OUT / "pretrained.json").read_text())
+    points: dict = {}
+    for path in sorted((OUT / "runs").glob("*.json")):
+        result = json.loads(path.read_text())
+        key = "control" if result.get("reward_blind") else f"{result.get('kl_coef', 0.0):g}"
+        points.setdefault(key, []).append(dict(seed=result["seed"], **_final(result, pretrained)))
+    summary = dict(protocol=dict(reward=REWARD, algo=ALGO, lr=LR, betas=BETAS, seeds=SEEDS,
+                                 epochs=compare.EPOCHS),
+                   pretrained_top1=100 * pretrained["trained"]["caption_top1"], points=points)
+    REPORT.write_text(json.dumps(summary, indent=1))
+    if points:
+        _figure(summary, REPORT.with_suffix(".png"))
+    for key, runs in points.items():
+        g = [r["gain"] for r in runs]
+        t = [r["top1"] for r in runs]
+        print(f"beta {key:>8}: held-out JPEG gain {np.mean(g):+.1f}% [{min(g):+.1f}, {max(g):+.1f}]"
+              f", top-1 {np.mean(t):.1f}% [{min(t):.1f}, {max(t):.1f}] ({len(runs)} seeds)")
+    return summary
+
+
+def _figure(summary: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    ax = fig.subplots()
+    for i, (key, runs) in enumerate(summary["points"].items()):
+        colour = "0.5" if key == "control" else f"C{i}"
+        label = "reward-blind control" if key == "control" else f"beta = {key}"
+        ax.scatter([r["gain"] for r in runs], [r["top1"] for r in runs], color=colour, label=label)
+        ax.errorbar(np.mean([r["gain"] for r in runs]), np.mean([r["top1"] for r in runs]),
+                    fmt="x", color=colour, ms=10)
+    ax.axhline(summary["pretrained_top1"], color="k", lw=0.6, ls="--", label="pretrained top-1")
+    ax.set(xlabel="held-out JPEG size reduction (%)",
+           ylabel="captioner top-1 on trained animals (%)", title="KL-regularised DDPO_IS, compressibility: reward against recognisability")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
