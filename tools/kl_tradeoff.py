@@ -87,7 +87,8 @@ def _figure(summary: dict, path: Path) -> None:
                     fmt="x", color=colour, ms=10)
     ax.axhline(summary["pretrained_top1"], color="k", lw=0.6, ls="--", label="pretrained top-1")
     ax.set(xlabel="held-out JPEG size reduction (%)",
-           ylabel="captioner top-1 on trained animals (%)", title="KL-regularised DDPO_IS, compressibility: reward against recognisability")
+           ylabel="captioner top-1 on trained animals (%)",
+           title="KL-regularised DDPO_IS, compressibility: reward against recognisability")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
