@@ -15,11 +15,11 @@ training loop, and the bar they must reach.
 The bar: after EPOCHS epochs of training with the tiny defaults on each JPEG reward, the mean JPEG
 size of a fixed held-out set (the 45 animals x 2 noise seeds) must have moved toward that reward by
 at least the reward's `bar_percent` in assets/ex5_calibration.json, set 2 points below the worst of
-3 seeds of the reference run through this same harness. Both rewards, because fine-tuning on its own
-samples shrinks the files whatever the reward: a compressibility bar alone would pass code that
-ignores the reward. MUTANTS are wrong implementations the bars must reject. The budget is in epochs,
-not minutes, so that the bar means the same on a slow laptop and a fast machine (12 epochs took
-about 3 minutes per reward on a fast 2-core machine, about 10 on a slow one).
+3 seeds of the reference run through this same harness. Both rewards, so that the bar checks
+that the loop follows the reward in both directions. MUTANTS are wrong implementations run
+through the same harness (assets/ex5_calibration.json says which clear the bars). The budget is
+in epochs, not minutes, so that the bar means the same on a slow laptop and a fast machine (12
+epochs took about 3 minutes per reward on a fast 2-core machine, about 10 on a slow one).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ CALIBRATION = ROOT / "assets" / "ex5_calibration.json"
 EPOCHS = 12
 EVAL_PER_PROMPT, EVAL_SEED = 2, 1234
 _PROJECT_STEP = sampler.ddim_step_with_logprob  # the reference, before any patching
+_PROJECT_IS_LOSS = ddpo_min.ddpo_is_loss  # (the harness patches ddpo_min.ddpo_is_loss)
 
 
 def per_sample(step: Callable) -> Callable:
@@ -160,7 +161,7 @@ def mutant_functions(name: str, seed: int = 0) -> dict:
         f["step"] = lambda *a, **k: (lambda x, lp: (x, lp * x[0].numel()))(*step(*a, **k))
     elif name == "no clipping":
         def unclipped(log_prob, old_log_prob, advantages, clip_range):
-            _, info = ddpo_min.ddpo_is_loss(log_prob, old_log_prob, advantages, clip_range)
+            _, info = _PROJECT_IS_LOSS(log_prob, old_log_prob, advantages, clip_range)
             ratio = torch.exp(log_prob - old_log_prob.detach())
             return (-advantages.detach() * ratio).mean(), info
 
