@@ -123,6 +123,8 @@ class Config:
     resume: str = _help("a run folder to continue exactly from its last checkpoint", "")
     save_every: int = _help("checkpoint every N epochs (and always at the end)", 1, need=">= 1")
     device: str = _help("cuda | cpu (default: cuda if available)", "")
+    sd_on_cpu: bool = _help("run a hub model (Stable Diffusion) on a CPU anyway: a download of "
+                            "several GB, then hours per epoch", False)
     threads: int = _help("CPU threads for torch; 0 = every core while the machine is idle, fewer "
                          "while other processes keep cores busy", 0, need=">= 0")
     log: str = _help("besides metrics.jsonl", "none", LOGGERS)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import re
+import socket
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,8 +46,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def check_model_source(name: str) -> None:
-    """Fail at once, before any reward model loads, on a --model that cannot be a pipeline."""
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT's host) accepts a connection within `timeout`
+    seconds: one probe, instead of the hub client's retries (about 50 s without a network)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    answered: list[bool] = []
+
+    def probe():  # in a thread: the name lookup itself can hang longer than a socket timeout
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            answered.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answered)
+
+
+def check_model_source(name: str, device: torch.device | None = None,
+                       sd_on_cpu: bool = False) -> None:
+    """Fail at once, before any reward model loads, on a --model that cannot be a pipeline; on a
+    hub model that would have to download from an unreachable hub; and on a hub model (Stable
+    Diffusion) on a CPU, unless asked (--sd-on-cpu true)."""
     if name == "tiny":
         return
     path = Path(name).expanduser()
@@ -60,10 +88,18 @@ def check_model_source(name: str) -> None:
         raise ConfigError(f"--model {name}: no such folder; {fix}")
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if constants.HF_HUB_OFFLINE and not isinstance(
-            try_to_load_from_cache(name, "model_index.json"), str):
+    cached = isinstance(try_to_load_from_cache(name, "model_index.json"), str)
+    if constants.HF_HUB_OFFLINE and not cached:
         raise ConfigError(f"--model {name}: not in the local Hugging Face cache and the hub is "
                           f"offline (HF_HUB_OFFLINE=1); {fix}")
+    if not cached and not hub_reachable():
+        raise ConfigError(f"--model {name}: not in the local Hugging Face cache and the hub "
+                          f"({constants.ENDPOINT}) cannot be reached from here; connect once to "
+                          f"download it (several GB), or {fix}")
+    if device is not None and device.type == "cpu" and not sd_on_cpu:
+        raise ConfigError(f"--model {name} on a CPU: " + ("" if cached else "a download of "
+                          "several GB, then ") + "hours per epoch (no GPU here); use --model tiny "
+                          "for a CPU run in minutes, or pass --sd-on-cpu true to go on")
 
 
 def load_prompts(name: str) -> list[str]:

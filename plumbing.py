@@ -65,7 +65,8 @@ class Run:
         self.is_main = self.accelerator.is_main_process  # only it writes files and prints
         self.dir = Path(cfg.output_dir)
         self.prompts = loading.load_prompts(cfg.prompts)
-        loading.check_model_source(cfg.model)  # before the reward, whose models load slowly
+        # before the reward, whose models load slowly
+        loading.check_model_source(cfg.model, self.device, cfg.sd_on_cpu)
         scale = "tiny" if cfg.model == "tiny" else "paper"
         options = {k: getattr(cfg, k) for k in REWARD_OPTIONS.get(cfg.reward, ())
                    if getattr(cfg, k)}

@@ -191,12 +191,18 @@ def _toy_epoch_in(folder: Path) -> dict:
     return json.loads(out.stdout.split("METRICS ", 1)[1].splitlines()[0])
 
 
-def test_a_filled_release_trains_on_the_students_code(release, tmp_path):
+@pytest.fixture(scope="module")
+def filled(release, tmp_path_factory):
+    """The release with a student's my_ddpo.py, written from the exercises' text."""
+    folder = tmp_path_factory.mktemp("filled") / "release"
+    shutil.copytree(release, folder)
+    shutil.copy(STUDENT, folder / "notebooks" / "exercises" / "my_ddpo.py")
+    return folder
+
+
+def test_a_filled_release_trains_on_the_students_code(filled, tmp_path):
     """The release's loop with a student's my_ddpo.py = the repository's loop with the same five
     functions patched in (exercise 5's harness): the same samples, losses and diagnostics."""
-    filled = tmp_path / "filled"
-    shutil.copytree(release, filled)
-    shutil.copy(STUDENT, filled / "notebooks" / "exercises" / "my_ddpo.py")
     got = _toy_epoch_in(filled)
 
     spec = importlib.util.spec_from_file_location("a_student", STUDENT)
@@ -218,3 +224,17 @@ def test_the_release_checks_the_setup(release):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "setup OK" in out.stdout and "exercise 5" in out.stdout
+
+
+def test_a_filled_release_runs_exercise_6(filled):
+    """Exercise 6 breaks the release's loop around the student's functions: every symptom it
+    checks for is there, and problem 6's runs are shipped."""
+    from nbclient import NotebookClient
+
+    folder = filled / "notebooks" / "exercises"
+    nb = nbformat.read(folder / "ex6_failure_modes.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(folder)}}).execute()
+    printed = "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                      for out in cell.get("outputs", []))
+    assert printed.count("match: True") == 6 and "match: False" not in printed

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -379,6 +382,35 @@ def test_bad_input_is_one_line_naming_the_fix(argv, says, tmp_path):
         ddpo_min.main([*argv, "--output-dir", str(tmp_path / "run")])
     message = str(exited.value.code)
     assert message.startswith("error: ") and says in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("reachable, cpu_ok, says", [
+    (False, False, "cannot be reached from here"),
+    (True, False, "use --model tiny for a CPU run in minutes, or pass --sd-on-cpu true"),
+    (True, True, None),
+])  # fmt: skip
+def test_the_headline_command_fails_in_seconds_without_a_network_or_a_gpu(
+        monkeypatch, reachable, cpu_ok, says):
+    """`python ddpo_min.py --reward aesthetic` (SD v1.4 from the hub): without a network, one probe
+    of the hub and a one-line error, not the hub client's retries; on a CPU, one line naming the
+    tiny model, unless --sd-on-cpu."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: reachable)
+    check = partial(loading.check_model_source, "CompVis/stable-diffusion-v1-4",
+                    torch.device("cpu"), cpu_ok)
+    if says is None:
+        check()
+        return
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        check()
+
+
+def test_the_hub_probe_answers_within_its_timeout():
+    start = time.perf_counter()
+    assert loading.hub_reachable(timeout=1.0) in (True, False)
+    assert time.perf_counter() - start < 2.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

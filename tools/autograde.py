@@ -147,6 +147,7 @@ def _run_problem(run_dir: Path, reward: str, calibration: dict) -> str | None:
 def grade_ex5(submission: Path, calibration: dict) -> dict:
     """Re-measure each run's held-out JPEG change from its weights; the bar of every reward."""
     changes, problems = {}, []
+    before = None  # the pretrained model's held-out size: the same for every reward, measured once
     for reward in calibration["bars"]:
         run_dir = submission / "ex5" / reward
         problem = _run_problem(run_dir, reward, calibration)
@@ -154,7 +155,8 @@ def grade_ex5(submission: Path, calibration: dict) -> dict:
             problems.append(f"{reward}: {problem}")
             continue
         cfg = config.Config.tiny(reward=reward, **calibration.get("settings", {}))
-        before = ex5.held_out_jpeg_kb(tiny.load_tiny(), cfg)
+        if before is None:
+            before = ex5.held_out_jpeg_kb(tiny.load_tiny(), cfg)
         after = ex5.held_out_jpeg_kb(
             tiny.load_tiny(weights=run_dir / "weights" / "unet.safetensors"), cfg)
         changes[reward] = 100 * (after / before - 1)

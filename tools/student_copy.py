@@ -245,8 +245,9 @@ def released_notebook(path: Path) -> nbformat.NotebookNode:
     return nb
 
 
-def make_copy(out: Path) -> Path:
-    """Build the release in `out` (a new folder, or an earlier release there, which is replaced)."""
+def make_copy(out: Path, mystery: str | None = None) -> Path:
+    """Build the release in `out` (a new folder, or an earlier release there, which is replaced),
+    with exercise 6's mystery run as committed, or a new one with the bug `mystery` planted."""
     if out.exists() and any(out.iterdir()) and not (out / "_student.py").exists():
         raise SystemExit(f"{out} exists and is not a student release: name a new folder")
     shutil.rmtree(out, ignore_errors=True)
@@ -275,6 +276,12 @@ def make_copy(out: Path) -> Path:
     (exercises / "checks.py").write_text(strip_checks((EXERCISES / "checks.py").read_text()))
     shutil.copy(EXERCISES / "my_ddpo.py", exercises / "my_ddpo.py")
     torch.save(record_fixtures(), exercises / "fixtures.pt")
+    if mystery:
+        from tools import mystery as planted
+
+        planted.make(mystery, exercises / "mystery")
+    else:
+        shutil.copytree(EXERCISES / "mystery", exercises / "mystery")
     return out
 
 
@@ -282,7 +289,11 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m tools.student_copy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="the folder to write (new, or an earlier release)")
-    out = make_copy(p.parse_args().out)
+    p.add_argument("--mystery", default=None, metavar="BUG",
+                   help="plant this bug in exercise 6's problem 6 instead of the committed one "
+                        "(python -m tools.mystery --list; about 3 minutes)")
+    args = p.parse_args()
+    out = make_copy(args.out, args.mystery)
     files = sum(1 for f in out.rglob("*") if f.is_file())
     print(f"student release in {out}: {files} files; see {out / 'README.md'}")
 

@@ -26,10 +26,12 @@
 # sample. Its mean JPEG size must fall by at least one percentage after training on compressibility and
 # rise by at least another after training on incompressibility; both are stored in
 # `assets/ex5_calibration.json`. They were set by running the project's own functions through this same
-# harness with 3 seeds per reward, 2 points below the worst seed (the table below shows them: the seeds
-# differ a lot), and checked against five wrong implementations, each of which misses (INSTRUCTOR.md).
-# Why two rewards: fine-tuning on its own samples shrinks the files whatever the reward, so a
-# compressibility bar alone would pass code that ignores the reward. The budget is a number of epochs,
+# harness with 3 seeds per reward, 2 points below the worst seed (the table below shows them: on
+# compressibility the seeds differ a lot). The same command runs wrong implementations through the harness
+# to check that the bars reject them (`tools/ex5.py`, `MUTANTS`).
+# Why two rewards: the bar then checks that your loop follows the reward in both directions (a loop with
+# batch-wide advantages clears the incompressibility bar, not the compressibility one; INSTRUCTOR.md has
+# the wrong implementations' table). The budget is a number of epochs,
 # not of minutes, so the bar is the same on a slow laptop and a fast machine; only the wait differs.
 
 # %%

@@ -3,13 +3,14 @@
 # %% [markdown]
 # # Exercise 6: failure modes
 #
-# Five ways to get DDPO subtly wrong. Each problem breaks one thing in the real training loop (with
-# `unittest.mock.patch`, so nothing in the repository changes), runs one short epoch of the tiny model
-# beside a correct run from the same seed, and prints the metrics of both. The problem states the symptom
-# you should see; your task is to **explain it**: why does this mistake produce this symptom, and what would
-# happen in a long run? Write two or three sentences per problem, with numbers from the output. (The
-# derivations you need are in notebooks 2-4.) In the student release the loop runs your functions from
-# `my_ddpo.py`, so do exercises 1-4 first.
+# Five ways to get DDPO subtly wrong, and a sixth to find. Each of problems 1-5 breaks one thing in the
+# real training loop (with `unittest.mock.patch`, so nothing in the repository changes), runs one short
+# epoch of the tiny model beside a correct run from the same seed, and prints the metrics of both. The
+# problem states the symptom you should see; your task is to **explain it**: why does this mistake produce
+# this symptom, and what would happen in a long run? Write two or three sentences per problem, with numbers
+# from the output. (The derivations you need are in notebooks 2-4.) Problem 6 hides the mistake: you get
+# two runs' metrics and pictures and name the bug. In the student release the loop runs your functions
+# from `my_ddpo.py`, so do exercises 1-4 first.
 #
 # Every run below: the shipped tiny model, compressibility, 16 samples (4 prompts x 4) of 10 DDIM steps,
 # 2 optimizer steps (so the second minibatch sees an updated $\theta$), about 10 seconds each on 2 cores.
@@ -194,3 +195,41 @@ nbutils.check(noisy_last["loss/approx_kl"] > 10 * baseline["loss/approx_kl"],
 tight = run("clip range 1e-6", clip_range=1e-6)
 nbutils.check(tight["loss/clipfrac"] > 0.49 and tight["loss/clipfrac"] > baseline["loss/clipfrac"],
               "clip range 1e-6: all of the second minibatch is clipped")
+
+# %% [markdown]
+# ## Problem 6: find the bug
+#
+# The folder `mystery/` beside this notebook holds two runs of the tiny loop from the same seed, 6 epochs
+# each (the tiny defaults: 64 samples per epoch): a correct one and one with a single bug somewhere in the
+# loop. You get what a run writes, its `metrics.jsonl` and its first and last sample grids, not the code.
+#
+# **Name the bug.** Which phase of the loop does it break (the prompts and noise, the rewards, the
+# advantages, the ratio, the update), and what exactly goes wrong? Quote the numbers or point at the
+# pictures that show it, rule out at least one other explanation, and say what a long run would do. (Your
+# instructor may hand out another `mystery/` folder: the bug then differs.)
+
+# %%
+import matplotlib.pyplot as plt
+
+mystery = ROOT / "notebooks" / "exercises" / "mystery"
+runs = {name: [json.loads(line) for line in (mystery / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("correct", "mystery")}
+fig, axes = plt.subplots(1, 4, figsize=(14, 3))
+for ax, key in zip(axes, FIELDS):
+    for name, history in runs.items():
+        ax.plot([m["epoch"] for m in history], [m[key] for m in history], "o-", label=name)
+    ax.set_title(key)
+    ax.set_xlabel("epoch")
+axes[0].legend()
+plt.tight_layout()
+plt.show()
+
+fig, axes = plt.subplots(2, 2, figsize=(9, 9))
+for row, name in zip(axes, runs):
+    for ax, grid in zip(row, sorted((mystery / name).glob("samples_epoch*.png"))):
+        ax.imshow(plt.imread(grid))
+        ax.set_title(f"{name}: {grid.stem}", fontsize=9)
+        ax.axis("off")
+plt.tight_layout()
+plt.show()
+nbutils.check(len(runs["correct"]) == len(runs["mystery"]) > 1, "two runs of the same length to compare")
