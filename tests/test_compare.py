@@ -43,8 +43,8 @@ def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
     assert not runs.exists() or not list(runs.glob("*.json"))
     compare.compare()  # continues: every algorithm, control and rate, both seeds
     names = sorted(p.stem for p in runs.glob("*.json"))
-    # per (seed, rate): 2 algorithms, their 2 controls, RWR with every weight 1
-    assert len(names) == len(compare.schedule()) == 2 * 2 * (2 + 2 + 1)
+    # per (seed, rate): 2 algorithms and their 2 controls (RWR's: every weight 1)
+    assert len(names) == len(compare.schedule()) == 2 * 2 * (2 + 2)
     summary = json.loads(compare.REPORT.read_text())
     assert summary["finished_runs"] == summary["planned_runs"] == len(names)
     for algo in compare.ALGOS:
@@ -60,9 +60,9 @@ def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
         over = np.subtract(res["trained/gain"]["mean"], res["trained/control_gain"]["mean"])
         assert np.allclose(res["trained/gain_over_control"]["mean"], over)
         assert all(v > 0 for v in res["kl_pretrained"]["mean"])
-    control = json.loads((runs / f"{compare.run_name(None, 'rwr/blind', 1e-3, 1)}.json")
+    control = json.loads((runs / f"{compare.run_name(None, 'ddpo_sf/blind', 1e-3, 1)}.json")
                          .read_text())
-    assert (control["algo"], control["reward_blind"], control["reward"]) == ("rwr", True, None)
+    assert (control["algo"], control["reward_blind"], control["reward"]) == ("ddpo_sf", True, None)
     uniform = json.loads((runs / f"{compare.run_name(None, compare.UNIFORM, 1e-3, 1)}.json")
                          .read_text())
     assert (uniform["algo"], uniform["rwr_beta"]) == ("rwr", 0.0)

@@ -58,8 +58,8 @@ def test_the_penalty_is_the_closed_form_kl_with_its_gradient(tmp_path):
     assert kl.detach() == pytest.approx(oracle.detach(), rel=1e-4)
     assert (kl > 0).all()
     oracle.sum().backward()
-    for g, p in zip(got, run.params):
-        assert torch.allclose(g, p.grad, rtol=1e-3, atol=1e-8)
+    for g, p in zip(got, run.params):  # to float rounding of each tensor's largest entry
+        assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
     # and the log-probs are the loop's own rescoring
     assert torch.allclose(log_prob, ddpo_min.rescore(run, samples, idx, j), atol=1e-6)
 

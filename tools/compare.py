@@ -12,8 +12,8 @@ The protocol, the same for every algorithm:
   rewards: no rate is picked on one seed, and any two algorithms can be compared at the same rate;
 - a control for every algorithm at every rate and seed: the same algorithm trained on N(0, 1)
   draws in place of the rewards (`--reward-blind`), so that what it gains comes from fine-tuning on
-  its own samples, not from the reward. A reward-blind run does not depend on the reward, so one
-  run serves both rewards. RWR with every weight 1 (beta = 0), the earlier control, runs too;
+  its own samples, not from the reward; for RWR, RWR with every weight 1 (beta = 0). A control
+  does not depend on the reward, so one run serves both rewards;
 - each algorithm is reported at the rate with the largest mean gain *over its control* per reward
   (3 seeds; the grid is in the report beside it, so a reader sees how much the pick matters);
 - training on 36 of the 45 animals; every EVAL_EVERY epochs the policy samples a fixed held-out
@@ -72,7 +72,10 @@ EVAL_SETS = {  # name: (prompts, noise seeds per prompt)
 
 
 def control_of(algo: str) -> str:
-    return f"{algo}/{BLIND}"
+    """An algorithm's control. RWR's is RWR with every weight 1, which uses no reward already
+    (a reward-blind RWR would only add noise to the weights); every other algorithm's is its
+    reward-blind twin."""
+    return UNIFORM if algo == "rwr" else f"{algo}/{BLIND}"
 
 
 def run_name(reward: str | None, algo: str, lr: float, seed: int) -> str:
@@ -201,8 +204,6 @@ def schedule() -> list[tuple[str | None, str, float, int]]:
             for algo in ALGOS:
                 runs.append((None, control_of(algo), lr, seed))
                 runs += [(reward, algo, lr, seed) for reward in REWARDS]
-            if "rwr" in ALGOS:
-                runs.append((None, UNIFORM, lr, seed))
     return runs
 
 
@@ -271,16 +272,6 @@ def cell(reward: str, algo: str, lr: float, pretrained: dict) -> dict | None:
     return out
 
 
-def uniform_cell(reward: str, lr: float, pretrained: dict) -> dict | None:
-    runs = [r for seed in SEEDS if (r := _load(run_name(None, UNIFORM, lr, seed)))]
-    if not runs:
-        return None
-    return dict(seeds=[r["seed"] for r in runs], lr=lr, **{
-        f"{name}/gain": _band([_gain_curve(r, name, pretrained, reward) for r in runs])
-        for name in EVAL_SETS}, **{f"{name}/top1": _band([_top1_curve(r, name) for r in runs])
-                                   for name in EVAL_SETS})
-
-
 def best_lr(grid: dict) -> float | None:
     """The rate with the largest mean final gain over the control on the trained animals, among
     those finished with every seed."""
@@ -298,11 +289,13 @@ def report() -> dict:
                       selection="per reward and algorithm, the rate with the largest mean final "
                                 "held-out gain over the control (trained animals), over all seeds",
                       control="the same algorithm trained on N(0, 1) draws in place of the "
-                              "rewards (--reward-blind true); one run serves both rewards",
+                              "rewards (--reward-blind true); for RWR, RWR with every weight 1 "
+                              "(--rwr-beta 0); one control run serves both rewards",
+                      controls={a: control_of(a) for a in ALGOS},
                       eval_sets={k: dict(prompts=len(p), per_prompt=n)
                                  for k, (p, n) in EVAL_SETS.items()},
                       held_out_animals=HELD_OUT_ANIMALS),
-        pretrained=pretrained, grid={}, best_lr={}, results={}, uniform={})
+        pretrained=pretrained, grid={}, best_lr={}, results={})
     for reward in REWARDS:
         for algo in ALGOS:
             grid = {lr: cell(reward, algo, lr, pretrained) for lr in GRID}
@@ -312,8 +305,6 @@ def report() -> dict:
             summary["best_lr"].setdefault(reward, {})[algo] = lr
             if lr is not None:
                 summary["results"].setdefault(reward, {})[algo] = grid[lr]
-        summary["uniform"][reward] = {f"{lr:g}": c for lr in GRID
-                                      if (c := uniform_cell(reward, lr, pretrained))}
     finished = [json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))]
     summary["finished_runs"] = len(finished)
     summary["planned_runs"] = len(schedule())
