@@ -443,7 +443,8 @@ def main() -> None:
     pc.add_argument("--max-minutes", type=float, default=0.0,
                     help="start no new training chunk after this many minutes (0 = run all)")
     pc.add_argument("--report", action="store_true",
-                    help="only rebuild assets/compare.json and compare.png from finished runs")
+                    help="only rebuild assets/comparison.json and comparison.png from finished "
+                    "runs")
     pk = sub.add_parser("kl", help="KL-regularised DDPO_IS: reward gain against top-1 for "
                         "several --kl-coef (resumable; see tools/kl_tradeoff.py)")
     pk.add_argument("--max-minutes", type=float, default=0.0)

@@ -47,9 +47,9 @@ import tiny
 from tools.tiny_report import sample_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "assets" / "compare"  # pretrained.json, runs/<name>.json (committed)
-RUNS = ROOT / "runs" / "compare"  # the run folders with their checkpoints (not committed)
-REPORT = ROOT / "assets" / "compare.json"  # and compare.png beside it
+OUT = ROOT / "assets" / "comparison"  # pretrained.json, runs/<name>.json (committed)
+RUNS = ROOT / "runs" / "comparison"  # the run folders with their checkpoints (not committed)
+REPORT = ROOT / "assets" / "comparison.json"  # and comparison.png beside it
 OVERRIDES: dict = {}  # config overrides for every run (the tests' toy size)
 
 ALGOS = ("ddpo_is", "ddpo_sf", "rwr", "rwr_sparse")
@@ -282,7 +282,7 @@ def best_lr(grid: dict) -> float | None:
 
 
 def report() -> dict:
-    """assets/compare.json and assets/compare.png from the finished runs."""
+    """assets/comparison.json and assets/comparison.png from the finished runs."""
     pretrained = json.loads((OUT / "pretrained.json").read_text())
     summary: dict = dict(
         protocol=dict(epochs=EPOCHS, eval_every=EVAL_EVERY, grid=GRID, seeds=SEEDS,

@@ -262,7 +262,8 @@ def make_copy(out: Path, mystery: str | None = None) -> Path:
     shutil.copy(RELEASE / "_student.py", out / "_student.py")
     shutil.copy(RELEASE / "README.md", out / "README.md")
     shutil.copytree(ROOT / "assets", out / "assets",
-                    ignore=shutil.ignore_patterns("compare", "bench_*", "sd_v1_4"))
+                    ignore=shutil.ignore_patterns("compare", "comparison", "kl_tradeoff", "bench_*",
+                                                  "sd_v1_4"))
     (out / "notebooks" / "course").mkdir(parents=True)
     (out / "notebooks" / "exercises").mkdir()
     shutil.copy(NOTEBOOKS / "nbutils.py", out / "notebooks" / "nbutils.py")
