@@ -8,7 +8,7 @@ sampler.py); DDPO improves it with policy gradients on a reward r(x_0, c) of the
     ├─ sample_epoch        1. roll out p_θ(x_{t-1} | x_t, c) with log-probs (sampler.py)
     │                      2. score the images, r(x_0, c) (rewards.py)
     ├─ compute_advantages  3. A = (r - mean_c) / std_c per prompt, clipped (PerPromptStatTracker)
-    ├─ train_epoch         4. for each minibatch that ALGORITHMS[cfg.algo] yields:
+    ├─ train_epoch         4. for each minibatch that `minibatches` yields, by cfg.algo:
     │                            ddpo_is: rescore log p_θ, ddpo_is_loss (clipped ratio, Sec. 4.3)
     │                            ddpo_sf: rescore log p_θ, ddpo_sf_loss (REINFORCE, Sec. 4.3)
     │                            rwr, rwr_sparse: diffusion_mse_loss weighted by rwr_weights or
@@ -30,9 +30,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ import plumbing
 from config import Config, ConfigError, TrainingDiverged, parse_args, samples_per_epoch
 from plumbing import Run
 from sampler import (
+    Trajectory,
     ddim_step_mean,
     ddim_step_with_logprob,
     gaussian_kl,
@@ -322,6 +322,34 @@ def epoch_prompts(cfg: Config, prompts: Sequence[str], epoch: int) -> list[str]:
     return [prompts[order[g]] for g in range(groups) for _ in range(k)]  # (S,)
 
 
+@dataclass
+class Scored:
+    """A batch's rewards, as the reward thread returns them."""
+
+    rewards: np.ndarray  # (B,)
+    extras: dict  # per-sample extras of the reward (the VLM's captions, ...)
+    seconds: float  # the reward's wall time
+
+
+@dataclass
+class Batch:
+    """One sampling batch of this process, with its rewards still on their way (a future)."""
+
+    numbers: range  # the samples' numbers in the epoch
+    prompts: list[str]  # (B,)
+    embeds: torch.Tensor  # (B, L, D)
+    traj: Trajectory  # latents (B, T+1, C, H, W), log_probs (B, T), timesteps (T,)
+    images: torch.Tensor  # (B, 3, H', W') in [0, 1], on CPU
+    scored: Future  # -> Scored
+
+
+def score(reward_fn: Callable, images: torch.Tensor, prompts: list[str]) -> Scored:
+    """r(x_0, c) of one batch, timed (runs on the reward thread on a GPU)."""
+    t0 = time.perf_counter()
+    rewards, extras = reward_fn(images, prompts)
+    return Scored(rewards, extras, time.perf_counter() - t0)
+
+
 def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
     """Phases 1-2: roll out the policy (no grad) on this process's samples, score them, gather
     the rewards of all processes.
@@ -336,7 +364,7 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
     first = acc.process_index * mine
     all_prompts = epoch_prompts(cfg, run.prompts, epoch)  # (S,), alike on every process
     t0 = time.perf_counter()
-    batches, futures = [], []
+    batches: list[Batch] = []
     model.unet.eval()
     for b in progress(run, range(mine // cfg.sample_batch_size), desc=f"epoch {epoch}: sampling"):
         run.cpu_threads.adjust()
@@ -355,32 +383,32 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
             raise TrainingDiverged(f"epoch {epoch}, phase sample: non-finite latents in {bad} of "
                                    f"{len(prompts)} samples")
         images = model.decode(traj.x0).cpu()  # (B, 3, H', W') in [0, 1]
-        futures.append(pool.submit(plumbing.timed, run.reward_fn, images, prompts))
-        batches.append((traj, embeds, prompts, images, numbers))
+        batches.append(Batch(numbers, prompts, embeds, traj, images,
+                             scored=pool.submit(score, run.reward_fn, images, prompts)))
     t_sample = time.perf_counter() - t0
     t1 = time.perf_counter()
-    results = [f.result() for f in futures]  # ((rewards, extras), seconds) per batch
+    scored = [b.scored.result() for b in batches]  # waits for the reward thread
     t_wait = time.perf_counter() - t1
-    rewards = np.concatenate([r for (r, _), _ in results]).astype(np.float32)  # (M,)
+    rewards = np.concatenate([s.rewards for s in scored]).astype(np.float32)  # (M,)
     all_rewards = acc.gather(torch.as_tensor(rewards, device=run.device)).cpu().numpy()  # (S,)
     extras: dict = {}
-    for (_, ex), _ in results:
-        for key, v in ex.items():
+    for s in scored:
+        for key, v in s.extras.items():
             extras.setdefault(key, []).extend(list(v))
     samples = Samples(
-        index=torch.tensor([i for b in batches for i in b[4]]),  # (M,)
-        latents=torch.cat([b[0].latents for b in batches]),  # (M, T+1, C, H, W)
-        log_probs=torch.cat([b[0].log_probs for b in batches]),  # (M, T)
-        timesteps=batches[0][0].timesteps,  # (T,)
-        prompt_embeds=torch.cat([b[1] for b in batches]),  # (M, L, D)
-        prompts=[p for b in batches for p in b[2]],
-        images=torch.cat([b[3] for b in batches]),  # (M, 3, H', W')
+        index=torch.tensor([i for b in batches for i in b.numbers]),  # (M,)
+        latents=torch.cat([b.traj.latents for b in batches]),  # (M, T+1, C, H, W)
+        log_probs=torch.cat([b.traj.log_probs for b in batches]),  # (M, T)
+        timesteps=batches[0].traj.timesteps,  # (T,)
+        prompt_embeds=torch.cat([b.embeds for b in batches]),  # (M, L, D)
+        prompts=[p for b in batches for p in b.prompts],
+        images=torch.cat([b.images for b in batches]),  # (M, 3, H', W')
         rewards=rewards,
         extras=extras,
         all_prompts=all_prompts,
         all_rewards=all_rewards,
     )
-    timing = {"time/sample": t_sample, "time/reward": sum(s for _, s in results),
+    timing = {"time/sample": t_sample, "time/reward": sum(s.seconds for s in scored),
               "time/reward_wait": t_wait}
     return samples, timing
 
@@ -388,7 +416,8 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
 def compute_advantages(run: Run, samples: Samples) -> torch.Tensor:
     """Phase 3: A = (r - mean) / (std + 1e-6) per prompt (or over the batch), clipped.
 
-    Computed from every process's rewards, identically on each; returns this process's rows."""
+    Computed from every process's rewards, identically on each: returns the advantages of all S
+    samples, (S,), indexed by sample number (a process picks its rows with samples.index)."""
     cfg = run.cfg
     samples.train_rewards = samples.all_rewards  # (S,)
     if cfg.reward_blind:  # a control (tools/compare.py): the same loop on draws that say nothing
@@ -400,7 +429,7 @@ def compute_advantages(run: Run, samples: Samples) -> torch.Tensor:
         r = samples.train_rewards.astype(np.float64)
         adv = ((r - r.mean()) / (r.std() + 1e-6)).astype(np.float32)
     samples.all_advantages = clip_advantages(adv, cfg.adv_clip_max)  # (S,)
-    return torch.as_tensor(samples.all_advantages[samples.index.numpy()], device=run.device)
+    return torch.as_tensor(samples.all_advantages)  # (S,)
 
 
 # ---- Phase 4: the loss terms of each algorithm ------------------------------------------------
@@ -409,7 +438,7 @@ def compute_advantages(run: Run, samples: Samples) -> torch.Tensor:
 # it yields that step's loss terms on this process, each as (loss, weight, info). A term is the
 # mean loss of a chunk of samples; its weight is the chunk's share of the whole minibatch (over
 # all processes and trained timesteps), so the weighted sum over processes is the minibatch mean
-# and every sample counts equally.
+# and every sample counts equally. Both take the advantages of all S samples, A (S,).
 
 
 def my_rows(samples: Samples, numbers: torch.Tensor) -> torch.Tensor:
@@ -441,14 +470,22 @@ def rescore(run: Run, samples: Samples, idx: torch.Tensor, j: torch.Tensor) -> t
 
 
 def policy_loss(run: Run, samples: Samples, idx: torch.Tensor, j: torch.Tensor,
-                adv: torch.Tensor, objective: Callable) -> tuple[torch.Tensor, dict]:
-    """The DDPO loss of transitions (rows idx, steps j): rescore under θ, compare with θ_old.
-    With --kl-coef β > 0, plus β times the transitions' mean KL to the pretrained policy."""
-    if not run.cfg.kl_coef:
-        return objective(run.cfg, rescore(run, samples, idx, j), samples.log_probs[idx, j], adv)
-    log_prob, kl = rescore_with_kl(run, samples, idx, j)
-    loss, info = objective(run.cfg, log_prob, samples.log_probs[idx, j], adv)
-    return loss + run.cfg.kl_coef * kl.mean(), {**info, "kl_penalty": kl.mean().detach()}
+                adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The DDPO loss of transitions (rows idx, steps j, advantages adv (b,)): rescore under θ,
+    compare with θ_old. With --kl-coef β > 0, plus β times their mean KL to the pretrained
+    policy."""
+    cfg = run.cfg
+    if cfg.kl_coef:
+        log_prob, kl = rescore_with_kl(run, samples, idx, j)  # (b,) each
+    else:
+        log_prob = rescore(run, samples, idx, j)  # log p_θ, (b,)
+    if cfg.algo == "ddpo_is":
+        loss, info = ddpo_is_loss(log_prob, samples.log_probs[idx, j], adv, cfg.clip_range)
+    else:  # ddpo_sf: valid at θ = θ_old only, one optimizer step per epoch
+        loss, info = ddpo_sf_loss(log_prob, adv), {}
+    if cfg.kl_coef:
+        return loss + cfg.kl_coef * kl.mean(), {**info, "kl_penalty": kl.mean().detach()}
+    return loss, info
 
 
 def rescore_with_kl(run: Run, samples: Samples, idx: torch.Tensor,
@@ -484,15 +521,7 @@ def rescore_with_kl(run: Run, samples: Samples, idx: torch.Tensor,
     return log_prob, gaussian_kl(mean, mean_pre, sigma)  # (b,) each
 
 
-def sf_objective(cfg: Config, log_prob, old_log_prob, adv):
-    return ddpo_sf_loss(log_prob, adv), {}
-
-
-def is_objective(cfg: Config, log_prob, old_log_prob, adv):
-    return ddpo_is_loss(log_prob, old_log_prob, adv, cfg.clip_range)
-
-
-def ddpo_minibatches(run: Run, samples: Samples, adv: torch.Tensor, objective: Callable
+def ddpo_minibatches(run: Run, samples: Samples, adv: torch.Tensor
                      ) -> Iterator[Iterator[tuple[torch.Tensor, float, dict]]]:
     """DDPO (Sec. 4.3): shuffled samples, each trained on its own shuffled timesteps.
 
@@ -510,10 +539,10 @@ def ddpo_minibatches(run: Run, samples: Samples, adv: torch.Tensor, objective: C
 
     def terms(mb: torch.Tensor):
         for chunk in my_chunks(samples, mb, cfg.train_batch_size):
-            idx = chunk.to(run.device)
+            idx, number = chunk.to(run.device), samples.index[chunk]  # rows, sample numbers (b,)
             for k in range(T_train):
-                j = perms[samples.index[chunk], k].to(run.device)  # each sample's k-th step, (b,)
-                loss, info = policy_loss(run, samples, idx, j, adv[idx], objective)
+                j = perms[number, k].to(run.device)  # each sample's k-th step, (b,)
+                loss, info = policy_loss(run, samples, idx, j, adv[number].to(run.device))
                 yield loss, len(chunk) / (len(mb) * T_train), info
 
     for mb in order.chunk(cfg.minibatches):
@@ -530,24 +559,17 @@ def rwr_loss(run: Run, samples: Samples, idx: torch.Tensor, weights: torch.Tenso
                                   run.negative_embeds, run.cfg.guidance_scale)
 
 
-def rwr_selection(cfg: Config, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RWR: every sample, weighted w = exp(β r) / Z."""
-    return torch.arange(len(r)), rwr_weights(r, cfg.rwr_beta)
-
-
-def sparse_rwr_selection(cfg: Config, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse RWR: the samples with r >= C, unweighted."""
-    keep = sparse_rwr_mask(r, cfg.rwr_percentile).nonzero().flatten()  # 1[r >= C]
-    return keep, torch.ones(len(r))
-
-
-def rwr_minibatches(run: Run, samples: Samples, adv: torch.Tensor, select: Callable
+def rwr_minibatches(run: Run, samples: Samples, adv: torch.Tensor
                     ) -> Iterator[Iterator[tuple[torch.Tensor, float, dict]]]:
     """RWR (Sec. 4.2): one diffusion loss per chunk of the selected samples, selected and weighted
-    by the reward r, or by the advantage A (`rwr_signal`, the tiny default)."""
+    by the reward r (the paper), or by the advantage A (`rwr_signal`, the tiny default)."""
     cfg, total = run.cfg, len(samples.all_prompts)
-    signal = samples.train_rewards if cfg.rwr_signal == "reward" else samples.all_advantages
-    keep, weights = select(cfg, torch.as_tensor(signal))  # sample numbers, (S,)
+    signal = torch.as_tensor(samples.train_rewards) if cfg.rwr_signal == "reward" else adv  # (S,)
+    if cfg.algo == "rwr":  # every sample, weighted w = exp(β r) / Z
+        keep, weights = torch.arange(total), rwr_weights(signal, cfg.rwr_beta)
+    else:  # rwr_sparse: the samples with r >= C, unweighted
+        keep = sparse_rwr_mask(signal, cfg.rwr_percentile).nonzero().flatten()  # 1[r >= C]
+        weights = torch.ones(total)
     order = keep[torch.randperm(len(keep), generator=run.train_gen)]  # shuffled kept samples
     # each sample's diffusion timestep and noise ε, drawn for all S alike on every process
     t_all = torch.randint(0, run.model.scheduler.config.num_train_timesteps, (total,),
@@ -565,13 +587,12 @@ def rwr_minibatches(run: Run, samples: Samples, adv: torch.Tensor, select: Calla
         yield terms(mb)
 
 
-# The algorithm is chosen here, once.
-ALGORITHMS: dict[str, Callable] = {
-    "ddpo_is": partial(ddpo_minibatches, objective=is_objective),
-    "ddpo_sf": partial(ddpo_minibatches, objective=sf_objective),
-    "rwr": partial(rwr_minibatches, select=rwr_selection),
-    "rwr_sparse": partial(rwr_minibatches, select=sparse_rwr_selection),
-}
+def minibatches(run: Run, samples: Samples, adv: torch.Tensor):
+    """The algorithm is chosen here, once: DDPO's or RWR's loss terms, one iterator of terms per
+    optimizer step."""
+    if run.cfg.algo in ("ddpo_is", "ddpo_sf"):
+        return ddpo_minibatches(run, samples, adv)
+    return rwr_minibatches(run, samples, adv)
 
 
 def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
@@ -580,7 +601,6 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
     which also handles fp16 loss scaling)."""
     cfg = run.cfg
     run.model.unet.train()
-    minibatches = ALGORITHMS[cfg.algo]
     # the logged losses: every term's value times its weight (its share of the minibatch), summed
     # over the epoch and the processes, over the weights' sum: sample-weighted, the same for any
     # number of processes and any chunking
@@ -669,7 +689,10 @@ def kl_to_pretrained(run: Run, samples: Samples) -> float | None:
 def train(cfg: Config) -> Path:
     """Run DDPO (or RWR) for cfg.epochs epochs; returns the run folder. Resumes exactly."""
     cfg = plumbing.run_config(cfg)  # --resume: the saved config; else names a new run folder
-    run = Run(cfg, PerPromptStatTracker)
+    run = Run(cfg)  # the processes, the model, the reward, the RNGs (plumbing.py)
+    run.tracker = PerPromptStatTracker(cfg.stat_buffer, cfg.stat_min_count)  # phase 3's baseline
+    run.optimizer = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2))  # phase 4
     say = run.accelerator.print  # prints on the main process only
     if plumbing.has_checkpoint(run.dir):
         plumbing.load_checkpoint(run)

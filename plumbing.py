@@ -48,19 +48,20 @@ class State:
 
 
 class Run:
-    """The model, optimizer, reward, statistics and RNGs of one training run, on one process.
+    """The processes, model, reward and RNGs of one training run, on one process.
 
-    `make_tracker(buffer_size, min_count)` builds what turns rewards into advantages
-    (ddpo_min.PerPromptStatTracker); it is checkpointed.
+    The algorithm's own parts are built in ddpo_min.train(): `tracker`, what turns rewards into
+    advantages (PerPromptStatTracker), and `optimizer`, AdamW over `params`; both are
+    checkpointed. A Run built elsewhere (the tests, tools/gpu_check.py) sets them itself where it
+    needs them.
     """
 
-    def __init__(self, cfg: Config, make_tracker=None):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         device = loading.resolve_device(cfg.device)
         # the process group, when launched with accelerate or torchrun (gloo on a CPU)
         self.accelerator = Accelerator(cpu=device.type == "cpu")
         check_config(cfg, self.accelerator.num_processes)
-        self.tracker = make_tracker(cfg.stat_buffer, cfg.stat_min_count) if make_tracker else None
         self.device = device if self.accelerator.num_processes == 1 else self.accelerator.device
         self.is_main = self.accelerator.is_main_process  # only it writes files and prints
         self.dir = Path(cfg.output_dir)
@@ -80,8 +81,8 @@ class Run:
         self.reference = (loading.frozen_copy(self.model.unet)
                           if (cfg.kl_samples or cfg.kl_coef) and not cfg.lora_rank else None)
         self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.tracker = None  # set by ddpo_min.train()
+        self.optimizer: torch.optim.Optimizer | None = None  # set by ddpo_min.train()
         # Mixed precision: the frozen weights in fp16/bf16 (loading.py), the UNet run under
         # autocast, and in fp16 the loss scaled up before backward (unscaled before the clip):
         # the DDPO gradient at the UNet output is ~1e-8 per element, below fp16's normal range.

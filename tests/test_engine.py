@@ -158,6 +158,7 @@ def _lora_gradient(folder: Path, precision: str, tmp_path: Path, scaled: bool = 
                  output_dir=str(tmp_path), mixed_precision=precision, num_steps=50)
     torch.manual_seed(0)
     run = ddpo_min.Run(cfg)
+    run.optimizer = torch.optim.AdamW(run.params, lr=cfg.lr)  # its unscale_ below
     with torch.no_grad():  # LoRA's B starts at 0, which zeroes A's gradient: move off the start
         g = torch.Generator().manual_seed(1)
         for p in run.params:
@@ -184,8 +185,7 @@ def _lora_gradient(folder: Path, precision: str, tmp_path: Path, scaled: bool = 
         images=torch.zeros(2, 3, 8, 8), rewards=np.zeros(2, np.float32), extras={},
         all_prompts=prompts * 32, all_rewards=np.zeros(64, np.float32))  # fmt: skip
     idx, steps = torch.arange(2), torch.full((2,), j)
-    loss, _ = ddpo_min.policy_loss(run, samples, idx, steps, torch.tensor([1.0, -1.0]),
-                                   ddpo_min.is_objective)
+    loss, _ = ddpo_min.policy_loss(run, samples, idx, steps, torch.tensor([1.0, -1.0]))
     plumbing.backward(run, loss, 2 / (64 * 50))  # chunk of 2 of a 64-sample minibatch, 50 steps
     run.scaler.unscale_(run.optimizer)  # as optimizer_step does before the clip
     return torch.cat([p.grad.flatten().float() for p in run.params])
@@ -275,7 +275,8 @@ def test_a_skipped_fp16_step_leaves_the_weights_and_writes_strict_json(tmp_path,
 
 
 def test_fp16_stops_after_twenty_skipped_steps_in_a_row(tmp_path):
-    run = plumbing.Run(_fp16_config(tmp_path / "run"), ddpo_min.PerPromptStatTracker)
+    run = plumbing.Run(_fp16_config(tmp_path / "run"))
+    run.optimizer = torch.optim.AdamW(run.params, lr=run.cfg.lr)
     start = [p.detach().clone() for p in run.params]
     for i in range(1, plumbing.MAX_SKIPS_IN_A_ROW + 1):
         for p in run.params:

@@ -58,9 +58,9 @@ def _terms(cfg: Config, rank: int, processes: int) -> list[list[tuple[list[int],
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ddpo_min, "policy_loss", recorder)
         mp.setattr(ddpo_min, "rwr_loss", recorder)
-        adv = torch.as_tensor(samples.all_advantages[samples.index.numpy()])
+        adv = torch.as_tensor(samples.all_advantages)  # (S,), as compute_advantages returns
         steps = []
-        for terms in ddpo_min.ALGORITHMS[cfg.algo](run, samples, adv):
+        for terms in ddpo_min.minibatches(run, samples, adv):
             done = len(calls)
             weights = [w for _, w, _ in terms]
             steps.append(list(zip(calls[done:], weights, strict=True)))

@@ -23,7 +23,7 @@ TOY = dict(num_steps=4, sample_batch_size=8, sample_batches=1, samples_per_promp
 
 def test_the_penalty_is_the_closed_form_kl_with_its_gradient(tmp_path):
     cfg = Config.tiny(epochs=1, output_dir=str(tmp_path), kl_coef=1.0, **TOY)
-    run = plumbing.Run(cfg, ddpo_min.PerPromptStatTracker)
+    run = plumbing.Run(cfg)
     samples, _ = ddpo_min.sample_epoch(run, plumbing.InlineExecutor())
     with torch.no_grad():  # move the policy away from the pretrained one
         for p in run.params:
@@ -75,12 +75,11 @@ def test_beta_zero_trains_exactly_as_without_the_penalty(tmp_path):
     plain, _ = _weights(tmp_path / "plain")
     real = ddpo_min.policy_loss
 
-    def penalty_path(run, *args):  # the β > 0 branch, with β = 0
-        with mock.patch.object(run.cfg, "kl_coef", 0.0):
-            log_prob, kl = ddpo_min.rescore_with_kl(run, *args[:3])
-            samples, idx, j, adv, objective = args
-            loss, info = objective(run.cfg, log_prob, samples.log_probs[idx, j], adv)
-            return loss + 0.0 * kl.mean(), info
+    def penalty_path(run, samples, idx, j, adv):  # the β > 0 branch, with β = 0
+        log_prob, kl = ddpo_min.rescore_with_kl(run, samples, idx, j)
+        loss, info = ddpo_min.ddpo_is_loss(log_prob, samples.log_probs[idx, j], adv,
+                                           run.cfg.clip_range)
+        return loss + 0.0 * kl.mean(), info
 
     with mock.patch.object(ddpo_min, "policy_loss", penalty_path):
         forced, _ = _weights(tmp_path / "forced")

@@ -308,9 +308,9 @@ def test_training_skips_the_deterministic_last_step(random_tiny_weights, tmp_pat
     trained = []
     real = ddpo_min.policy_loss
 
-    def spy(run, samples, idx, j, adv, objective):
+    def spy(run, samples, idx, j, adv):
         trained.extend(j.tolist())
-        return real(run, samples, idx, j, adv, objective)
+        return real(run, samples, idx, j, adv)
 
     monkeypatch.setattr(ddpo_min, "policy_loss", spy)
     train(_tiny_config(tmp_path / "steps", epochs=1, timestep_fraction=1.0))

@@ -84,9 +84,9 @@ def student_loop(step: Callable | None = None, clipped_loss: Callable | None = N
             def phase_3(run, samples):
                 adv = np.asarray(norm(list(samples.all_prompts), samples.all_rewards.copy()),
                                  dtype=np.float32)
+                samples.train_rewards = samples.all_rewards
                 samples.all_advantages = np.asarray(clip(adv, run.cfg.adv_clip_max), np.float32)
-                rows = samples.all_advantages[samples.index.numpy()]
-                return torch.as_tensor(rows, device=run.device)
+                return torch.as_tensor(samples.all_advantages)  # (S,), as the loop's
 
             stack.enter_context(mock.patch.object(ddpo_min, "compute_advantages", phase_3))
         yield

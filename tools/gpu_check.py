@@ -107,6 +107,7 @@ def ratio_at_theta_old(cfg: Config) -> dict:
 def zero_lora_gradients(cfg: Config) -> dict:
     """Check 2: one DDPO_IS term at the paper's weight, fp16, with and without loss scaling."""
     run = plumbing.Run(replace(cfg, mixed_precision="fp16"))
+    run.optimizer = torch.optim.AdamW(run.params, lr=cfg.lr)  # its unscale_ below
     samples = _sample(run)
     with torch.no_grad():  # LoRA's B starts at 0, which makes A's gradient exactly 0: move it
         g = torch.Generator().manual_seed(1)
@@ -122,7 +123,7 @@ def zero_lora_gradients(cfg: Config) -> dict:
     for scaled in (True, False):
         run.scaler = torch.amp.GradScaler(run.device.type, enabled=scaled)
         run.optimizer.zero_grad(set_to_none=True)
-        loss, _ = ddpo_min.policy_loss(run, samples, idx, j, adv, ddpo_min.is_objective)
+        loss, _ = ddpo_min.policy_loss(run, samples, idx, j, adv)
         plumbing.backward(run, loss, weight)
         run.scaler.unscale_(run.optimizer)
         grads = torch.cat([p.grad.flatten() for p in run.params if p.grad is not None])
@@ -135,6 +136,7 @@ def memory_and_speed(cfg: Config) -> dict:
     """Checks 3-4: one sampling batch and one training chunk, timed, with peak memory, against
     the same UNet calls alone."""
     run = plumbing.Run(cfg)
+    run.optimizer = torch.optim.AdamW(run.params, lr=cfg.lr)  # one step, timed
     device, unet = run.device, run.model.unet
     _sample(run)  # warm-up (kernels, allocator)
     _peak_reset(device)
@@ -156,7 +158,7 @@ def memory_and_speed(cfg: Config) -> dict:
     t0 = time.perf_counter()
     for j in steps[:T_train].tolist():
         jj = torch.full((len(idx),), j, device=device)
-        loss, _ = ddpo_min.policy_loss(run, samples, idx, jj, adv, ddpo_min.is_objective)
+        loss, _ = ddpo_min.policy_loss(run, samples, idx, jj, adv)
         plumbing.backward(run, loss, 1.0 / T_train)
     plumbing.optimizer_step(run, 0)
     _sync(device)

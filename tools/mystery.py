@@ -72,10 +72,10 @@ def _same_noise_every_epoch():
 def _raw_rewards():
     """The raw rewards are used as advantages (no per-prompt normalisation)."""
     def advantages(run, samples):
+        samples.train_rewards = samples.all_rewards
         samples.all_advantages = ddpo_min.clip_advantages(
             samples.all_rewards.astype(np.float32), run.cfg.adv_clip_max)
-        rows = samples.all_advantages[samples.index.numpy()]
-        return torch.as_tensor(rows, device=run.device)
+        return torch.as_tensor(samples.all_advantages)
 
     with mock.patch.object(ddpo_min, "compute_advantages", advantages):
         yield
