@@ -1,7 +1,9 @@
 """The run's configuration: one typed dataclass, its tiny-scale defaults, its checks and its CLI.
 
-Every field carries its help text and, where it has a fixed set of values, its choices; the command
-line of `python ddpo_min.py` is generated from it, so argparse rejects a bad choice by itself.
+Every field reads default first, then its help as the docstring under it, and, where it has a
+fixed set of values, its choices; the command line of `python ddpo_min.py` is generated from it
+(help text included, read from this file's source by `field_help`), so argparse rejects a bad
+choice by itself.
 Defaults are the paper's single-GPU setting (Stable Diffusion v1.4 + LoRA, arXiv 2305.13301, Sec. 6
 and Appendix); `--model tiny` switches to TINY_DEFAULTS below, for a laptop CPU. A flag given
 explicitly wins over both.
@@ -10,6 +12,8 @@ explicitly wins over both.
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -33,9 +37,10 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient or reward: the run stops, keeping its last good checkpoint."""
 
 
-def _help(text: str, default, choices: tuple[str, ...] | None = None, need: str = ""):
-    """A field with its help text, and either its choices or a range `need` ("> 0", ">= 1", ...)."""
-    return field(default=default, metadata={"help": text, "choices": choices, "need": need})
+def arg(default, choices: tuple[str, ...] | None = None, need: str = ""):
+    """A field: its default, and either its choices or a range `need` ("> 0", ">= 1", ...). Its
+    help is the docstring under it (read by `field_help`)."""
+    return field(default=default, metadata={"choices": choices, "need": need})
 
 
 _NEED = {  # the ranges a field may declare, as predicates
@@ -48,92 +53,122 @@ _NEED = {  # the ranges a field may declare, as predicates
 @dataclass
 class Config:
     # what to optimise
-    reward: str = _help("what to maximise", "aesthetic", tuple(REWARDS))
-    algo: str = _help("ddpo_is (PPO-clipped, the paper's best) | ddpo_sf (REINFORCE) | rwr | "
-                      "rwr_sparse", "ddpo_is", ALGOS)
-    model: str = _help("hub id or local folder of a Stable Diffusion pipeline, or `tiny`",
-                       "CompVis/stable-diffusion-v1-4")
-    prompts: str = _help("simple_animals (45) | imagenet_animals (398) | animals_activities "
-                         "(45 x 3) | a .txt path, one prompt per line", "simple_animals")
-    clip_model: str = _help("aesthetic: CLIP ViT-L/14 hub id or local folder (default "
-                            "openai/clip-vit-large-patch14)", "")
-    vlm: str = _help("alignment: VLM hub id or folder (default Qwen/Qwen2-VL-2B-Instruct; "
-                     "paper: llava-hf/llava-1.5-7b-hf)", "")
-    bertscore_model: str = _help("alignment: BERTScore model, hub id, folder or `minilm` "
-                                 "(offline)", "")
+    reward: str = arg("aesthetic", choices=tuple(REWARDS))
+    """what to maximise"""
+    algo: str = arg("ddpo_is", choices=ALGOS)
+    """ddpo_is (PPO-clipped, the paper's best) | ddpo_sf (REINFORCE) | rwr | rwr_sparse"""
+    model: str = arg("CompVis/stable-diffusion-v1-4")
+    """hub id or local folder of a Stable Diffusion pipeline, or `tiny`"""
+    prompts: str = arg("simple_animals")
+    """simple_animals (45) | imagenet_animals (398) | animals_activities (45 x 3) | a .txt path,
+    one prompt per line"""
+    clip_model: str = arg("")
+    """aesthetic: CLIP ViT-L/14 hub id or local folder (default openai/clip-vit-large-patch14)"""
+    vlm: str = arg("")
+    """alignment: VLM hub id or folder (default Qwen/Qwen2-VL-2B-Instruct; paper:
+    llava-hf/llava-1.5-7b-hf)"""
+    bertscore_model: str = arg("")
+    """alignment: BERTScore model, hub id, folder or `minilm` (offline)"""
     # sampling
-    num_steps: int = _help("DDIM denoising steps T", 50, need=">= 1")
-    eta: float = _help("DDIM noise scale; must be > 0 for a stochastic policy", 1.0)
-    guidance_scale: float = _help("classifier-free guidance weight w (negative prompt: empty)", 5.0)
-    sample_batch_size: int = _help("images per sampling forward pass, on each process", 8,
-                                   need=">= 1")
-    sample_batches: int = _help("sampling batches per epoch over all processes: samples/epoch = "
-                                "this x sample_batch_size, and each of N processes samples "
-                                "sample_batches / N of them", 32, need=">= 1")
-    samples_per_prompt: int = _help("images per drawn prompt in a sampling batch; 1 = every "
-                                    "image draws its own prompt (the paper)", 1, need=">= 1")
+    num_steps: int = arg(50, need=">= 1")
+    """DDIM denoising steps T"""
+    eta: float = arg(1.0)
+    """DDIM noise scale; must be > 0 for a stochastic policy"""
+    guidance_scale: float = arg(5.0)
+    """classifier-free guidance weight w (negative prompt: empty)"""
+    sample_batch_size: int = arg(8, need=">= 1")
+    """images per sampling forward pass, on each process"""
+    sample_batches: int = arg(32, need=">= 1")
+    """sampling batches per epoch over all processes: samples/epoch = this x sample_batch_size,
+    and each of N processes samples sample_batches / N of them"""
+    samples_per_prompt: int = arg(1, need=">= 1")
+    """images per drawn prompt in a sampling batch; 1 = every image draws its own prompt (the
+    paper)"""
     # training
-    train_batch_size: int = _help("at most this many samples per training forward pass, on each "
-                                  "process (gradients accumulate over them)", 2, need=">= 1")
-    minibatches: int = _help("optimizer steps per pass over the epoch's samples, each on "
-                             "samples/epoch / minibatches samples over all processes (ddpo_sf: "
-                             "always 1)", 2, need=">= 1")
-    inner_epochs: int = _help("passes over each epoch's samples", 1, need=">= 1")
-    timestep_fraction: float = _help("fraction of the T steps trained per sample (shuffled per "
-                                     "sample)", 1.0, need="in (0, 1]")
-    lr: float = _help("AdamW learning rate", 3e-4, need="> 0")
-    adam_beta1: float = _help("AdamW beta1", 0.9, need="in [0, 1)")
-    adam_beta2: float = _help("AdamW beta2", 0.999, need="in [0, 1)")
-    weight_decay: float = _help("AdamW weight decay", 1e-4, need=">= 0")
-    max_grad_norm: float = _help("gradient-norm clip", 1.0, need="> 0")
-    clip_range: float = _help("PPO clip range eps on the ratio (ddpo_is)", 1e-4, need="> 0")
-    adv_clip_max: float = _help("advantages are clipped to [-this, this]", 5.0, need="> 0")
-    per_prompt_stats: bool = _help("normalise rewards per prompt (else over the batch)", True)
-    kl_coef: float = _help("beta: DDPO plus beta times each trained transition's KL to the "
-                           "pretrained policy (a KL leash, as DPOK; 0 = the paper's objective). "
-                           "One more UNet forward per transition, without gradient", 0.0,
-                           need=">= 0")
-    reward_blind: bool = _help("a control for comparisons: train on N(0, 1) draws in place of the "
-                               "rewards, independent of the samples (the logged rewards stay the "
-                               "real ones)", False)
-    stat_buffer: int = _help("per-prompt reward buffer length", 32, need=">= 1")
-    stat_min_count: int = _help("rewards a prompt needs before its own stats are used", 16,
-                                need=">= 1")
-    rwr_beta: float = _help("RWR inverse temperature beta in exp(beta r)", 0.2)
-    rwr_signal: str = _help("what RWR weighs and sparse RWR thresholds: the raw reward (the "
-                            "paper) | the advantage (per-prompt standardised reward)", "reward",
-                            ("reward", "advantage"))
-    rwr_percentile: float = _help("sparse RWR keeps samples with reward >= this batch "
-                                  "percentile", 90.0, need="in [0, 100]")
-    lora_rank: int = _help("LoRA rank on the UNet attention projections; 0 = full fine-tuning", 4,
-                           need=">= 0")
-    trainable: str = _help("which UNet weights train: all (LoRA: every attention projection; "
-                           "full fine-tuning: every weight) | cross_attention (only the "
-                           "text-to-image attention blocks, attn2)", "all", TRAINABLE)
-    mixed_precision: str = _help("fp16 | bf16: the frozen weights in half precision and the UNet "
-                                 "under autocast, fp16 with loss scaling; no: fp32 (on a CPU "
-                                 "half precision runs, slowly)", "fp16", PRECISIONS)
+    train_batch_size: int = arg(2, need=">= 1")
+    """at most this many samples per training forward pass, on each process (gradients accumulate
+    over them)"""
+    minibatches: int = arg(2, need=">= 1")
+    """optimizer steps per pass over the epoch's samples, each on samples/epoch / minibatches
+    samples over all processes (ddpo_sf: always 1)"""
+    inner_epochs: int = arg(1, need=">= 1")
+    """passes over each epoch's samples"""
+    timestep_fraction: float = arg(1.0, need="in (0, 1]")
+    """fraction of the T steps trained per sample (shuffled per sample)"""
+    lr: float = arg(3e-4, need="> 0")
+    """AdamW learning rate"""
+    adam_beta1: float = arg(0.9, need="in [0, 1)")
+    """AdamW beta1"""
+    adam_beta2: float = arg(0.999, need="in [0, 1)")
+    """AdamW beta2"""
+    weight_decay: float = arg(1e-4, need=">= 0")
+    """AdamW weight decay"""
+    max_grad_norm: float = arg(1.0, need="> 0")
+    """gradient-norm clip"""
+    clip_range: float = arg(1e-4, need="> 0")
+    """PPO clip range eps on the ratio (ddpo_is)"""
+    adv_clip_max: float = arg(5.0, need="> 0")
+    """advantages are clipped to [-this, this]"""
+    per_prompt_stats: bool = arg(True)
+    """normalise rewards per prompt (else over the batch)"""
+    kl_coef: float = arg(0.0, need=">= 0")
+    """beta: DDPO plus beta times each trained transition's KL to the pretrained policy (a KL
+    leash, as DPOK; 0 = the paper's objective). One more UNet forward per transition, without
+    gradient"""
+    reward_blind: bool = arg(False)
+    """a control for comparisons: train on N(0, 1) draws in place of the rewards, independent of
+    the samples (the logged rewards stay the real ones)"""
+    stat_buffer: int = arg(32, need=">= 1")
+    """per-prompt reward buffer length"""
+    stat_min_count: int = arg(16, need=">= 1")
+    """rewards a prompt needs before its own stats are used"""
+    rwr_beta: float = arg(0.2)
+    """RWR inverse temperature beta in exp(beta r)"""
+    rwr_signal: str = arg("reward", choices=("reward", "advantage"))
+    """what RWR weighs and sparse RWR thresholds: the raw reward (the paper) | the advantage
+    (per-prompt standardised reward)"""
+    rwr_percentile: float = arg(90.0, need="in [0, 100]")
+    """sparse RWR keeps samples with reward >= this batch percentile"""
+    lora_rank: int = arg(4, need=">= 0")
+    """LoRA rank on the UNet attention projections; 0 = full fine-tuning"""
+    trainable: str = arg("all", choices=TRAINABLE)
+    """which UNet weights train: all (LoRA: every attention projection; full fine-tuning: every
+    weight) | cross_attention (only the text-to-image attention blocks, attn2)"""
+    mixed_precision: str = arg("fp16", choices=PRECISIONS)
+    """fp16 | bf16: the frozen weights in half precision and the UNet under autocast, fp16 with
+    loss scaling; no: fp32 (on a CPU half precision runs, slowly)"""
     # run
-    epochs: int = _help("sampling+training epochs", 200, need=">= 0")
-    max_minutes: float = _help("stop (with a checkpoint) after the epoch that passes this many "
-                               "minutes of this invocation (a resumed run counts afresh); 0 = off",
-                               0.0, need=">= 0")
-    seed: int = _help("random seed (sampling, prompts, shuffles)", 0, need=">= 0")
-    output_dir: str = _help("run folder (default: runs/<reward>-<algo>-<model>-<time>)", "")
-    resume: str = _help("a run folder to continue exactly from its last checkpoint", "")
-    save_every: int = _help("checkpoint every N epochs (and always at the end)", 1, need=">= 1")
-    device: str = _help("cuda | cpu (default: cuda if available)", "")
-    sd_on_cpu: bool = _help("run a hub model (Stable Diffusion) on a CPU anyway: a download of "
-                            "several GB, then hours per epoch", False)
-    threads: int = _help("CPU threads for torch; 0 = every core while the machine is idle, fewer "
-                         "while other processes keep cores busy", 0, need=">= 0")
-    log: str = _help("besides metrics.jsonl", "none", LOGGERS)
-    grid_size: int = _help("images in each epoch's sample grid", 16, need=">= 1")
-    kl_samples: int = _help("diagnostic: the mean per-step KL to the pretrained policy, on this "
-                            "many of each epoch's trajectories (over all processes); 0 = off", 4,
-                            need=">= 0")
-    kl_steps: int = _help("diagnostic: stochastic steps scored per KL trajectory, evenly spaced "
-                          "and staggered over the trajectories (fewer: cheaper)", 3, need=">= 1")
+    epochs: int = arg(200, need=">= 0")
+    """sampling+training epochs"""
+    max_minutes: float = arg(0.0, need=">= 0")
+    """stop (with a checkpoint) after the epoch that passes this many minutes of this invocation
+    (a resumed run counts afresh); 0 = off"""
+    seed: int = arg(0, need=">= 0")
+    """random seed (sampling, prompts, shuffles)"""
+    output_dir: str = arg("")
+    """run folder (default: runs/<reward>-<algo>-<model>-<time>)"""
+    resume: str = arg("")
+    """a run folder to continue exactly from its last checkpoint"""
+    save_every: int = arg(1, need=">= 1")
+    """checkpoint every N epochs (and always at the end)"""
+    device: str = arg("")
+    """cuda | cpu (default: cuda if available)"""
+    sd_on_cpu: bool = arg(False)
+    """run a hub model (Stable Diffusion) on a CPU anyway: a download of several GB, then hours
+    per epoch"""
+    threads: int = arg(0, need=">= 0")
+    """CPU threads for torch; 0 = every core while the machine is idle, fewer while other
+    processes keep cores busy"""
+    log: str = arg("none", choices=LOGGERS)
+    """besides metrics.jsonl"""
+    grid_size: int = arg(16, need=">= 1")
+    """images in each epoch's sample grid"""
+    kl_samples: int = arg(4, need=">= 0")
+    """diagnostic: the mean per-step KL to the pretrained policy, on this many of each epoch's
+    trajectories (over all processes); 0 = off"""
+    kl_steps: int = arg(3, need=">= 1")
+    """diagnostic: stochastic steps scored per KL trajectory, evenly spaced and staggered over
+    the trajectories (fewer: cheaper)"""
 
     @classmethod
     def paper(cls, **overrides) -> Config:
@@ -264,6 +299,24 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+@functools.cache
+def field_help() -> dict[str, str]:
+    """Each Config field's help: the string literal right under it in this file, on one line."""
+    return attribute_docs(Path(__file__).read_text(encoding="utf-8"), "Config")
+
+
+def attribute_docs(source: str, cls: str) -> dict[str, str]:
+    """{field: the string literal right under it} for class `cls` in `source`."""
+    tree = ast.parse(source)
+    (body,) = [n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
+    out = {}
+    for field_, doc in zip(body, body[1:]):
+        if (isinstance(field_, ast.AnnAssign) and isinstance(doc, ast.Expr)
+                and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            out[field_.target.id] = " ".join(doc.value.value.split())
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(
         description="DDPO: fine-tune a text-to-image diffusion model on a reward with RL.",
@@ -273,7 +326,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         kind = {"int": int, "float": float, "str": str, "bool": _parse_bool}[f.type]
         parser.add_argument("--" + _flag(f.name), type=kind, default=argparse.SUPPRESS,
                             choices=f.metadata["choices"],
-                            help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})")
+                            help=f"{field_help()[f.name]} (default: "
+                                 f"{getattr(defaults, f.name)!r})")
     explicit = vars(parser.parse_args(argv))  # only the flags actually given
     if explicit.get("resume"):
         explicit = {"epochs": 0, **explicit}  # 0 = keep the run's own epochs unless --epochs given

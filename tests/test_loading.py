@@ -1,0 +1,72 @@
+"""loading.py: prompt sets, devices, and the model source checked before anything slow (no network
+needed)."""
+
+from __future__ import annotations
+
+import re
+import time
+from functools import partial
+
+import pytest
+import torch
+
+import ddpo_min
+import loading
+from config import Config, ConfigError
+
+
+def test_prompt_sets(tmp_path):
+    assert len(loading.load_prompts("simple_animals")) == 45
+    imagenet = loading.load_prompts("imagenet_animals")
+    assert len(imagenet) == 398 and imagenet[0] == "a tench"
+    acts = loading.load_prompts("animals_activities")
+    assert len(acts) == 135 and "a cat riding a bike" in acts
+    f = tmp_path / "p.txt"
+    f.write_text("a red cube\n\na blue ball\n")
+    assert loading.load_prompts(str(f)) == ["a red cube", "a blue ball"]
+    with pytest.raises(ConfigError, match="neither"):
+        loading.load_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_unloadable_model_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="--model tiny"):
+        loading.load_model(Config(model=str(tmp_path / "no_such_model"), device="cpu"),
+                           torch.device("cpu"))
+
+
+@pytest.mark.parametrize("reachable, cpu_ok, says", [
+    (False, False, "cannot be reached from here"),
+    (True, False, "use --model tiny for a CPU run in minutes, or pass --sd-on-cpu true"),
+    (True, True, None),
+])  # fmt: skip
+def test_the_headline_command_fails_in_seconds_without_a_network_or_a_gpu(
+        monkeypatch, reachable, cpu_ok, says):
+    """`python ddpo_min.py --reward aesthetic` (SD v1.4 from the hub): without a network, one probe
+    of the hub and a one-line error, not the hub client's retries; on a CPU, one line naming the
+    tiny model, unless --sd-on-cpu."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: reachable)
+    check = partial(loading.check_model_source, "CompVis/stable-diffusion-v1-4",
+                    torch.device("cpu"), cpu_ok)
+    if says is None:
+        check()
+        return
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        check()
+
+
+def test_the_hub_probe_answers_within_its_timeout():
+    start = time.perf_counter()
+    assert loading.hub_reachable(timeout=1.0) in (True, False)
+    assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as exited:
+        ddpo_min.main(["--model", "tiny", "--device", "cuda", "--output-dir", str(tmp_path)])
+    message = str(exited.value.code)
+    assert "--device cuda: CUDA is not available" in message and "--device cpu" in message
+    assert "\n" not in message
