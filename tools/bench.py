@@ -48,10 +48,9 @@ import torch
 import config
 import ddpo_min
 import loading
-import rewards as R
 import tiny
 from sampler import trainable_steps
-from tools.tiny_report import sample_prompts
+from tools.tiny_report import held_out
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
@@ -248,16 +247,9 @@ EVAL_PER_PROMPT = 8
 def evaluate(model, cfg: config.Config, per_prompt: int = EVAL_PER_PROMPT,
              seed: int = REPORT_SEED) -> dict:
     """Held-out evaluation: 45 animal prompts x `per_prompt` fixed seeds, the run's sampler
-    settings."""
+    settings; JPEG size, captioner top-1 and the alignment reward (tiny_report.held_out)."""
     prompts = [p for p in tiny.ANIMAL_PROMPTS for _ in range(per_prompt)]
-    model.unet.eval()
-    images = sample_prompts(model, prompts, steps=cfg.num_steps, guidance=cfg.guidance_scale,
-                            eta=cfg.eta, seed=seed, desc="held-out eval")  # (N, 3, 32, 32)
-    kb = R.jpeg_size_kb(images)
-    align, extras = R.make_reward("alignment", scale="tiny")(images, prompts)
-    top1 = float(np.mean([c == p for c, p in zip(extras["captions"], prompts)]))
-    return dict(jpeg_kb=float(np.mean(kb)), alignment=float(np.mean(align)),
-                caption_top1=top1), images
+    return held_out(model, cfg, prompts, seed, alignment=True, desc="held-out eval")
 
 
 SELECT_BY = {

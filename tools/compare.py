@@ -42,9 +42,8 @@ import torch
 import config
 import ddpo_min
 import plumbing
-import rewards as R
 import tiny
-from tools.tiny_report import sample_prompts
+from tools.tiny_report import held_out
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "assets" / "comparison"  # pretrained.json, runs/<name>.json (committed)
@@ -92,16 +91,9 @@ def is_control(algo: str) -> bool:
 @torch.no_grad()
 def evaluate(model, cfg: config.Config) -> dict:
     """JPEG size and captioner top-1 on each held-out set (fixed prompts and noise)."""
-    captioner = tiny.load_captioner()
-    model.unet.eval()
-    out = {}
-    for name, (prompts, per_prompt) in EVAL_SETS.items():
-        prompts = [p for p in prompts for _ in range(per_prompt)]
-        images = sample_prompts(model, prompts, steps=cfg.num_steps, guidance=cfg.guidance_scale,
-                                eta=cfg.eta, seed=EVAL_SEED, desc=f"eval {name}")
-        top1 = np.mean([c == p for c, p in zip(captioner.caption(images), prompts)])
-        out[name] = dict(jpeg_kb=float(np.mean(R.jpeg_size_kb(images))), caption_top1=float(top1))
-    return out
+    return {name: held_out(model, cfg, [p for p in prompts for _ in range(per_prompt)], EVAL_SEED,
+                           desc=f"eval {name}")[0]
+            for name, (prompts, per_prompt) in EVAL_SETS.items()}
 
 
 def base_config(reward: str | None, algo: str, lr: float, seed: int) -> config.Config:

@@ -37,10 +37,9 @@ import torch
 
 import config
 import ddpo_min
-import rewards as R
 import sampler
 import tiny
-from tools.tiny_report import sample_prompts
+from tools.tiny_report import held_out
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "assets" / "ex5_calibration.json"
@@ -101,10 +100,7 @@ def _per_batch_reference(prompts, rewards) -> np.ndarray:
 def held_out_jpeg_kb(model, cfg: config.Config) -> float:
     """Mean JPEG size of the 45 animals x 2 fixed noise seeds, sampled as the run samples."""
     prompts = [p for p in tiny.ANIMAL_PROMPTS for _ in range(EVAL_PER_PROMPT)]
-    model.unet.eval()
-    images = sample_prompts(model, prompts, steps=cfg.num_steps, guidance=cfg.guidance_scale,
-                            eta=cfg.eta, seed=EVAL_SEED, desc="held-out")
-    return float(np.mean(R.jpeg_size_kb(images)))
+    return held_out(model, cfg, prompts, EVAL_SEED)[0]["jpeg_kb"]
 
 
 def train_and_measure(folder: Path, seed: int = 0, epochs: int = EPOCHS,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import rewards as R
 import tiny
 from tiny import ANIMAL_PROMPTS, GUIDANCE, IMAGE, Captioner, generalisation_prompts, load_captioner
 from tools.tiny_data import render_prompt_images
@@ -62,6 +63,29 @@ def sample_prompts(model, prompts: list[str], *, steps: int = REPORT_STEPS,
             images.append(model.decode(traj.x0).cpu())  # (b, 3, 32, 32)
             bar.update(len(chunk))
     return torch.cat(images)  # (B, 3, 32, 32)
+
+
+@torch.no_grad()
+def held_out(model, cfg, prompts: list[str], seed: int, *, alignment: bool = False,
+             desc: str = "held-out") -> tuple[dict, torch.Tensor]:
+    """The policy on fixed noise, the one held-out evaluation of the tools (learning rows, the
+    comparison, exercise 5): one image per prompt (repeat a prompt for several), sampled with the
+    run's sampler settings (cfg: num_steps, guidance_scale, eta) and fixed by (prompts, seed).
+
+    Returns ({"jpeg_kb": mean JPEG size, "caption_top1": the share of images the captioner names
+    as their prompt ("is it still the animal?"), and with `alignment` the mean tiny alignment
+    reward}, the images (N, 3, 32, 32)).
+    """
+    model.unet.eval()
+    images = sample_prompts(model, prompts, steps=cfg.num_steps, guidance=cfg.guidance_scale,
+                            eta=cfg.eta, seed=seed, desc=desc)  # (N, 3, 32, 32)
+    captions = load_captioner().caption(images)
+    out = dict(jpeg_kb=float(np.mean(R.jpeg_size_kb(images))),
+               caption_top1=float(np.mean([c == p for c, p in zip(captions, prompts)])))
+    if alignment:
+        scores, _ = R.make_reward("alignment", scale="tiny")(images, prompts)
+        out["alignment"] = float(np.mean(scores))
+    return out, images
 
 
 def recognition_rates(captioner: Captioner, images: torch.Tensor,
