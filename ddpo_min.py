@@ -511,9 +511,11 @@ def rescore_with_kl(run: Run, samples: Samples, idx: torch.Tensor,
     with run.autocast:
         out = guided_model_output(model.unet, x_t, t, embeds, run.negative_embeds,
                                   cfg.guidance_scale)  # under θ, with gradient
+        t0 = plumbing.synced_clock(run.device)
         with torch.no_grad(), loading.pretrained_unet(model.unet, run.reference) as pretrained:
             out_pre = guided_model_output(pretrained, x_t, t, embeds, run.negative_embeds,
                                           cfg.guidance_scale)
+        run.kl_penalty_seconds += plumbing.synced_clock(run.device) - t0  # its extra cost
     _, log_prob = ddim_step_with_logprob(model.scheduler, out, t, x_t, cfg.eta,
                                          prev_sample=x_prev)  # (b,)
     mean, sigma = ddim_step_mean(model.scheduler, out, t, x_t, cfg.eta)  # μ_θ, σ_t
@@ -607,6 +609,7 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
     stats = {"loss/policy": [0.0, 0.0], "loss/approx_kl": [0.0, 0.0], "loss/clipfrac": [0.0, 0.0]}
     if cfg.kl_coef:
         stats["loss/kl_penalty"] = [0.0, 0.0]  # the KL term before its β
+    run.kl_penalty_seconds = 0.0  # the pretrained policy's forward passes (--kl-coef)
     grad_norms, skipped_steps = [], 0
     for _ in range(cfg.inner_epochs):
         for terms in progress(run, minibatches(run, samples, adv), total=cfg.minibatches,
@@ -627,7 +630,8 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
             skipped_steps += skipped
     out = plumbing.weighted_means_over_processes(run, stats)  # {key: Σ w value / Σ w, or None}
     grad_norm = float(np.mean(grad_norms)) if grad_norms else None
-    return {**out, "grad_norm": grad_norm, "skipped_steps": skipped_steps}
+    cost = {"time/kl_penalty": run.kl_penalty_seconds} if cfg.kl_coef else {}
+    return {**out, "grad_norm": grad_norm, "skipped_steps": skipped_steps, **cost}
 
 
 @torch.no_grad()

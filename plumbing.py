@@ -83,6 +83,7 @@ class Run:
         self.params = [p for p in self.model.unet.parameters() if p.requires_grad]
         self.tracker = None  # set by ddpo_min.train()
         self.optimizer: torch.optim.Optimizer | None = None  # set by ddpo_min.train()
+        self.kl_penalty_seconds = 0.0  # per epoch: the KL leash's extra forwards (--kl-coef)
         # Mixed precision: the frozen weights in fp16/bf16 (loading.py), the UNet run under
         # autocast, and in fp16 the loss scaled up before backward (unscaled before the clip):
         # the DDPO gradient at the UNet output is ~1e-8 per element, below fp16's normal range.
@@ -505,9 +506,19 @@ def print_sizes(run: Run) -> None:
 
 def format_metrics(m: dict) -> str:
     parts = [f"epoch {m['epoch']}", f"reward {m['reward/mean']:.4g} ± {m['reward/std']:.3g}"]
-    for k in ("loss/policy", "loss/approx_kl", "loss/clipfrac", "kl/pretrained"):
+    for k in ("loss/policy", "loss/approx_kl", "loss/clipfrac", "loss/kl_penalty",
+              "kl/pretrained"):
         if m.get(k) is not None:
             parts.append(f"{k.replace('loss/', '')} {m[k]:.3g}")
+    leash = (f", of which the KL leash's pretrained forwards {m['time/kl_penalty']:.1f}"
+             if "time/kl_penalty" in m else "")
     parts.append(f"{m['time/epoch']:.1f}s (sample {m['time/sample']:.1f}, "
-                 f"train {m['time/train']:.1f})")
+                 f"train {m['time/train']:.1f}{leash})")
     return " | ".join(parts)
+
+
+def synced_clock(device: torch.device) -> float:
+    """time.perf_counter() after the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -88,7 +88,7 @@ def test_exercise_5_is_graded_from_the_runs_weights(tmp_path, monkeypatch):
     for reward in ex5.REWARDS:
         ddpo_min.train(Config.tiny(epochs=1, reward=reward, output_dir=str(sub / "ex5" / reward),
                                    **TOY))
-    calibration = dict(epochs=1, settings=TOY, bars={
+    calibration = dict(epochs=1, settings=TOY, clipfrac_bar=1.0, bars={
         "compressibility": dict(direction="down", bar_percent=-100.0),
         "incompressibility": dict(direction="up", bar_percent=-100.0)})
     right = autograde.grade_ex5(sub, calibration)
@@ -98,6 +98,9 @@ def test_exercise_5_is_graded_from_the_runs_weights(tmp_path, monkeypatch):
     strict = {**calibration, "bars": {r: {**b, "bar_percent": 90.0}
                                       for r, b in calibration["bars"].items()}}
     assert autograde.grade_ex5(sub, strict)["points"] == 0
+    # the same weights with a trust region no run keeps (its clip fraction is read from the run)
+    clipped = autograde.grade_ex5(sub, {**calibration, "clipfrac_bar": -1.0})
+    assert clipped["points"] == 0 and "clipfrac median" in clipped["detail"]
     # a run trained with another learning rate
     wrong = tmp_path / "wrong"
     shutil.copytree(sub, wrong)

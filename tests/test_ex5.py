@@ -73,3 +73,30 @@ def test_a_step_written_from_exercise_1_trains_as_the_reference(tmp_path):
     sd_only = _epoch(tmp_path / "sd-only", {**ex5.reference_functions(),
                                             "step": _student_step("sd only")})
     assert not sd_only["loss/approx_kl"] < 100 * reference["loss/approx_kl"]  # NaN counts too
+
+
+def test_the_committed_bars_pass_every_reference_seed_and_reject_every_mutant():
+    """assets/ex5_calibration.json, as `python -m tools.bench ex5 --seeds 0 1 2` wrote it: the
+    reference clears every bar on each seed, each wrong implementation misses one (summed
+    log-probs only through its clip fraction)."""
+    import json
+
+    from tools import ex5
+
+    calibration = json.loads(ex5.CALIBRATION.read_text())
+    runs = calibration["runs"]
+
+    def figures(name, seed):
+        mine = [r for r in runs if r["implementation"] == name and r["seed"] == seed]
+        return ({r["reward"]: r["change_percent"] for r in mine},
+                {r["reward"]: r["clipfrac_median"] for r in mine})
+
+    for seed in (0, 1, 2):
+        assert ex5.passes(*figures("reference", seed), calibration)
+    assert set(calibration["mutants"]) == set(ex5.MUTANTS)
+    for name in ex5.MUTANTS:
+        changes, clipfracs = figures(name, 0)
+        assert not ex5.passes(changes, clipfracs, calibration), name
+        assert calibration["mutants"][name]["passes"] is False
+    summed = figures("summed log-probs", 0)
+    assert ex5.passes(summed[0], {r: 0.0 for r in summed[1]}, calibration)  # the JPEG bars alone

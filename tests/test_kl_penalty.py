@@ -92,3 +92,8 @@ def test_a_large_beta_keeps_the_policy_near_the_pretrained_one(tmp_path):
     _, leashed = _weights(tmp_path / "leashed", lr=1e-3, kl_coef=1e4)
     assert leashed[-1]["kl/pretrained"] < free[-1]["kl/pretrained"]
     assert "loss/kl_penalty" in leashed[-1] and "loss/kl_penalty" not in free[-1]
+    # the leash's extra cost per epoch is logged and printed
+    assert 0 < leashed[-1]["time/kl_penalty"] < leashed[-1]["time/train"]
+    assert "time/kl_penalty" not in free[-1]
+    assert "of which the KL leash's pretrained forwards" in plumbing.format_metrics(leashed[-1])
+    assert "KL leash" not in plumbing.format_metrics(free[-1])

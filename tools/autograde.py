@@ -16,7 +16,8 @@ It scores the rubric's automatic items (notebooks/course/RUBRIC.md) and writes t
 - ex5, "the bar": for each reward, the run's config must be the calibrated one (tiny defaults,
   that reward, the calibration's epoch count) and its metrics must have that many epochs; the
   held-out JPEG size is then measured again here, from the run's weights with the reference sampler,
-  and must clear the bar of assets/ex5_calibration.json (`tools.ex5.passes`).
+  and must clear the bars of assets/ex5_calibration.json (`tools.ex5.passes`: the JPEG change per
+  reward and the clip fraction's median, read from the run's metrics.jsonl).
 
 The student's file is imported and run: grade untrusted code in a container or a throwaway account.
 """
@@ -146,7 +147,7 @@ def _run_problem(run_dir: Path, reward: str, calibration: dict) -> str | None:
 
 def grade_ex5(submission: Path, calibration: dict) -> dict:
     """Re-measure each run's held-out JPEG change from its weights; the bar of every reward."""
-    changes, problems = {}, []
+    changes, clipfracs, problems = {}, {}, []
     before = None  # the pretrained model's held-out size: the same for every reward, measured once
     for reward in calibration["bars"]:
         run_dir = submission / "ex5" / reward
@@ -160,13 +161,13 @@ def grade_ex5(submission: Path, calibration: dict) -> dict:
         after = ex5.held_out_jpeg_kb(
             tiny.load_tiny(weights=run_dir / "weights" / "unet.safetensors"), cfg)
         changes[reward] = 100 * (after / before - 1)
+        clipfracs[reward] = ex5.clipfrac_median(run_dir)
     if problems:
         return dict(points=0, max=EX5_POINTS, detail="; ".join(problems), change_percent=changes)
-    ok = ex5.passes(changes, calibration)
-    detail = ", ".join(f"{r} {c:+.1f}% (bar: {calibration['bars'][r]['direction']} by "
-                       f"{calibration['bars'][r]['bar_percent']:.0f}%)" for r, c in changes.items())
-    return dict(points=EX5_POINTS if ok else 0, max=EX5_POINTS, detail=detail,
-                change_percent=changes)
+    ok = ex5.passes(changes, clipfracs, calibration)
+    return dict(points=EX5_POINTS if ok else 0, max=EX5_POINTS,
+                detail=ex5.judged(calibration, changes, clipfracs), change_percent=changes,
+                clipfrac_median=clipfracs)
 
 
 def grade(submission: Path, seeds=DEFAULT_SEEDS, calibration: dict | None = None,

@@ -15,11 +15,15 @@ training loop, and the bar they must reach.
 The bar: after EPOCHS epochs of training with the tiny defaults on each JPEG reward, the mean JPEG
 size of a fixed held-out set (the 45 animals x 2 noise seeds) must have moved toward that reward by
 at least the reward's `bar_percent` in assets/ex5_calibration.json, set 2 points below the worst of
-3 seeds of the reference run through this same harness. Both rewards, so that the bar checks
-that the loop follows the reward in both directions. MUTANTS are wrong implementations run
-through the same harness (assets/ex5_calibration.json says which clear the bars). The budget is
-in epochs, not minutes, so that the bar means the same on a slow laptop and a fast machine (12
-epochs took about 3 minutes per reward on a fast 2-core machine, about 10 on a slow one).
+3 seeds of the reference run through this same harness. Both rewards, so that the bar checks that
+the loop follows the reward in both directions. And the trust region must hold: the median over the
+epochs of `loss/clipfrac` at most CLIPFRAC_BAR. A step whose log-prob is summed over C*H*W instead
+of averaged learns (Adam does not care about the gradient's scale), but its log-ratios are D = 3072
+times too large, so every minibatch after an epoch's first is clipped whole. MUTANTS are wrong
+implementations run through the same harness (assets/ex5_calibration.json says which clear the
+bars). The budget is in epochs, not minutes, so that the bar means the same on a slow laptop and a
+fast machine (12 epochs took about 3 minutes per reward on a fast 2-core machine, about 10 on a slow
+one).
 """
 
 from __future__ import annotations
@@ -103,6 +107,15 @@ def held_out_jpeg_kb(model, cfg: config.Config) -> float:
     return held_out(model, cfg, prompts, EVAL_SEED)[0]["jpeg_kb"]
 
 
+CLIPFRAC_BAR = 0.5  # reference runs: medians 0.05-0.14; summed log-probs 0.75 (3 of 4 minibatches)
+
+
+def clipfrac_median(run_dir: Path) -> float:
+    """The median over a run's epochs of its logged clip fraction."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return float(np.median([json.loads(line)["loss/clipfrac"] for line in lines]))
+
+
 def train_and_measure(folder: Path, seed: int = 0, epochs: int = EPOCHS,
                       functions: dict | None = None, **overrides) -> dict:
     """Train the tiny defaults (compressibility) for `epochs` with the given functions patched
@@ -120,7 +133,7 @@ def train_and_measure(folder: Path, seed: int = 0, epochs: int = EPOCHS,
     epochs = len((run_dir / "metrics.jsonl").read_text().splitlines())
     return dict(seed=seed, minutes=seconds / 60, epochs=epochs, jpeg_kb_before=before,
                 jpeg_kb_after=after, change_percent=100 * (after / before - 1),
-                run_dir=str(run_dir))
+                clipfrac_median=clipfrac_median(run_dir), run_dir=str(run_dir))
 
 
 def reference_functions() -> dict:
@@ -184,7 +197,11 @@ def _run(name: str, reward: str, seed: int, epochs: int) -> dict:
     folder = ROOT / "runs" / "ex5-calibration" / f"{name.replace(' ', '-')}-{reward}-seed{seed}"
     done = folder.with_suffix(".json")
     if done.exists() and json.loads(done.read_text())["epochs"] == epochs:
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if "clipfrac_median" not in result:  # a run finished before the trust-region criterion
+            result["clipfrac_median"] = clipfrac_median(result["run_dir"])
+            done.write_text(json.dumps(result, indent=1))
+        return result
     functions = (reference_functions() if name == "reference"
                  else mutant_functions(name, seed))
     result = dict(implementation=name, reward=reward,
@@ -193,14 +210,25 @@ def _run(name: str, reward: str, seed: int, epochs: int) -> dict:
     done.write_text(json.dumps(result, indent=1))
     print(f"{name:17s} {reward:17s} seed {seed}: {result['epochs']} epochs in "
           f"{result['minutes']:.1f} min, held-out JPEG {result['jpeg_kb_before']:.3f} -> "
-          f"{result['jpeg_kb_after']:.3f} kB ({result['change_percent']:+.1f}%)")
+          f"{result['jpeg_kb_after']:.3f} kB ({result['change_percent']:+.1f}%), clipfrac "
+          f"median {result['clipfrac_median']:.3f}")
     return result
 
 
-def passes(changes: dict[str, float], calibration: dict) -> bool:
-    """Whether held-out JPEG changes (percent, per reward) clear the bar of every reward."""
+def passes(changes: dict[str, float], clipfracs: dict[str, float], calibration: dict) -> bool:
+    """Whether the runs clear the bar of every reward: held-out JPEG changes (percent, per
+    reward) far enough toward it, and the clip-fraction medians (per reward) within the trust
+    region's bar."""
     return all(REWARDS[reward] * changes[reward] >= bar["bar_percent"]
+               and clipfracs[reward] <= calibration["clipfrac_bar"]
                for reward, bar in calibration["bars"].items())
+
+
+def judged(calibration: dict, changes: dict[str, float], clipfracs: dict[str, float]) -> str:
+    """One line per reward: the run's figures against the bars."""
+    return ", ".join(f"{r} {changes[r]:+.1f}% (bar: {b['direction']} by {b['bar_percent']:.0f}%) "
+                     f"with clipfrac median {clipfracs[r]:.2f} (bar: at most "
+                     f"{calibration['clipfrac_bar']:g})" for r, b in calibration["bars"].items())
 
 
 def calibrate(seeds: list[int], epochs: int = EPOCHS,
@@ -214,23 +242,31 @@ def calibrate(seeds: list[int], epochs: int = EPOCHS,
         moved = [sign * r["change_percent"] for r in runs if r["reward"] == reward]
         bars[reward] = dict(direction="down" if sign < 0 else "up", worst_percent=min(moved),
                             bar_percent=float(np.floor(min(moved)) - 2.0))
-    result = dict(epochs=epochs, threads=torch.get_num_threads(), bars=bars, runs=runs,
+    result = dict(epochs=epochs, threads=torch.get_num_threads(), bars=bars,
+                  clipfrac_bar=CLIPFRAC_BAR,
+                  reference_clipfrac_max=max(r["clipfrac_median"] for r in runs), runs=runs,
                   rule="per reward: bar = floor(the worst seed's move toward the reward) - 2 "
-                       "points; a run passes if it clears the bar of both rewards")
+                       "points, and the median clip fraction over the epochs at most "
+                       f"{CLIPFRAC_BAR:g}; a run passes if it clears the bars of both rewards")
     result["mutants"] = {}
     for name in (MUTANTS if mutants is None else mutants):
         mutant_runs = [_run(name, reward, seeds[0], epochs) for reward in REWARDS]
         changes = {r["reward"]: r["change_percent"] for r in mutant_runs}
+        clipfracs = {r["reward"]: r["clipfrac_median"] for r in mutant_runs}
         result["mutants"][name] = dict(description=MUTANTS[name], seed=seeds[0],
-                                       change_percent=changes, passes=passes(changes, result))
+                                       change_percent=changes, clipfrac_median=clipfracs,
+                                       passes=passes(changes, clipfracs, result))
         result["runs"] += mutant_runs
     CALIBRATION.write_text(json.dumps(result, indent=1))
     for reward, bar in bars.items():
         print(f"bar, {reward}: the held-out JPEG size must go {bar['direction']} by at least "
               f"{bar['bar_percent']:.0f}% (worst reference seed {bar['worst_percent']:.1f}%)")
+    print(f"bar, both: the median clip fraction over the epochs at most {CLIPFRAC_BAR:g} "
+          f"(reference runs at most {result['reference_clipfrac_max']:.3f})")
     for name, m in result["mutants"].items():
-        print(f"mutant {name!r}: " + ", ".join(f"{k} {v:+.1f}%" for k, v in
-                                               m["change_percent"].items())
+        print(f"mutant {name!r}: " + ", ".join(
+            f"{k} {v:+.1f}% (clipfrac {m['clipfrac_median'][k]:.2f})"
+            for k, v in m["change_percent"].items())
               + (" -- PASSES the bar" if m["passes"] else " -- misses the bar"))
     print(f"-> {CALIBRATION}")
     return result
