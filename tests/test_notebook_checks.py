@@ -37,6 +37,10 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
     ("06_rewards", "float images rescaled twice", "clip_preprocess == processor on uint8"),
     ("06_rewards", "BERTScore recall and precision swapped",
      "BERTScore recall and precision by hand == rewards.BERTScorer.score"),
+    ("00_ddpo_in_2d", "rescored without guidance",
+     "recorded log-probs == rescored == torch.distributions.Normal (averaged over D = 2)"),
+    ("00_ddpo_in_2d", "IS ratio inverted",
+     "DDPO_IS moves the clouds toward the target, and away from the pretrained policy"),
 ])  # fmt: skip
 def test_a_notebook_check_catches_a_wrong_function(notebook, mutant, check, monkeypatch):
     monkeypatch.setenv("DDPO_MUTANT", mutant)
@@ -62,6 +66,12 @@ def test_a_notebook_check_catches_a_wrong_function(notebook, mutant, check, monk
      "RWR's weighted maximum likelihood recovers pi*"),
     ("05_rwr", "a_coef = abar[:-1].sqrt() * betas_s[1:]", "a_coef = abar[1:].sqrt() * betas_s[1:]",
      "a_t x_0 + b_t x_t and beta-tilde_t == diffusers' DDPMScheduler posterior"),
+    ("00_ddpo_in_2d", 'weights = r if kind == "raw rewards" else per_label_baseline(r, lab)',
+     "weights = r", "per-label advantages point along the true gradient better than raw rewards, at "
+     "every batch size"),
+    ("00_ddpo_in_2d", '"(c) exact ratio": adv[:, None] * torch.exp(2 * log_ratio)',
+     '"(c) exact ratio": adv[:, None] * torch.exp(log_ratio)',
+     "on stale samples, the exact ratio corrects best, the averaged ratio partly, no ratio least"),
     ("06_rewards", "small_clip.vision_model(pixel_values=wrong)",
      "small_clip.vision_model(pixel_values=right)",
      "with floats rescaled twice the score no longer depends on the image"),
