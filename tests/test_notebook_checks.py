@@ -67,8 +67,9 @@ def test_a_notebook_check_catches_a_wrong_function(notebook, mutant, check, monk
     ("05_rwr", "a_coef = abar[:-1].sqrt() * betas_s[1:]", "a_coef = abar[1:].sqrt() * betas_s[1:]",
      "a_t x_0 + b_t x_t and beta-tilde_t == diffusers' DDPMScheduler posterior"),
     ("00_ddpo_in_2d", 'weights = r if kind == "raw rewards" else per_label_baseline(r, lab)',
-     "weights = r", "per-label advantages point along the true gradient better than raw rewards, at "
-     "every batch size"),
+     "weights = r",
+     "per-label advantages point along the true gradient better than raw rewards, "
+     "at every batch size"),
     ("00_ddpo_in_2d", '"(c) exact ratio": adv[:, None] * torch.exp(2 * log_ratio)',
      '"(c) exact ratio": adv[:, None] * torch.exp(log_ratio)',
      "on stale samples, the exact ratio corrects best, the averaged ratio partly, no ratio least"),
