@@ -218,7 +218,7 @@ ALGO_DEFAULTS = {"ddpo_sf": dict(minibatches=1, inner_epochs=1)}
 # from the current epoch only (README, "Deviations").
 # DEVIATION: clip range 1e-3 (paper 1e-4). Why: one AdamW step of full fine-tuning moves the
 # averaged log-prob ratio ~50x further than LoRA does, so with 1e-4 the 2nd-4th minibatches were
-# nearly all clipped. Effect: larger steps per epoch; held-out trials in NOTES.md.
+# nearly all clipped. Effect: larger steps per epoch; held-out trials in RESULTS.md.
 # DEVIATION: RWR weighs exp(A) of the per-prompt advantage A, and sparse RWR keeps the top 10% of
 # A (paper: exp(r / 5) and the top 10% of r). Why: tiny JPEG rewards vary by ~0.1 kB, so exp(r / 5)
 # left every weight within 4% of 1. Effect: weights span up to e^5 per epoch, and reward what is
@@ -234,7 +234,7 @@ TINY_DEFAULTS = dict(
 # DEVIATION: tiny alignment trains only the cross-attention blocks (attn2, 0.23M of 1.15M weights)
 # at lr 1e-4 on every timestep (paper: LoRA on every attention projection, lr 3e-4). Why: trained on
 # every weight, the images drifted busier instead of more recognisable. Effect: slower drift; the
-# 3-seed trials behind the choice are in NOTES.md.
+# 3-seed trials behind the choice are in RESULTS.md.
 TINY_REWARD_DEFAULTS = {
     "alignment": dict(lr=1e-4, trainable="cross_attention", timestep_fraction=1.0),
 }

@@ -184,7 +184,7 @@ class InlineExecutor(Executor):
     On a GPU the reward worker thread overlaps real work: the GPU samples batch i+1 while the CPU
     scores batch i. On a CPU there is nothing to overlap: torch already runs the UNet on every core,
     and a second thread running torch ops makes OpenMP start a second team of threads on the same
-    cores, which slowed whole epochs by about a third (measured on 2 cores; NOTES.md, "Speed").
+    cores, which slowed whole epochs by about a third (measured on 2 cores; RESULTS.md, "Speed").
     """
 
     def submit(self, fn, /, *args, **kwargs) -> Future:

@@ -153,7 +153,7 @@ GUIDANCE = 3.0  # w, classifier-free guidance for the tiny model (the paper uses
 def make_unet():
     from diffusers import UNet2DConditionModel
 
-    # channels_last: about 25% faster convolutions on CPU (measured: tiny_bench in NOTES.md)
+    # channels_last: about 25% faster convolutions on CPU (RESULTS.md, "The pretrained tiny model")
     return UNet2DConditionModel(**UNET_CONFIG).to(memory_format=torch.channels_last)
 
 

@@ -405,7 +405,7 @@ def test_recompute_reproduces_recorded_log_probs_float32(tiny_unet_factory, sd_s
     new = rescore(unet, scheduler, traj, prompt, negative, pairs, guidance, eta)  # (B*T,)
     old = traj.log_probs[pairs[:, 0], pairs[:, 1]]  # (B*T,)
     # A different batch composition picks different float32 CPU kernels, so the UNet output moves by
-    # a few ulps: measured max |ratio - 1| = 4.8e-7 on 1 thread and 1.9e-6 on 2 threads (NOTES.md).
+    # a few ulps: measured max |ratio - 1| = 4.8e-7 on 1 thread and 1.9e-6 on 2 threads.
     # That is still 50x inside the clip range 1e-4; rescoring in the sampling batch composition
     # (above) is held to 1e-6.
     assert (torch.exp(new.detach() - old) - 1).abs().max() < 1e-5
