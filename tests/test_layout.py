@@ -71,7 +71,8 @@ PUBLIC = re.compile(r"[\w.-]+/[\w.-]+(#\d+|,? issues? #?\d+)")
 
 
 def reader_files() -> list[Path]:
-    files = [*ROOT.glob("*.py"), *(ROOT / "tools").glob("*.py"), ROOT / "README.md"]
+    files = [*ROOT.glob("*.py"), *(ROOT / "tools").glob("*.py"), *ROOT.glob("*.md"),
+             *(ROOT / "tests").glob("*.md")]
     files += [*(ROOT / "notebooks").rglob("*.py"), *(ROOT / "notebooks").rglob("*.md")]
     files += [*(ROOT / "notebooks").rglob("*.ipynb"), *(ROOT / "assets").rglob("*.md")]
     return sorted(files)
