@@ -11,6 +11,8 @@ sampler.py); DDPO improves it with policy gradients on a reward r(x_0, c) of the
     ├─ train_epoch         4. for each minibatch that `minibatches` yields, by cfg.algo:
     │                            ddpo_is: rescore log p_θ, ddpo_is_loss (clipped ratio, Sec. 4.3)
     │                            ddpo_sf: rescore log p_θ, ddpo_sf_loss (REINFORCE, Sec. 4.3)
+    │                            with --kl-coef β: + β KL_t to the pretrained policy (not the
+    │                                              paper's; rescore_with_kl)
     │                            rwr, rwr_sparse: diffusion_mse_loss weighted by rwr_weights or
     │                                             restricted by sparse_rwr_mask (Sec. 4.2)
     │                        accumulate over samples and timesteps, clip the norm, AdamW step
