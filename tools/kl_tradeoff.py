@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "assets" / "kl_tradeoff"
 REPORT = ROOT / "assets" / "kl_tradeoff.json"
 REWARD, ALGO, LR = "compressibility", "ddpo_is", 2e-4  # the tiny default rate
-BETAS = (0.0, 0.1, 1.0, 10.0)  # 0: the paper's objective
+# 0: the paper's objective. A probe (tiny defaults, seed 0, 3 epochs) put the KL to the pretrained
+# policy after epoch 3 at 5.1e-3 with beta 0, 8.9e-4 with beta 1 and 4.8e-4 with beta 10: beta 1
+# already leashes hard, so the grid spans 0.03-3
+BETAS = (0.0, 0.03, 0.3, 3.0)
 SEEDS = (0, 1, 2)
 
 
