@@ -115,3 +115,30 @@ def test_the_report_picks_the_rate_with_the_largest_gain_over_the_control(tmp_pa
     assert grid[8e-4]["trained/gain"]["mean"][-1] > grid[2e-4]["trained/gain"]["mean"][-1]
     assert compare.best_lr(grid) == 2e-4
     assert grid[2e-4]["trained/gain_over_control"]["mean"][-1] == pytest.approx(15.0)
+
+
+def test_the_kl_tradeoff_shares_the_comparisons_runs_and_reports_every_beta(tmp_path, monkeypatch):
+    """`python -m tools.bench kl` at toy size: beta = 0 and the control are the comparison's own
+    run files (not trained twice); each beta > 0 gets its own; the report has a point per beta and
+    seed."""
+    from tools import kl_tradeoff
+
+    _toy(monkeypatch, tmp_path)
+    monkeypatch.setattr(compare, "EPOCHS", 1)
+    monkeypatch.setattr(kl_tradeoff, "OUT", tmp_path / "assets" / "kl_tradeoff")
+    monkeypatch.setattr(kl_tradeoff, "REPORT", tmp_path / "assets" / "kl_tradeoff.json")
+    monkeypatch.setattr(kl_tradeoff, "BETAS", (0.0, 1e4))
+    monkeypatch.setattr(kl_tradeoff, "SEEDS", (0,))
+    monkeypatch.setattr(kl_tradeoff, "LR", 1e-3)
+    summary = kl_tradeoff.run()
+    own = sorted(p.stem for p in (kl_tradeoff.OUT / "runs").glob("*.json"))
+    assert own == ["beta10000-lr0.001-seed0"]
+    shared = sorted(p.stem for p in (compare.OUT / "runs").glob("*.json"))
+    assert shared == [compare.run_name("compressibility", "ddpo_is", 1e-3, 0),
+                      compare.run_name(None, "ddpo_is/blind", 1e-3, 0)]
+    points = summary["points"]
+    assert set(points) == {"0", "10000", "control"}
+    assert all(len(v) == 1 and {"gain", "top1", "kl"} <= set(v[0]) for v in points.values())
+    leashed, free = points["10000"][0], points["0"][0]
+    assert leashed["kl"] < free["kl"]  # the leash holds the policy nearer the pretrained one
+    assert kl_tradeoff.REPORT.with_suffix(".png").is_file()
