@@ -624,3 +624,71 @@ def check_clip_advantages(fn: Callable) -> None:
               "(hint: both have .clip)")
     _ok("clipping matches for numpy arrays and torch tensors")
     print("match: True")
+
+
+# --------------------------------------------------------------------------------------------------
+# Exercise 7: the per-step KL to the pretrained policy
+# --------------------------------------------------------------------------------------------------
+
+KL_SHAPE = (5, 3, 4, 6)  # (B, C, H, W): B differs from every other axis, so a sigma of shape (B,)
+#                          broadcast against W fails instead of dividing the wrong axis
+
+
+def _expected_kl(mean, mean_pre, sigma) -> dict:
+    """The reference per-step KL and the outputs of the usual mistakes."""
+    D = mean[0].numel()
+    per_element = (mean - mean_pre) ** 2 / (2 * sigma.view(-1, 1, 1, 1) ** 2)
+    return dict(
+        kl=sampler.gaussian_kl(mean, mean_pre, sigma),
+        grad=_grad_of(lambda m: sampler.gaussian_kl(m, mean_pre, sigma).sum(), mean),
+        variants={
+            "missing the 1/2: KL = |mu_theta - mu_pre|^2 / (2 sigma_t^2)":
+                2 * sampler.gaussian_kl(mean, mean_pre, sigma),
+            "divide by sigma_t^2, not sigma_t (a variance, not a standard deviation)":
+                ((mean - mean_pre) ** 2 / (2 * sigma.view(-1, 1, 1, 1))).mean(dim=(1, 2, 3)),
+            "average over C, H, W (as the log-probs are), do not sum":
+                D * sampler.gaussian_kl(mean, mean_pre, sigma),
+            "one KL per sample, (B,): average over C, H, W only, not over the batch too":
+                per_element.mean().expand(len(mean)),
+            "KL(p || q) of two Gaussians with one sigma has no log term here: "
+            "log(sigma_q / sigma_p) = 0":
+                sampler.gaussian_kl(mean, mean_pre, sigma) + torch.log(sigma),
+        })
+
+
+def check_gaussian_kl(fn: Callable) -> None:
+    """fn(mean (B, C, H, W), mean_pre (B, C, H, W), sigma (B,)) -> (B,) KL per step, like
+    sampler.gaussian_kl: KL(N(mean, sigma^2 I) || N(mean_pre, sigma^2 I)) averaged over C*H*W."""
+    g = _gen(70)
+    mean = torch.randn(KL_SHAPE, generator=g, dtype=torch.float64)
+    mean_pre = mean + 0.3 * torch.randn(KL_SHAPE, generator=g, dtype=torch.float64)
+    sigma = 0.05 + torch.rand(KL_SHAPE[0], generator=g, dtype=torch.float64)
+    exp = reference("ex7_kl", lambda: _expected_kl(mean, mean_pre, sigma))
+    m = mean.clone().requires_grad_(True)
+    try:
+        got = _call(fn, m, mean_pre.clone(), sigma.clone())
+    except RuntimeError as err:
+        _fail(f"your function raised {type(err).__name__}: {str(err)[:120]}; sigma has shape (B,): "
+              "give it the shape (B, 1, 1, 1) before dividing (B, C, H, W) tensors by it")
+    if not isinstance(got, torch.Tensor):
+        _fail("return a torch tensor (the loss is differentiated through it)")
+    if got.shape != (KL_SHAPE[0],):
+        _fail(f"return one KL per sample, shape ({KL_SHAPE[0]},); got {tuple(got.shape)}")
+    if not _close(got, exp["kl"]):
+        _diagnose(got, exp["variants"], "the KL")
+    _ok("KL per step matches (one sigma_t per sample)")
+    if got.requires_grad:
+        got.sum().backward()
+    if m.grad is None or not _close(m.grad, exp["grad"]):
+        _fail("d KL / d mean_theta should be (mean_theta - mean_pre) / (sigma_t^2 D) per element: "
+              "keep mean_theta in the graph (no .detach() or .item() on it)")
+    _ok("gradient with respect to mu_theta matches")
+    # the oracle of the formula: torch.distributions, per coordinate, averaged
+    p = torch.distributions.Normal(mean, sigma.view(-1, 1, 1, 1))
+    q = torch.distributions.Normal(mean_pre, sigma.view(-1, 1, 1, 1))
+    by_torch = torch.distributions.kl_divergence(p, q).mean(dim=(1, 2, 3))
+    if not _close(got.detach(), by_torch):
+        _fail("the KL differs from torch.distributions.kl_divergence of the two Gaussians")
+    _ok("equals torch.distributions.kl_divergence(N(mu_theta, sigma_t), N(mu_pre, sigma_t)), "
+        "averaged over C*H*W")
+    print("match: True")

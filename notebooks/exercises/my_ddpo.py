@@ -1,6 +1,7 @@
-"""Your functions from exercises 1-4, in one file: exercise 5 trains with them, exercise 6 breaks
-the loop around them, and the autograder (`python -m tools.autograde`) runs them on inputs you have
-not seen. When an exercise's check passes in its notebook, copy the function here, unchanged.
+"""Your functions from exercises 1-4 and 7, in one file: exercise 5 trains with them, exercise 6
+breaks the loop around them, exercise 7 leashes it, and the autograder (`python -m tools.autograde`)
+runs them on inputs you have not seen. When an exercise's check passes in its notebook, copy the
+function here, unchanged.
 
 Each body below is a placeholder. Keep the names and signatures; import what you need at the top.
 """
@@ -38,3 +39,9 @@ def my_advantages(prompts: list[str], rewards: np.ndarray) -> np.ndarray:
 def my_clip_advantages(advantages, max_abs: float = 5.0):
     """Exercise 4, part B: advantages clipped to [-max_abs, max_abs], numpy or torch."""
     raise NotImplementedError("exercise 4: copy your function here")
+
+
+def my_gaussian_kl(mean: torch.Tensor, mean_pre: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Exercise 7: KL(N(mean, sigma^2 I) || N(mean_pre, sigma^2 I)) per sample, averaged over
+    C, H, W, shape (B,)."""
+    raise NotImplementedError("exercise 7: copy your function here")

@@ -70,3 +70,11 @@ def my_advantages(prompts, rewards):
 
 def my_clip_advantages(advantages, max_abs=5.0):
     return advantages.clip(-max_abs, max_abs)
+
+
+def my_gaussian_kl(mean, mean_pre, sigma):
+    # two Gaussians with the same variance: only the means differ; one value per coordinate,
+    # averaged like the log-probs
+    var = sigma.reshape(-1, *([1] * (mean.dim() - 1))) ** 2
+    per_coordinate = (mean - mean_pre).pow(2) / (2.0 * var)
+    return per_coordinate.flatten(1).mean(dim=1)

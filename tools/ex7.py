@@ -1,0 +1,50 @@
+"""Exercise 7, "a KL leash": the student's per-step KL (`my_gaussian_kl`) inside the real loop's
+`--kl-coef` penalty, for a few betas, and what each run buys and costs.
+
+`train_leashed(...)` patches `ddpo_min.gaussian_kl` (with unittest.mock, nothing in the repository
+changes): the loop calls it for the penalty of every trained transition (`rescore_with_kl`) and for
+the `kl/pretrained` diagnostic. Each run is scored on exercise 5's held-out set (the 45 animals x 2
+fixed noise seeds): the JPEG change toward the reward and the captioner's top-1 ("is it still the
+animal?").
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import config
+import ddpo_min
+import tiny
+from tools.ex5 import EVAL_PER_PROMPT, EVAL_SEED
+from tools.tiny_report import held_out
+
+BETAS = (0.0, 0.3, 3.0)  # the trade-off's middle and strong leash beside the paper's objective
+EPOCHS = 8
+
+
+def _scores(model, cfg) -> dict:
+    prompts = [p for p in tiny.ANIMAL_PROMPTS for _ in range(EVAL_PER_PROMPT)]
+    return held_out(model, cfg, prompts, EVAL_SEED)[0]
+
+
+def train_leashed(folder: Path, beta: float, kl_fn=None, epochs: int = EPOCHS, seed: int = 0,
+                  **overrides) -> dict:
+    """DDPO_IS on compressibility with `--kl-coef beta`, the KL computed by `kl_fn` (default: the
+    project's); the held-out figures before and after, and the run's last KL to the pretrained
+    policy."""
+    shutil.rmtree(folder, ignore_errors=True)
+    cfg = config.Config.tiny(seed=seed, epochs=epochs, kl_coef=beta, output_dir=str(folder),
+                             **overrides)
+    before = _scores(tiny.load_tiny(), cfg)
+    with mock.patch.object(ddpo_min, "gaussian_kl", kl_fn or ddpo_min.gaussian_kl):
+        run_dir = ddpo_min.train(cfg)
+    after = _scores(tiny.load_tiny(weights=run_dir / "weights" / "unet.safetensors"), cfg)
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return dict(beta=beta, epochs=len(history), run_dir=str(run_dir),
+                jpeg_change_percent=100 * (after["jpeg_kb"] / before["jpeg_kb"] - 1),
+                top1_before=100 * before["caption_top1"], top1_after=100 * after["caption_top1"],
+                kl_pretrained=[h["kl/pretrained"] for h in history],
+                reward=[h["reward/mean"] for h in history])
