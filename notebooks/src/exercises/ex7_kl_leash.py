@@ -21,9 +21,10 @@
 # `ddpo_min.py` adds $\beta\,\mathrm{KL}_t$ to the loss of every trained transition when `--kl-coef` $\beta > 0$
 # (`rescore_with_kl`); $\mu_\text{pre}$ comes from one more guided UNet call without gradient.
 #
-# **Part A.** Implement `my_gaussian_kl(mean, mean_pre, sigma)`: `mean` and `mean_pre` of shape $(B, C, H, W)$,
-# `sigma` of shape $(B,)$ (one $\sigma_t$ per sample), returning the $(B,)$ per-step KLs. Gradient must flow
-# into `mean`. Then copy it into `my_ddpo.py`.
+# **Part A** (practice, not graded: the project's own version, `sampler.gaussian_kl`, is in the package you
+# were given; write yours before you look). Implement `my_gaussian_kl(mean, mean_pre, sigma)`: `mean` and
+# `mean_pre` of shape $(B, C, H, W)$, `sigma` of shape $(B,)$ (one $\sigma_t$ per sample), returning the $(B,)$
+# per-step KLs. Gradient must flow into `mean`; `mean_pre` comes from a forward pass without gradient.
 #
 # **Part B.** The loop with your KL, for three values of $\beta$ (about 3 minutes each on 2 cores): how far each
 # run moves the held-out JPEG size, and what it leaves of the animals.
@@ -73,10 +74,13 @@ checks.check_gaussian_kl(my_gaussian_kl)
 from tools import ex7
 
 settings = dict(epochs=ex7.EPOCHS)
+
+# %%
 if SOLUTION_MODE:  # CI: one short epoch per beta (the figure then shows the harness, not the trade-off)
     settings = dict(epochs=1, sample_batch_size=16, sample_batches=1, samples_per_prompt=8,
                     train_batch_size=8, minibatches=2, kl_samples=2, grid_size=4)
 
+# %%
 runs = []
 for beta in ex7.BETAS:
     runs.append(ex7.train_leashed(ROOT / "runs" / f"ex7-beta{beta:g}", beta, my_gaussian_kl, **settings))
