@@ -138,6 +138,7 @@ def test_frozen_checks_pass_on_the_references(frozen_checks, capsys):
     frozen_checks.check_sf_loss(ddpo_min.ddpo_sf_loss)
     frozen_checks.check_clipped_loss(ddpo_min.ddpo_is_loss)
     frozen_checks.check_advantages(ex5.reference_functions()["advantages"])
+    frozen_checks.check_gaussian_kl(sampler.gaussian_kl)
     frozen_checks.check_clip_advantages(ddpo_min.clip_advantages)
     assert capsys.readouterr().out.count("match: True") == 5
 

@@ -40,7 +40,7 @@ RELEASE = Path(__file__).resolve().parent / "release"
 
 PACKAGE = ("config.py", "ddpo_min.py", "loading.py", "plumbing.py", "rewards.py", "sampler.py",
            "tiny.py", "requirements.txt", "pyproject.toml")
-TOOLS = ("__init__.py", "check_setup.py", "ex5.py", "tiny_data.py", "tiny_report.py",
+TOOLS = ("__init__.py", "check_setup.py", "ex5.py", "ex7.py", "tiny_data.py", "tiny_report.py",
          "tiny_train.py")
 COURSE = ("HANDOUT.md", "REPORT_TEMPLATE.md")  # not RUBRIC.md or ANSWERS.md
 
@@ -210,6 +210,7 @@ def record_fixtures() -> dict:
         checks.check_clipped_loss(ddpo_min.ddpo_is_loss)
         checks.check_advantages(checks.reference_batch_advantages)
         checks.check_clip_advantages(ddpo_min.clip_advantages)
+        checks.check_gaussian_kl(sampler.gaussian_kl)
     return {k: _frozen(v) for k, v in checks._TAPE.items()}
 
 
