@@ -81,6 +81,7 @@ def _fails_with(check, fn, needle: str) -> None:
 def test_checkers_accept_the_references(capsys):
     checks.check_logprob_step(sampler.ddim_step_with_logprob)
     checks.check_sf_loss(ddpo_min.ddpo_sf_loss)
+    checks.check_gaussian_kl(sampler.gaussian_kl)
     checks.check_clipped_loss(ddpo_min.ddpo_is_loss)
     checks.check_advantages(checks.reference_batch_advantages)
     checks.check_clip_advantages(ddpo_min.clip_advantages)
@@ -421,3 +422,40 @@ def test_more_advantage_diagnoses(fn, needle):
 ])  # fmt: skip
 def test_more_clip_diagnoses(fn, needle):
     _fails_with(checks.check_clip_advantages, fn, needle)
+
+
+def _student_kl(mistake: str = ""):
+    """Exercise 7's per-step KL, written from its text (not sampler.py), with one mistake."""
+    def kl(mean, mean_pre, sigma):
+        s = sigma if mistake == "sigma (B,) against W" else sigma.reshape(-1, 1, 1, 1)
+        var = s if mistake == "sigma not squared" else s**2
+        half = 1.0 if mistake == "no 1/2" else 0.5
+        if mistake == "detached":
+            mean = mean.detach()
+        per = half * (mean - mean_pre) ** 2 / var
+        if mistake == "summed":
+            return per.sum(dim=(1, 2, 3))
+        if mistake == "batch mean":
+            return per.mean().expand(len(mean))
+        out = per.mean(dim=(1, 2, 3))
+        return out + torch.log(sigma) if mistake == "log term" else out
+
+    return kl
+
+
+def test_the_independent_student_kl_passes(capsys):
+    checks.check_gaussian_kl(_student_kl())
+    assert "match: True" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mistake, needle", [
+    ("no 1/2", "missing the 1/2"),
+    ("sigma not squared", "not sigma_t (a variance"),
+    ("summed", "do not sum"),
+    ("batch mean", "not over the batch too"),
+    ("log term", "no log term here"),
+    ("detached", "keep mean_theta in the graph"),
+    ("sigma (B,) against W", "shape (B, 1, 1, 1)"),
+])  # fmt: skip
+def test_every_kl_diagnosis_fires(mistake, needle):
+    _fails_with(checks.check_gaussian_kl, _student_kl(mistake), needle)
