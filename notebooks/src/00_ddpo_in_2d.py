@@ -450,7 +450,8 @@ nbutils.check(bias["(d) (b) clipped"] < 0,
 #
 # - **A KL leash.** DPOK (Fan et al., arXiv 2305.16381) adds a KL penalty to the pretrained model to the
 #   policy gradient, the standard remedy of RL fine-tuning for the over-optimisation of §0.3's KL curve. The
-#   per-step Gaussian KL it bounds is the one `kl_to_pretrained` computes exactly above.
+#   per-step Gaussian KL it penalises is the one `kl_to_pretrained` computes exactly above; the project's
+#   `--kl-coef` adds it to the loss of every trained transition.
 # - **Groups instead of critics.** GRPO (Shao et al., arXiv 2402.03300), for language models, samples a group
 #   of answers per prompt and normalises each reward by its group's mean and standard deviation, with PPO's
 #   clipped ratio and no value network: DDPO's per-prompt advantages and clipped importance ratio, found again.

@@ -224,7 +224,9 @@ for reward in ("compressibility", "incompressibility"):
 # compressibility buys its kilobytes by removing what makes the image a particular animal (detail, edges,
 # colour), incompressibility by adding texture no animal has. Nothing in the objective says "stay a picture
 # of a cat". The paper stops its runs early, by looking at the samples (Sec. 6.4 leaves the problem
-# open); a KL penalty towards the pretrained model is the other common choice, and it is not part of DDPO.
+# open); a KL penalty towards the pretrained model is the other common choice. It is not part of DDPO; the
+# project has it as an option, `--kl-coef` $\beta$ (`ddpo_min.rescore_with_kl` derives it), and
+# `python -m tools.bench kl` measures what it buys here.
 #
 # With `LONG_RUN` set to a run folder of your own, the cell below shows its saved grids from the first to
 # the last epoch and its reward curve.
