@@ -85,7 +85,7 @@ def test_checkers_accept_the_references(capsys):
     checks.check_clipped_loss(ddpo_min.ddpo_is_loss)
     checks.check_advantages(checks.reference_batch_advantages)
     checks.check_clip_advantages(ddpo_min.clip_advantages)
-    assert capsys.readouterr().out.count("match: True") == 5
+    assert capsys.readouterr().out.count("match: True") == 6
 
 
 def test_checkers_report_unimplemented_exercises():

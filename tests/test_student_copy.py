@@ -140,7 +140,7 @@ def test_frozen_checks_pass_on_the_references(frozen_checks, capsys):
     frozen_checks.check_advantages(ex5.reference_functions()["advantages"])
     frozen_checks.check_gaussian_kl(sampler.gaussian_kl)
     frozen_checks.check_clip_advantages(ddpo_min.clip_advantages)
-    assert capsys.readouterr().out.count("match: True") == 5
+    assert capsys.readouterr().out.count("match: True") == 6
 
 
 @pytest.mark.parametrize("mistake, needle", [("t-1 both", "not t - 1"), ("summed", "summed"),
