@@ -7,7 +7,7 @@ taken out:
   student's own code in `notebooks/exercises/my_ddpo.py` (through `_student.py`), so that the
   training loop, exercise 5 and exercise 6 run on the student's functions;
 - notebooks 1-7, executed, with the cells that display a graded function's source emptied;
-- exercises 1-6 without their solution cells; `checks.py` with no reference formulas: it compares
+- exercises 1-7 without their solution cells; `checks.py` with no reference formulas: it compares
   with `fixtures.pt`, the reference's outputs (and the usual mistakes' outputs) recorded on the
   checks' own inputs;
 - the handout and the report template (not the rubric, the answers or INSTRUCTOR.md);
