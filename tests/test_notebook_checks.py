@@ -73,6 +73,9 @@ def test_a_notebook_check_catches_a_wrong_function(notebook, mutant, check, monk
     ("00_ddpo_in_2d", '"(c) exact ratio": adv[:, None] * torch.exp(2 * log_ratio)',
      '"(c) exact ratio": adv[:, None] * torch.exp(log_ratio)',
      "on stale samples, the exact ratio corrects best, the averaged ratio partly, no ratio least"),
+    ("00_ddpo_in_2d", "objective = reward(x).mean() / 2", "objective = -reward(x).mean() / 2",
+     "with a differentiable reward, backpropagating through the chain points along g* better "
+     "than the score-function estimate from the same batch size"),
     ("06_rewards", "small_clip.vision_model(pixel_values=wrong)",
      "small_clip.vision_model(pixel_values=right)",
      "with floats rescaled twice the score no longer depends on the image"),
