@@ -519,7 +519,7 @@ def rescore_with_kl(run: Run, samples: Samples, idx: torch.Tensor,
                                           cfg.guidance_scale)
         run.kl_penalty_seconds += plumbing.synced_clock(run.device) - t0  # its extra cost
     _, log_prob = ddim_step_with_logprob(model.scheduler, out, t, x_t, cfg.eta,
-                                         prev_sample=x_prev)  # (b,)
+                                         prev_sample=x_prev)  # (b,); the release's is exercise 1
     mean, sigma = ddim_step_mean(model.scheduler, out, t, x_t, cfg.eta)  # μ_θ, σ_t
     mean_pre, _ = ddim_step_mean(model.scheduler, out_pre, t, x_t, cfg.eta)  # μ_pre
     return log_prob, gaussian_kl(mean, mean_pre, sigma)  # (b,) each

@@ -327,13 +327,6 @@ def any_process(run, flag: bool) -> bool:
     return total.item() > 0
 
 
-def timed(fn, *args):
-    """(fn(*args), wall seconds)."""
-    t0 = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------------------------
 # What a run writes: config.json, metrics.jsonl, an image grid per epoch, the reward curve,
 # optional external loggers

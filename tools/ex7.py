@@ -18,16 +18,10 @@ from unittest import mock
 import config
 import ddpo_min
 import tiny
-from tools.ex5 import EVAL_PER_PROMPT, EVAL_SEED
-from tools.tiny_report import held_out
+from tools.ex5 import held_out_scores
 
 BETAS = (0.0, 0.3, 3.0)  # the trade-off's middle and strong leash beside the paper's objective
 EPOCHS = 8
-
-
-def _scores(model, cfg) -> dict:
-    prompts = [p for p in tiny.ANIMAL_PROMPTS for _ in range(EVAL_PER_PROMPT)]
-    return held_out(model, cfg, prompts, EVAL_SEED)[0]
 
 
 def train_leashed(folder: Path, beta: float, kl_fn=None, epochs: int = EPOCHS, seed: int = 0,
@@ -38,10 +32,10 @@ def train_leashed(folder: Path, beta: float, kl_fn=None, epochs: int = EPOCHS, s
     shutil.rmtree(folder, ignore_errors=True)
     cfg = config.Config.tiny(seed=seed, epochs=epochs, kl_coef=beta, output_dir=str(folder),
                              **overrides)
-    before = _scores(tiny.load_tiny(), cfg)
+    before = held_out_scores(tiny.load_tiny(), cfg)
     with mock.patch.object(ddpo_min, "gaussian_kl", kl_fn or ddpo_min.gaussian_kl):
         run_dir = ddpo_min.train(cfg)
-    after = _scores(tiny.load_tiny(weights=run_dir / "weights" / "unet.safetensors"), cfg)
+    after = held_out_scores(tiny.load_tiny(weights=run_dir / "weights" / "unet.safetensors"), cfg)
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return dict(beta=beta, epochs=len(history), run_dir=str(run_dir),
                 jpeg_change_percent=100 * (after["jpeg_kb"] / before["jpeg_kb"] - 1),
