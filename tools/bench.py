@@ -7,6 +7,7 @@
     python -m tools.bench compare    # DDPO_IS vs DDPO_SF vs RWR vs sparse RWR (tools/compare.py)
     python -m tools.bench gpu        # the one-shot paper-scale check on a GPU (tools/gpu_check.py)
     python -m tools.bench ex5 --seeds 0 1 2   # exercise 5's bar, reference and mutants (~1 h)
+    python -m tools.bench ex7                 # exercise 7's full run, for its answer key (~10 min)
 
 `speed` runs five epochs of each code path and compares each with the "UNet floor", timed right
 after it: the same number of UNet forward calls (sampling) and forward+backward calls (training),
@@ -451,6 +452,8 @@ def main() -> None:
     pe.add_argument("--epochs", type=int, default=12, help="training epochs per seed")
     pe.add_argument("--mutants", nargs="*", default=None,
                     help="wrong implementations to run (default: all of tools/ex5.MUTANTS)")
+    sub.add_parser("ex7", help="exercise 7's full run with the reference KL, for the answer key "
+                   "(tools/ex7.py)")
     args = p.parse_args()
     if args.cmd == "speed":
         for path in args.path:
@@ -469,6 +472,10 @@ def main() -> None:
         from tools.ex5 import calibrate
 
         calibrate(args.seeds, args.epochs, args.mutants)
+    elif args.cmd == "ex7":
+        from tools.ex7 import reference_run
+
+        reference_run()
     elif args.cmd == "gpu":
         from tools.gpu_check import gpu_check
 

@@ -6,6 +6,11 @@ changes): the loop calls it for the penalty of every trained transition (`rescor
 the `kl/pretrained` diagnostic. Each run is scored on exercise 5's held-out set (the 45 animals x 2
 fixed noise seeds): the JPEG change toward the reward and the captioner's top-1 ("is it still the
 animal?").
+
+    python -m tools.bench ex7   # the exercise's full run, the reference KL (~10 min on 2 cores)
+
+writes assets/ex7_reference.json: what a correct submission's run looks like (the answer key
+quotes it).
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import config
 import ddpo_min
 import tiny
 from tools.ex5 import held_out_scores
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "assets" / "ex7_reference.json"
 
 BETAS = (0.0, 0.3, 3.0)  # the trade-off's middle and strong leash beside the paper's objective
 EPOCHS = 8
@@ -42,3 +50,19 @@ def train_leashed(folder: Path, beta: float, kl_fn=None, epochs: int = EPOCHS, s
                 top1_before=100 * before["caption_top1"], top1_after=100 * after["caption_top1"],
                 kl_pretrained=[h["kl/pretrained"] for h in history],
                 reward=[h["reward/mean"] for h in history])
+
+
+def reference_run(out: Path = REFERENCE, runs_dir: Path = ROOT / "runs" / "ex7_reference",
+                  epochs: int = EPOCHS, **overrides) -> dict:
+    """The exercise's run with the project's KL for every beta (what a correct `my_gaussian_kl`
+    gives, up to float rounding), written to `out`."""
+    runs = [train_leashed(runs_dir / f"beta{beta:g}", beta, epochs=epochs, **overrides)
+            for beta in BETAS]
+    for r in runs:
+        r.pop("run_dir")
+        print(f"beta {r['beta']:g}: held-out JPEG {r['jpeg_change_percent']:+.1f}%, top-1 "
+              f"{r['top1_before']:.1f}% -> {r['top1_after']:.1f}%, KL to the pretrained policy "
+              f"{r['kl_pretrained'][-1]:.2e}")
+    result = dict(epochs=epochs, betas=list(BETAS), overrides=overrides, runs=runs)
+    out.write_text(json.dumps(result, indent=1))
+    return result
