@@ -1,7 +1,7 @@
 """Shared test fixtures: tiny randomly initialised models built from configs (nothing is
 downloaded); and the two tiers.
 
-`python -m pytest -q` runs the fast tier (about two minutes on 2 cores): the oracles of the sampler
+`python -m pytest -q` runs the fast tier (about a minute on 2 cores): the oracles of the sampler
 and the objectives, the rewards, the tiny model, the config and CLI, loading, plumbing, and short
 runs of the loop. `python -m pytest -q --full` adds FULL_TIER and every notebook (CI runs it).
 """

@@ -92,7 +92,8 @@ def report() -> dict:
         g = [r["gain"] for r in runs]
         t = [r["top1"] for r in runs]
         print(f"beta {key:>8}: held-out JPEG gain {np.mean(g):+.1f}% [{min(g):+.1f}, {max(g):+.1f}]"
-              f", top-1 {np.mean(t):.1f}% [{min(t):.1f}, {max(t):.1f}] ({len(runs)} seeds)")
+              f", top-1 {np.mean(t):.1f}% [{min(t):.1f}, {max(t):.1f}], last KL to the pretrained "
+              f"policy {np.mean([r['kl'] for r in runs]):.1e} ({len(runs)} seeds)")
     return summary
 
 

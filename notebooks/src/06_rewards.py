@@ -92,7 +92,7 @@ nbutils.show_source(rewards.jpeg_size_kb)
 #
 # $$f(e) = W_5W_4W_3W_2W_1\,e + (\text{a constant}) = w^\top e + b,\qquad w\in\mathbb R^{768}.$$
 #
-# Its 900k parameters express a linear score on CLIP space: a direction $w$ that means "aesthetic".
+# Its 930k parameters express a linear score on CLIP space: a direction $w$ that means "aesthetic".
 #
 # **Check.** Load the real head, list its layers, collapse it into $(w, b)$, and compare on random unit
 # embeddings.

@@ -20,8 +20,8 @@
 # defaults (each epoch: 8 prompts x 8 samples, advantages normalised within each prompt's 8, 4 optimizer
 # steps, 20 denoising steps). That is enough to see every phase work and the metrics move, not to see
 # where the reward leads. Section 7.5 shows that from the repository's own 10-minute runs
-# (`python -m tools.bench learning`); to watch a run of your own, set `EPOCHS = 25` (about 10-20 minutes on a
-# laptop CPU) or run the same thing from the shell:
+# (`python -m tools.bench learning`); to watch a run of your own, set `EPOCHS = 25` (about 6 minutes on 2 CPU
+# cores, more on a slow laptop) or run the same thing from the shell:
 #
 #     python ddpo_min.py --model tiny --reward compressibility --epochs 25
 #
@@ -194,7 +194,7 @@ print("compressibility rises monotonically as content is removed:", bool(np.all(
 # ## 7.5 What the model turned into
 #
 # `python -m tools.bench learning` fine-tunes the shipped tiny model for 10 minutes on each JPEG reward (2 CPU
-# cores, tiny defaults) and scores a fixed held-out set (45 animals x 4 seeds) before and after, with the
+# cores, tiny defaults) and scores a fixed held-out set (45 animals x 8 seeds) before and after, with the
 # same initial noise. Its figures are committed in `assets/`. Besides the JPEG size it records the
 # captioner's top-1 rate: the share of samples in which the animal can still be recognised.
 
