@@ -73,7 +73,7 @@ def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime for p in runs.glob("*.json")} == stamp
 
 
-@pytest.mark.parametrize("algo", ["ddpo_is", "rwr"])
+@pytest.mark.parametrize("algo", ["ddpo_is", "rwr", "rwr_sparse"])
 def test_a_reward_blind_run_does_not_depend_on_the_reward(tmp_path, algo):
     """The control trains on draws that ignore the reward: the same weights whichever reward is
     logged; without --reward-blind the two rewards train different weights (the check can fail)."""
@@ -90,21 +90,26 @@ def test_a_reward_blind_run_does_not_depend_on_the_reward(tmp_path, algo):
     assert not same(weights("compressibility", False), weights("incompressibility", False))
 
 
+def _finish(folder, algo, lr, seed, jpeg, top1=0.5, reward="compressibility"):
+    """A finished run's file with one checkpoint (epoch 2) of the given held-out figures."""
+    run = dict(samples_per_epoch=64, epochs=2, history={"reward/mean": [0, 0],
+                                                        "kl/pretrained": [1, 1]},
+               evals={"2": {k: dict(jpeg_kb=jpeg, caption_top1=top1) for k in compare.EVAL_SETS}})
+    reward = None if compare.is_control(algo) else reward
+    (folder / "runs").mkdir(exist_ok=True)
+    (folder / "runs" / f"{compare.run_name(reward, algo, lr, seed)}.json").write_text(
+        json.dumps(run))
+
+
 def test_the_report_picks_the_rate_with_the_largest_gain_over_the_control(tmp_path, monkeypatch):
     """Not the largest gain: a rate whose control drifts as far as the algorithm gains nothing."""
     monkeypatch.setattr(compare, "OUT", tmp_path)
     monkeypatch.setattr(compare, "SEEDS", (0, 1))
-    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(compare, "GRID", (2e-4, 8e-4))
     pretrained = {k: dict(jpeg_kb=1.0, caption_top1=0.5) for k in compare.EVAL_SETS}
 
     def finish(algo, lr, seed, jpeg):
-        run = dict(samples_per_epoch=64, epochs=2, history={"reward/mean": [0, 0],
-                                                            "kl/pretrained": [1, 1]},
-                   evals={"2": {k: dict(jpeg_kb=jpeg, caption_top1=0.5)
-                                for k in compare.EVAL_SETS}})
-        reward = None if compare.is_control(algo) else "compressibility"
-        (tmp_path / "runs" / f"{compare.run_name(reward, algo, lr, seed)}.json").write_text(
-            json.dumps(run))
+        _finish(tmp_path, algo, lr, seed, jpeg)
 
     for seed in (0, 1):
         finish("ddpo_is", 8e-4, seed, 0.70)  # -30% ...
@@ -115,6 +120,98 @@ def test_the_report_picks_the_rate_with_the_largest_gain_over_the_control(tmp_pa
     assert grid[8e-4]["trained/gain"]["mean"][-1] > grid[2e-4]["trained/gain"]["mean"][-1]
     assert compare.best_lr(grid) == 2e-4
     assert grid[2e-4]["trained/gain_over_control"]["mean"][-1] == pytest.approx(15.0)
+
+
+def test_each_seed_is_paired_with_its_own_control_and_incompressibility_counts_growth(
+        tmp_path, monkeypatch):
+    """Per-seed figures that differ, so that pairing a run with another seed's control, or the
+    wrong sign for a reward, changes the min and max (a mean of differences cannot tell)."""
+    monkeypatch.setattr(compare, "OUT", tmp_path)
+    monkeypatch.setattr(compare, "SEEDS", (0, 1, 2))
+    pretrained = {k: dict(jpeg_kb=2.0, caption_top1=0.5) for k in compare.EVAL_SETS}
+    runs = {0: (2.2, 0.40), 1: (2.6, 0.30), 2: (2.4, 0.20)}  # seed: (jpeg kB, top-1)
+    controls = {0: (2.0, 0.45), 1: (2.1, 0.25), 2: (2.3, 0.50)}
+    for seed in (0, 1, 2):
+        _finish(tmp_path, "ddpo_is", 1e-4, seed, *runs[seed], reward="incompressibility")
+        _finish(tmp_path, "ddpo_is/blind", 1e-4, seed, *controls[seed])
+    c = compare.cell("incompressibility", "ddpo_is", 1e-4, pretrained)
+    gain = [100 * (runs[s][0] / 2.0 - 1) for s in (0, 1, 2)]  # growth is the gain here
+    over = [100 * (runs[s][0] - controls[s][0]) / 2.0 for s in (0, 1, 2)]  # +10, +25, +5
+    top1_over = [100 * (runs[s][1] - controls[s][1]) for s in (0, 1, 2)]  # -5, +5, -30
+    assert [v for (v,) in c["trained/gain"]["values"]] == pytest.approx(gain)
+    band = c["trained/gain_over_control"]
+    assert (band["min"][-1], band["max"][-1]) == pytest.approx((min(over), max(over)))
+    assert band["mean"][-1] == pytest.approx(np.mean(over))
+    top = c["unseen_animals/top1_over_control"]
+    assert (top["min"][-1], top["max"][-1]) == pytest.approx((min(top1_over), max(top1_over)))
+    assert c["objects/control_top1"]["mean"][-1] == pytest.approx(40.0)
+    # the same files read for compressibility: shrinking is the gain there, so every sign flips
+    _finish(tmp_path, "ddpo_is", 1e-4, 0, *runs[0])
+    down = compare.cell("compressibility", "ddpo_is", 1e-4, pretrained)
+    assert down["seeds"] == [0]
+    assert down["trained/gain_over_control"]["mean"][-1] == pytest.approx(-over[0])
+
+
+def test_no_rate_is_picked_before_the_grid_is_finished_and_the_pick_is_checked_out_of_sample(
+        tmp_path, monkeypatch):
+    """A rate with one seed missing, or a rate not run at all, leaves the pick open; once all are
+    done, the leave-one-seed-out figure scores each seed at the rate the other seeds pick, which is
+    lower than the in-sample best when one lucky seed made the pick."""
+    monkeypatch.setattr(compare, "OUT", tmp_path)
+    monkeypatch.setattr(compare, "SEEDS", (0, 1, 2))
+    monkeypatch.setattr(compare, "GRID", (1e-4, 1e-3))
+    pretrained = {k: dict(jpeg_kb=1.0, caption_top1=0.5) for k in compare.EVAL_SETS}
+    # 1e-4: a steady -10% for every seed; 1e-3: -40% on seed 0, -1% on seeds 1 and 2
+    steady, lucky = {0: 0.9, 1: 0.9, 2: 0.9}, {0: 0.6, 1: 0.99, 2: 0.99}
+    for seed in (0, 1, 2):
+        _finish(tmp_path, "ddpo_is/blind", 1e-4, seed, 1.0)
+        _finish(tmp_path, "ddpo_is", 1e-4, seed, steady[seed])
+        _finish(tmp_path, "ddpo_is/blind", 1e-3, seed, 1.0)
+
+    def grid():
+        return {lr: compare.cell("compressibility", "ddpo_is", lr, pretrained)
+                for lr in compare.GRID}
+
+    assert compare.best_lr(grid()) is None  # 1e-3 has no run yet
+    for seed in (0, 1):
+        _finish(tmp_path, "ddpo_is", 1e-3, seed, lucky[seed])
+    assert compare.best_lr(grid()) is None  # 1e-3 has two seeds of three
+    _finish(tmp_path, "ddpo_is", 1e-3, 2, lucky[2])
+    g = grid()
+    assert compare.best_lr(g) == 1e-3  # mean 14.0 against 10.0, on seed 0's luck
+    loo = compare.leave_one_seed_out(g)
+    # seed 0 left out: seeds 1, 2 pick 1e-4 (10 against 1) and seed 0 scores 10 there; seeds 1
+    # and 2 left out: the others' mean favours 1e-3 (20.5 against 10), where they score 1
+    assert loo["picked_lr"] == [1e-4, 1e-3, 1e-3]
+    assert loo["gain_over_control"] == pytest.approx([10.0, 1.0, 1.0])
+    assert loo["mean"] == pytest.approx(4.0)
+    assert loo["mean"] < g[1e-3]["trained/gain_over_control"]["mean"][-1]  # 4 against 14
+
+
+@pytest.mark.parametrize("stop_at", [2, 4], ids=["after-a-chunk", "trained-not-evaluated"])
+def test_an_interrupted_run_finishes_as_an_uninterrupted_one(tmp_path, monkeypatch, stop_at):
+    """run_one stopped by its deadline after one training chunk, or after the last chunk before
+    its evaluation, continues from the checkpoint to the same figures as a run never stopped."""
+    _toy(monkeypatch, tmp_path)
+    calls = [0]
+
+    def clock():  # passes the deadline at the stop_at-th look
+        calls[0] += 1
+        return 2.0 if calls[0] >= stop_at else 0.0
+
+    def figures(name):
+        result = json.loads((compare.OUT / "runs" / f"{name}.json").read_text())
+        history = {k: v for k, v in result["history"].items() if k != "time/epoch"}
+        return history, result["evals"]
+
+    whole = compare.base_config("compressibility", "ddpo_sf", 1e-3, 0)
+    assert compare.run_one(whole, float("inf"))
+    cut = replace(whole, output_dir=whole.output_dir + "-cut")
+    monkeypatch.setattr(compare, "time", type("Clock", (), {"time": staticmethod(clock)}))
+    assert not compare.run_one(cut, 1.0)  # stopped
+    assert not (compare.OUT / "runs" / f"{cut.output_dir.split('/')[-1]}.json").exists()
+    assert compare.run_one(cut, float("inf"))  # continued
+    assert figures(cut.output_dir.split("/")[-1]) == figures(whole.output_dir.split("/")[-1])
 
 
 def test_the_kl_tradeoff_shares_the_comparisons_runs_and_reports_every_beta(tmp_path, monkeypatch):

@@ -15,7 +15,9 @@ The protocol, the same for every algorithm:
   its own samples, not from the reward; for RWR, RWR with every weight 1 (beta = 0). A control
   does not depend on the reward, so one run serves both rewards;
 - each algorithm is reported at the rate with the largest mean gain *over its control* per reward
-  (3 seeds; the grid is in the report beside it, so a reader sees how much the pick matters);
+  (3 seeds; the grid is in the report beside it, so a reader sees how much the pick matters). A
+  pick made on the seeds it is then reported on is optimistic (the winner's curse), so the report
+  also gives a leave-one-seed-out figure: each seed's gain at the rate the other seeds pick;
 - training on 36 of the 45 animals; every EVAL_EVERY epochs the policy samples a fixed held-out
   noise set on three prompt sets: the trained animals, the 9 held-out animals and 32 everyday
   emoji never trained on. Each is scored with the JPEG size and the tiny captioner's top-1 ("is it
@@ -25,13 +27,14 @@ The protocol, the same for every algorithm:
 Each run trains in chunks between evaluations and checkpoints every epoch, so the whole comparison
 can be stopped at any point and continued by running the command again; seed 0 of everything runs
 first, so a partial comparison is already a complete one-seed grid. A finished run's figures go to
-assets/compare/runs/<name>.json (committed: the report needs only those); the report is
-assets/compare.json and assets/compare.png.
+assets/comparison/runs/<name>.json (committed: the report needs only those); the report is
+assets/comparison.json and assets/comparison.png. (assets/compare* is the previous protocol's.)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -118,9 +121,17 @@ def pretrained_scores(cfg: config.Config) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     scores = evaluate(tiny.load_tiny(), cfg)
-    OUT.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(scores, indent=1))
+    _write_json(path, scores)
     return scores
+
+
+def _write_json(path: Path, data) -> None:
+    """Write whole or not at all: a kill mid-write leaves the previous file (or none), never a
+    truncated one that would count as finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def run_one(cfg: config.Config, deadline: float, out: Path | None = None) -> bool:
@@ -141,7 +152,7 @@ def run_one(cfg: config.Config, deadline: float, out: Path | None = None) -> boo
             return False
         if done % EVAL_EVERY == 0 and done > 0 and str(done) not in evals:
             evals[str(done)] = evaluate(_checkpointed_model(folder), cfg)
-            evals_path.write_text(json.dumps(evals, indent=1))
+            _write_json(evals_path, evals)
             continue
         target = (done // EVAL_EVERY + 1) * EVAL_EVERY
         resume = str(folder) if plumbing.has_checkpoint(folder) else ""
@@ -159,15 +170,20 @@ def run_one(cfg: config.Config, deadline: float, out: Path | None = None) -> boo
                   history={k: [h.get(k) for h in history] for k in keep},
                   evals={int(k): v for k, v in evals.items()},
                   torch_threads=torch.get_num_threads())
-    result_path.parent.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(result, indent=1))
+    _write_json(result_path, result)
     return True
 
 
 def _checkpoint(folder: Path) -> dict:
-    path = folder / plumbing.CHECKPOINT
-    return torch.load(path if path.is_file() else folder / plumbing.PREVIOUS, map_location="cpu",
-                      weights_only=False)
+    """The run's last readable checkpoint (the loop's own rule, plumbing.load_checkpoint): a
+    damaged checkpoint.pt falls back to the one saved before it."""
+    for path in (folder / plumbing.CHECKPOINT, folder / plumbing.PREVIOUS):
+        if path.is_file():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:  # truncated or corrupt: torch raises zip/pickle errors
+                continue
+    raise FileNotFoundError(f"{folder}: no readable {plumbing.CHECKPOINT} or {plumbing.PREVIOUS}")
 
 
 def _epochs_done(folder: Path) -> int:
@@ -225,8 +241,11 @@ def _top1_curve(run: dict, eval_set: str) -> list[float]:
 
 
 def _band(values: list[list[float]]) -> dict:
+    """Per checkpoint: the mean, min and max over the seeds, and each seed's value (seeds x
+    checkpoints)."""
     a = np.array(values, dtype=float)
-    return dict(mean=a.mean(0).tolist(), min=a.min(0).tolist(), max=a.max(0).tolist())
+    return dict(mean=a.mean(0).tolist(), min=a.min(0).tolist(), max=a.max(0).tolist(),
+                values=a.tolist())
 
 
 def cell(reward: str, algo: str, lr: float, pretrained: dict) -> dict | None:
@@ -259,18 +278,42 @@ def cell(reward: str, algo: str, lr: float, pretrained: dict) -> dict | None:
         top = [_top1_curve(r, name) for _, r, _ in pairs]
         top_ctl = [_top1_curve(c, name) for _, _, c in pairs]
         out[f"{name}/top1"] = _band(top)
+        out[f"{name}/control_top1"] = _band(top_ctl)
         out[f"{name}/top1_over_control"] = _band([list(np.subtract(t, c))
                                                   for t, c in zip(top, top_ctl)])
     return out
 
 
-def best_lr(grid: dict) -> float | None:
-    """The rate with the largest mean final gain over the control on the trained animals, among
-    those finished with every seed."""
-    full = {lr: c for lr, c in grid.items() if c and len(c["seeds"]) == len(SEEDS)}
-    if not full:
+def _final(c: dict, seeds) -> float:
+    """A cell's mean final gain over the control on the trained animals, over `seeds`."""
+    per_seed = dict(zip(c["seeds"], c["trained/gain_over_control"]["values"]))
+    return float(np.mean([per_seed[s][-1] for s in seeds]))
+
+
+def best_lr(grid: dict, seeds=None) -> float | None:
+    """The rate with the largest mean final gain over the control on the trained animals, over
+    `seeds` (default: all). None until every rate of the grid has finished with every seed: a
+    pick among the rates that happen to be done would not be the protocol's."""
+    seeds = SEEDS if seeds is None else seeds
+    if len(grid) < len(GRID) or not all(c and len(c["seeds"]) == len(SEEDS)
+                                        for c in grid.values()):
         return None
-    return max(full, key=lambda lr: full[lr]["trained/gain_over_control"]["mean"][-1])
+    return max(grid, key=lambda lr: _final(grid[lr], seeds))
+
+
+def leave_one_seed_out(grid: dict) -> dict | None:
+    """The pick's honest figure: for each seed, the rate the *other* seeds pick, and this seed's
+    final gain over the control at it. The in-sample best mean is biased upward (the rate was
+    chosen for doing well on those very seeds); the mean of these is not."""
+    if best_lr(grid) is None:
+        return None
+    picks, gains = [], []
+    for seed in SEEDS:
+        lr = best_lr(grid, [s for s in SEEDS if s != seed])
+        picks.append(lr)
+        gains.append(_final(grid[lr], [seed]))
+    return dict(seeds=list(SEEDS), picked_lr=picks, gain_over_control=gains,
+                mean=float(np.mean(gains)), min=float(min(gains)), max=float(max(gains)))
 
 
 def report() -> dict:
@@ -279,7 +322,10 @@ def report() -> dict:
     summary: dict = dict(
         protocol=dict(epochs=EPOCHS, eval_every=EVAL_EVERY, grid=GRID, seeds=SEEDS,
                       selection="per reward and algorithm, the rate with the largest mean final "
-                                "held-out gain over the control (trained animals), over all seeds",
+                                "held-out gain over the control (trained animals), over all seeds; "
+                                "optimistic, as any pick reported on the seeds it was made on: "
+                                "results[...]['leave_one_seed_out'] gives each seed's gain at the "
+                                "rate the other seeds pick",
                       control="the same algorithm trained on N(0, 1) draws in place of the "
                               "rewards (--reward-blind true); for RWR, RWR with every weight 1 "
                               "(--rwr-beta 0); one control run serves both rewards",
@@ -296,7 +342,8 @@ def report() -> dict:
             lr = best_lr(grid)
             summary["best_lr"].setdefault(reward, {})[algo] = lr
             if lr is not None:
-                summary["results"].setdefault(reward, {})[algo] = grid[lr]
+                summary["results"].setdefault(reward, {})[algo] = dict(
+                    grid[lr], leave_one_seed_out=leave_one_seed_out(grid))
     finished = [json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))]
     summary["finished_runs"] = len(finished)
     summary["planned_runs"] = len(schedule())
@@ -316,41 +363,55 @@ def _figure(summary: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     rewards = list(summary["results"])
-    fig = Figure(figsize=(16, 3.6 * len(rewards)), dpi=100)
-    axes = fig.subplots(len(rewards), 4, squeeze=False)
+    fig = Figure(figsize=(20, 3.6 * len(rewards)), dpi=100)
+    axes = fig.subplots(len(rewards), 5, squeeze=False)
     handles = {}
+    pre_top1 = 100 * summary["pretrained"]["trained"]["caption_top1"]
     for row, reward in zip(axes, rewards):
         for algo, res in summary["results"][reward].items():
             c = COLOURS[algo]
             xe = [0] + res["eval_queries"]
-            zero = {k: [0.0] + v for k, v in res["trained/gain_over_control"].items()}
-            handles[algo] = _plot_band(row[0], xe, zero, c)
+
+            def from_zero(key, res=res):
+                return {k: [0.0] + v for k, v in res[key].items() if k != "values"}
+
+            handles[algo] = _plot_band(row[0], xe, from_zero("trained/gain"), c)
+            _plot_band(row[0], xe, from_zero("trained/control_gain"), c, ":", 0.05)
+            _plot_band(row[1], xe, from_zero("trained/gain_over_control"), c)
             for name, style in (("unseen_animals", "--"), ("objects", ":")):
-                _plot_band(row[0], xe, {k: [0.0] + v for k, v in
-                                        res[f"{name}/gain_over_control"].items()}, c, style, 0.05)
+                _plot_band(row[1], xe, from_zero(f"{name}/gain_over_control"), c, style, 0.05)
             grid = summary["grid"][reward][algo]
             lrs = sorted(grid, key=float)
             means = [grid[lr]["trained/gain_over_control"]["mean"][-1] for lr in lrs]
             lows = [grid[lr]["trained/gain_over_control"]["min"][-1] for lr in lrs]
             highs = [grid[lr]["trained/gain_over_control"]["max"][-1] for lr in lrs]
-            x = [float(lr) for lr in lrs]
-            row[1].errorbar(x, means, yerr=[np.subtract(means, lows), np.subtract(highs, means)],
-                            marker="o", color=c, capsize=3)
-            _plot_band(row[2], xe, {k: [0.0] + v for k, v in
-                                    res["trained/top1_over_control"].items()}, c)
-            _plot_band(row[3], res["kl_queries"], res["kl_pretrained"], c)
-            _plot_band(row[3], res["kl_queries"], res["control_kl_pretrained"], c, ":", 0.05)
-        row[0].set(title=f"{reward}: held-out gain over the control (trained -, unseen --, "
-                         "objects :)", xlabel="reward queries", ylabel="JPEG change (points)")
-        row[1].set(title="final gain over the control, every rate (min-max over seeds)",
-                   xlabel="learning rate", ylabel="points", xscale="log")
-        row[2].set(title="captioner top-1 on trained animals, over the control",
-                   xlabel="reward queries", ylabel="points")
-        row[3].set(title="KL to the pretrained policy (control dotted)", xlabel="reward queries",
+            row[2].errorbar([float(lr) for lr in lrs], means, capsize=3, marker="o", color=c,
+                            yerr=[np.subtract(means, lows), np.subtract(highs, means)])
+            top = {k: [pre_top1] + v for k, v in res["trained/top1"].items() if k != "values"}
+            _plot_band(row[3], xe, top, c)
+            top_ctl = {k: [pre_top1] + v for k, v in res["trained/control_top1"].items()
+                       if k != "values"}
+            _plot_band(row[3], xe, top_ctl, c, ":", 0.05)
+            _plot_band(row[4], res["kl_queries"], res["kl_pretrained"], c)
+            _plot_band(row[4], res["kl_queries"], res["control_kl_pretrained"], c, ":", 0.05)
+        row[3].axhline(pre_top1, color="k", lw=0.8, ls="--")
+        row[0].set(title=f"{reward}: gain over the pretrained model\n(held out, trained animals; "
+                         "its control dotted)", xlabel="reward queries",
+                   ylabel="JPEG change toward the reward (%)")
+        row[1].set(title="held-out gain over the control\n(trained -, unseen animals --, "
+                         "objects :)", xlabel="reward queries", ylabel="percentage points")
+        row[2].set(title="final gain over the control, every rate\n(trained animals; min-max over "
+                         "seeds)", xlabel="learning rate", ylabel="percentage points",
+                   xscale="log")
+        row[3].set(title="captioner top-1 on the trained animals\n(control dotted, pretrained "
+                         "dashed)", xlabel="reward queries", ylabel="top-1 (%)")
+        row[4].set(title="KL to the pretrained policy\n(control dotted)", xlabel="reward queries",
                    ylabel="KL per latent dim", yscale="log")
         for ax in row:
             ax.grid(alpha=0.3)
-            ax.axhline(0, color="k", lw=0.6) if ax is not row[3] else None
+            ax.title.set_fontsize(10)
+        for ax in row[:3]:
+            ax.axhline(0, color="k", lw=0.6)
     labels = [f"{LABELS[a]}" for a in handles]
     fig.legend(list(handles.values()), labels, loc="lower center", ncol=len(handles), fontsize=9,
                frameon=False)
@@ -364,13 +425,15 @@ def _plot_band(ax, x, b: dict, colour: str, style: str = "-", alpha: float = 0.1
     return ax.plot(x, b["mean"], style, color=colour)[0]
 
 
-def _fmt(band: dict, i: int = -1) -> str:
-    return f"{band['mean'][i]:+5.1f} [{band['min'][i]:+5.1f}, {band['max'][i]:+5.1f}]"
+def _fmt(band: dict, i: int = -1, sign: str = "+") -> str:
+    f = f"{sign}5.1f"
+    return f"{band['mean'][i]:{f}} [{band['min'][i]:{f}}, {band['max'][i]:{f}}]"
 
 
 def print_summary(summary: dict) -> None:
-    """The report's numbers: per reward the grid, then each algorithm at its rate."""
-    p = summary["protocol"]
+    """The report's numbers: per reward the grid, then each algorithm at its rate, every figure
+    over the pretrained model and over the control (mean [min, max] over seeds)."""
+    p, pre = summary["protocol"], summary["pretrained"]
     print(f"protocol: {p['epochs']} epochs of 64 samples per run, held-out checkpoints every "
           f"{p['eval_every']} epochs; {summary['finished_runs']} of {summary['planned_runs']} "
           f"runs finished, {summary['training_hours']:.1f} h of training (evaluations not counted)")
@@ -381,11 +444,21 @@ def print_summary(summary: dict) -> None:
             print(f"  {algo:<11} " + "  ".join(
                 f"{lr}: {_fmt(c['trained/gain_over_control'])} ({len(c['seeds'])}s)"
                 for lr, c in grid.items()))
+        if summary["results"].get(reward):
+            print(f"{reward}, each algorithm at its rate: held-out JPEG change toward the reward "
+                  "(%) and top-1 (%), the control's, and the difference (points)")
         for algo, res in summary["results"].get(reward, {}).items():
-            print(f"  {algo:<11} at lr {res['lr']:g}: gain {_fmt(res['trained/gain'])}, "
-                  f"control {_fmt(res['trained/control_gain'])}, "
-                  f"over it {_fmt(res['trained/gain_over_control'])}; unseen animals over it "
-                  f"{_fmt(res['unseen_animals/gain_over_control'])}; objects "
-                  f"{_fmt(res['objects/gain_over_control'])}; top-1 over the control "
-                  f"{_fmt(res['trained/top1_over_control'])}; "
-                  f"KL {res['kl_pretrained']['mean'][-1]:.2e}")
+            loo = res["leave_one_seed_out"]
+            print(f"  {algo} at lr {res['lr']:g}, seeds {res['seeds']}; leave-one-seed-out gain "
+                  f"over the control {loo['mean']:+.1f} [{loo['min']:+.1f}, {loo['max']:+.1f}] "
+                  f"(rates picked {', '.join(f'{x:g}' for x in loo['picked_lr'])})")
+            for name in EVAL_SETS:
+                print(f"    {name:<15} gain {_fmt(res[f'{name}/gain'])}  control "
+                      f"{_fmt(res[f'{name}/control_gain'])}  over it "
+                      f"{_fmt(res[f'{name}/gain_over_control'])}  | top-1 "
+                      f"{_fmt(res[f'{name}/top1'], sign='')} (pretrained "
+                      f"{100 * pre[name]['caption_top1']:.1f}, control "
+                      f"{_fmt(res[f'{name}/control_top1'], sign='')}), over the control "
+                      f"{_fmt(res[f'{name}/top1_over_control'])}")
+            print(f"    KL to the pretrained policy {res['kl_pretrained']['mean'][-1]:.2e}, "
+                  f"control {res['control_kl_pretrained']['mean'][-1]:.2e}")
