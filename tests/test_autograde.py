@@ -70,10 +70,30 @@ def test_hidden_inputs_catch_a_memorised_answer(tmp_path):
     assert "inputs 11" in hidden["detail"]
 
 
-def test_importing_the_project_scores_no_code_points(tmp_path):
-    source = SOURCE + "\nfrom sampler import ddim_step_with_logprob  # noqa\n"
+@pytest.mark.parametrize("item, old, new", [
+    ("ex3_check", "torch.clamp(ratio, 1 - clip_range, 1 + clip_range)",
+     "torch.clamp(ratio, 1 - 0.1, 1 + 0.1)"),
+    ("ex4_check", "return advantages.clip(-max_abs, max_abs)", "return advantages.clip(-5.0, 5.0)"),
+], ids=["clip-range", "max-abs"])
+def test_hidden_inputs_catch_a_constant_copied_from_the_notebook(tmp_path, item, old, new):
+    """The notebook's checks use clip range 0.1 and max_abs 5; the hidden inputs draw others."""
+    sub = _submission(tmp_path / item, _mutant(old, new))
+    visible = autograde.grade(sub, seeds=(), ex5_runs=False)["items"][item]
+    hidden = autograde.grade(sub, SEEDS, ex5_runs=False)["items"][item]
+    assert visible["points"] == visible["max"] and hidden["points"] < hidden["max"], hidden
+
+
+@pytest.mark.parametrize("line, named", [
+    ("from sampler import ddim_step_with_logprob", "sampler"),
+    ("ddim = __import__('importlib').import_module('sampler')", "__import__()"),
+    ("import importlib", "importlib"),
+    ("import sys\nddim = sys.modules['sampler']", "sys.modules"),
+    ("import checks", "checks"),
+], ids=["import", "__import__", "importlib", "sys.modules", "checks"])
+def test_reaching_the_project_scores_no_code_points(tmp_path, line, named):
+    source = SOURCE + f"\n{line}  # noqa\n"
     result = autograde.grade(_submission(tmp_path / "imports", source), SEEDS, ex5_runs=False)
-    assert result["points"] == 0 and "sampler" in result["items"]["ex1_check"]["detail"]
+    assert result["points"] == 0 and named in result["items"]["ex1_check"]["detail"]
 
 
 TOY = dict(num_steps=4, sample_batch_size=8, sample_batches=1, samples_per_prompt=4,
@@ -108,6 +128,11 @@ def test_exercise_5_is_graded_from_the_runs_weights(tmp_path, monkeypatch):
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "lr": 1e-2}))
     result = autograde.grade_ex5(wrong, calibration)
     assert result["points"] == 0 and "lr" in result["detail"]
+    # a config.json with the learning rate taken out (a field left out is not a field that agrees)
+    cfg_path.write_text(json.dumps({k: v for k, v in json.loads(cfg_path.read_text()).items()
+                                    if k != "lr"}))
+    result = autograde.grade_ex5(wrong, calibration)
+    assert result["points"] == 0 and "lacks lr" in result["detail"]
     # a run with more epochs than the bar is set for
     more = {**calibration, "epochs": 2}
     assert "epochs" in autograde.grade_ex5(sub, more)["detail"]

@@ -10,6 +10,7 @@ import ast
 import importlib.util
 import inspect
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -95,6 +96,22 @@ def test_the_release_holds_no_answer(release):
     assert not found, found[:5]
 
 
+def test_the_release_leaves_out_exercise_7s_expected_numbers_and_marks_notebook_0(release):
+    assert not list((release / "assets").glob("kl_tradeoff*"))
+    assert not (release / "assets" / "ex7_reference.json").exists()
+    first = nbformat.read(release / "notebooks" / "00_ddpo_in_2d.ipynb", as_version=4).cells[0]
+    assert first.cell_type == "markdown" and "for reading" in first.source
+
+
+def test_the_release_shows_the_comparison_that_notebooks_5_and_7_read(release):
+    script = ("import sys; sys.path[:0] = ['.', 'notebooks']; import nbutils; "
+              "s = nbutils.show_comparison(); print('RESULTS', len(s['results']))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=release, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RESULTS 2" in out.stdout
+
+
 def test_the_answer_search_finds_an_answer(release, tmp_path):
     """The search above fails on a release that still holds one reference body."""
     leaky = tmp_path / "leaky"
@@ -175,7 +192,7 @@ def test_an_unsolved_release_notebook_fails_its_check(release):
                        resources={"metadata": {"path": str(folder)}}).execute()
 
 
-def _toy_epoch_in(folder: Path) -> dict:
+def _toy_epoch_in(folder: Path, **overrides) -> dict:
     """One toy epoch of the release's own loop, run in a fresh interpreter inside `folder`."""
     script = textwrap.dedent(f"""
         import json, sys, tempfile
@@ -183,7 +200,7 @@ def _toy_epoch_in(folder: Path) -> dict:
         import ddpo_min
         from config import Config
         with tempfile.TemporaryDirectory() as d:
-            run = ddpo_min.train(Config.tiny(epochs=1, output_dir=d, **{TOY!r}))
+            run = ddpo_min.train(Config.tiny(epochs=1, output_dir=d, **{dict(TOY, **overrides)!r}))
             print("METRICS", (run / "metrics.jsonl").read_text().splitlines()[0])
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True,
@@ -218,6 +235,29 @@ def test_a_filled_release_trains_on_the_students_code(filled, tmp_path):
         assert got[key] == want[key], key
     # the KL diagnostic reads the policy's mean off the student's step instead of a closed form
     assert got["kl/pretrained"] == pytest.approx(want["kl/pretrained"], rel=1e-4)
+
+
+def test_the_kl_leash_trains_through_the_students_step_in_the_release(filled, tmp_path):
+    """Exercise 7 in the release: --kl-coef's penalty reads the policy's mean off the student's
+    step (no closed form ships), and its gradient must reach the weights: the leashed epoch
+    matches the repository's with the same functions, and ends nearer the pretrained policy than
+    beta = 0 (it would not if the mean carried no gradient)."""
+    settings = dict(lr=1e-3, kl_samples=2)
+    free = _toy_epoch_in(filled, **settings)
+    leashed = _toy_epoch_in(filled, kl_coef=1e4, **settings)
+    assert leashed["kl/pretrained"] < free["kl/pretrained"]
+
+    spec = importlib.util.spec_from_file_location("a_student", STUDENT)
+    student = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(student)
+    with ex5.student_loop(**ex5.functions_of(student)):
+        from config import Config
+
+        run = ddpo_min.train(Config.tiny(epochs=1, output_dir=str(tmp_path / "repo"), kl_coef=1e4,
+                                         **settings, **TOY))
+    want = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("loss/kl_penalty", "loss/policy", "kl/pretrained"):
+        assert leashed[key] == pytest.approx(want[key], rel=1e-3), key
 
 
 def test_the_release_checks_the_setup(release):

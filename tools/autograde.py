@@ -61,12 +61,24 @@ FREE_FIELDS = {"output_dir", "seed", "resume", "save_every", "device", "threads"
 DEFAULT_SEEDS = (11, 12)
 
 
+# ways to reach a module without an import statement naming it
+INDIRECT_MODULES = {"importlib", "builtins", "runpy", "imp"}
+INDIRECT_CALLS = {"__import__", "exec", "eval", "compile", "globals", "vars"}
+
+
 def project_imports(path: Path) -> list[str]:
-    """The project modules a student's file imports (any of them forfeits the code points)."""
+    """The project modules a student's file imports, and the usual ways around an import
+    statement (importlib, __import__, exec, sys.modules, ...): any of them forfeits the code
+    points. A static check, not a sandbox: INSTRUCTOR.md says what it cannot see."""
     tree = ast.parse(path.read_text())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    return sorted({n for n in names if n.split(".")[0] in PROJECT_MODULES})
+    found = {n for n in names if n.split(".")[0] in PROJECT_MODULES | INDIRECT_MODULES}
+    found |= {f"{n.id}()" for n in ast.walk(tree)
+              if isinstance(n, ast.Name) and n.id in INDIRECT_CALLS}
+    found |= {f"{n.value.id}.{n.attr}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+              and isinstance(n.value, ast.Name) and (n.value.id, n.attr) in {("sys", "modules")}}
+    return sorted(found)
 
 
 def load_student(path: Path):
@@ -131,8 +143,10 @@ def _run_problem(run_dir: Path, reward: str, calibration: dict) -> str | None:
     expected = asdict(config.Config.tiny(reward=reward, epochs=calibration["epochs"],
                                          **calibration.get("settings", {})))
     names = {f.name for f in fields(config.Config)}
-    differ = sorted(k for k in names - FREE_FIELDS
-                    if k in saved and saved[k] != expected[k])
+    missing = sorted(names - FREE_FIELDS - set(saved))
+    if missing:
+        return "config.json lacks " + ", ".join(missing[:4]) + ": hand in the run folder as written"
+    differ = sorted(k for k in names - FREE_FIELDS if saved[k] != expected[k])
     if differ:
         return "config.json differs from the calibrated run in " + ", ".join(
             f"{k} ({saved[k]!r}, expected {expected[k]!r})" for k in differ[:4])

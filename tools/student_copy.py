@@ -6,7 +6,8 @@ taken out:
 - the package (ddpo_min.py, sampler.py, ...) with the **graded functions as stubs** that call the
   student's own code in `notebooks/exercises/my_ddpo.py` (through `_student.py`), so that the
   training loop, exercise 5 and exercise 6 run on the student's functions;
-- notebooks 1-7, executed, with the cells that display a graded function's source emptied;
+- notebooks 0-7, executed, with the cells that display a graded function's source emptied (notebook
+  0 for reading: READ_ONLY);
 - exercises 1-7 without their solution cells; `checks.py` with no reference formulas: it compares
   with `fixtures.pt`, the reference's outputs (and the usual mistakes' outputs) recorded on the
   checks' own inputs;
@@ -40,8 +41,17 @@ RELEASE = Path(__file__).resolve().parent / "release"
 
 PACKAGE = ("config.py", "ddpo_min.py", "loading.py", "plumbing.py", "rewards.py", "sampler.py",
            "tiny.py", "requirements.txt", "pyproject.toml")
-TOOLS = ("__init__.py", "check_setup.py", "ex5.py", "ex7.py", "tiny_data.py", "tiny_report.py",
-         "tiny_train.py")
+TOOLS = ("__init__.py", "check_setup.py", "compare.py", "ex5.py", "ex7.py", "tiny_data.py",
+         "tiny_report.py", "tiny_train.py")  # compare.py: notebooks 5 and 7 show its report
+# assets/ left out: the comparison's runs (the report is enough), the benchmarks, SD's configs, and
+# exercise 7's expected numbers (the KL trade-off and the reference run), which its Part C asks for
+ASSETS_LEFT_OUT = ("compare", "comparison", "kl_tradeoff*", "ex7_reference.json", "bench_*",
+                   "sd_v1_4")
+READ_ONLY = {  # executed notebooks the release cannot re-run, and why
+    "00_ddpo_in_2d.ipynb": "it runs the project's DDIM step on points in the plane, and this "
+                           "release replaces that step by your exercise 1, written for images. "
+                           "Read it with its outputs (they come from the repository); the other "
+                           "notebooks re-run here."}
 COURSE = ("HANDOUT.md", "REPORT_TEMPLATE.md")  # not RUBRIC.md or ANSWERS.md
 
 _EX1 = ("left out of the student release: exercise 1 asks for the whole step "
@@ -233,6 +243,10 @@ def released_notebook(path: Path) -> nbformat.NotebookNode:
     """An executed notebook with the outputs of the cells that show a graded function's source
     replaced by a line saying which exercise asks for it."""
     nb = nbformat.read(path, as_version=4)
+    if path.name in READ_ONLY:
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(
+            f"*In the student release this notebook is for reading, not re-running: "
+            f"{READ_ONLY[path.name]}*"))
     for cell in nb.cells:
         if cell.cell_type != "code" or "show_source(" not in cell.source:
             continue
@@ -263,8 +277,7 @@ def make_copy(out: Path, mystery: str | None = None) -> Path:
     shutil.copy(RELEASE / "_student.py", out / "_student.py")
     shutil.copy(RELEASE / "README.md", out / "README.md")
     shutil.copytree(ROOT / "assets", out / "assets",
-                    ignore=shutil.ignore_patterns("compare", "comparison", "kl_tradeoff", "bench_*",
-                                                  "sd_v1_4"))
+                    ignore=shutil.ignore_patterns(*ASSETS_LEFT_OUT))
     (out / "notebooks" / "course").mkdir(parents=True)
     (out / "notebooks" / "exercises").mkdir()
     shutil.copy(NOTEBOOKS / "nbutils.py", out / "notebooks" / "nbutils.py")
@@ -295,6 +308,10 @@ def main() -> None:
                    help="plant this bug in exercise 6's problem 6 instead of the committed one "
                         "(python -m tools.mystery --list; about 3 minutes)")
     args = p.parse_args()
+    if args.mystery is None:
+        print("warning: exercise 6's problem 6 gets the committed mystery run, whose bug this "
+              "public repository names; plant another with --mystery (python -m tools.mystery "
+              "--list)")
     out = make_copy(args.out, args.mystery)
     files = sum(1 for f in out.rglob("*") if f.is_file())
     print(f"student release in {out}: {files} files; see {out / 'README.md'}")

@@ -68,6 +68,14 @@ def hidden_inputs(seed: int):
         _seed_offset = previous
 
 
+def _hidden_uniform(visible: float, low: float, high: float, seed: int) -> float:
+    """A constant of a check: `visible` on the inputs every student sees, a draw in [low, high]
+    under `hidden_inputs` (so that code with the notebook's constant written in fails there)."""
+    if _seed_offset == 0:
+        return visible
+    return low + (high - low) * float(torch.rand((), generator=_gen(seed), dtype=torch.float64))
+
+
 def reference(key: str, compute: Callable):
     """The reference value named `key`: computed by the project, or read from the fixtures."""
     if FROZEN:
@@ -484,7 +492,7 @@ def _expected_clipped_loss(new, old, adv, eps: float) -> dict:
 def check_clipped_loss(fn: Callable) -> None:
     """fn(log_prob, old_log_prob, advantages, clip_range) -> (loss, {"approx_kl", "clipfrac"}), like
     ddpo_min.ddpo_is_loss."""
-    eps = 0.1
+    eps = _hidden_uniform(0.1, 0.03, 0.25, seed=1)  # the hidden inputs vary the clip range too
     g = _gen(0)
     B = 64
     old = torch.randn(B, generator=g, dtype=torch.float64)
@@ -606,19 +614,20 @@ def check_advantages(fn: Callable) -> None:
 def check_clip_advantages(fn: Callable) -> None:
     """fn(advantages, max_abs) -> advantages clipped to [-max_abs, max_abs], like
     ddpo_min.clip_advantages."""
-    a = np.array([-9.0, -5.0, -4.9, -0.5, 0.0, 0.7, 4.99, 5.0, 12.0])
-    exp = reference("ex4_clip", lambda: dict(clipped=ddpo_min.clip_advantages(a, 5.0), variants={
-        "clip both sides: values below -max_abs become -max_abs too": np.minimum(a, 5.0),
+    m = _hidden_uniform(5.0, 1.5, 8.0, seed=2)  # max_abs; the hidden inputs vary it
+    a = np.array([-9.0, -5.0, -4.9, -0.5, 0.0, 0.7, 4.99, 5.0, 12.0]) * m / 5.0
+    exp = reference("ex4_clip", lambda: dict(clipped=ddpo_min.clip_advantages(a, m), variants={
+        "clip both sides: values below -max_abs become -max_abs too": np.minimum(a, m),
         "clip, do not rescale: values inside [-max_abs, max_abs] must not change":
-            a / np.abs(a).max() * 5.0,
-        "clipping keeps the sign: clip(A, -5, 5), not clip(|A|, 0, 5)": np.clip(np.abs(a), 0, 5.0),
+            a / np.abs(a).max() * m,
+        "clipping keeps the sign: clip(A, -5, 5), not clip(|A|, 0, 5)": np.clip(np.abs(a), 0, m),
     }))
     ref = exp["clipped"]
-    got = np.asarray(_call(fn, a.copy(), 5.0), dtype=np.float64)
+    got = np.asarray(_call(fn, a.copy(), m), dtype=np.float64)
     if got.shape != a.shape or not np.allclose(got, ref):
         _diagnose(got, exp["variants"], "clipped advantages")
     t = torch.tensor(a)
-    got_t = _call(fn, t.clone(), 5.0)
+    got_t = _call(fn, t.clone(), m)
     if not isinstance(got_t, torch.Tensor) or not _close(got_t, torch.as_tensor(ref)):
         _fail("the function must also work on torch tensors and return a tensor "
               "(hint: both have .clip)")

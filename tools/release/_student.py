@@ -40,7 +40,25 @@ def step_mean(scheduler, model_output, timestep, sample, eta):
     """The policy's mean mu and sigma_t, (B, C, H, W) and (B,), read off your step: sampled twice
     with known noise z_a and z_b, x_a = mu + sigma z_a and x_b = mu + sigma z_b give sigma_t by
     least squares and then mu. (The project computes them in closed form, which is exercise 1's
-    answer.) No gradient: only the KL diagnostic and the list of stochastic steps use them."""
+    answer.)
+
+    Your step returns x_{t-1} without gradient, so mu's gradient is rebuilt: each coordinate of mu
+    depends on the same coordinate of the model output alone (x̂_0, eps and mu are elementwise), so
+    one more step with the output shifted by h gives d mu / d output coordinate by coordinate, and
+    mu + (d mu / d output) * (output - output.detach()) has mu's value and its gradient. The KL
+    leash (--kl-coef, exercise 7) trains through it; the KL diagnostic and the list of stochastic
+    steps call this without gradient and skip that step."""
+    mean, sigma = _mean_and_sigma(scheduler, model_output, timestep, sample, eta)
+    if torch.is_grad_enabled() and model_output.requires_grad:
+        h = 1e-4
+        shifted, _ = _mean_and_sigma(scheduler, model_output.detach() + h, timestep, sample, eta)
+        slope = ((shifted - mean) / h).to(model_output.device)  # d mu / d output, elementwise
+        mean = mean + slope * (model_output.float() - model_output.float().detach())
+    return mean, sigma
+
+
+def _mean_and_sigma(scheduler, model_output, timestep, sample, eta):
+    """mu and sigma_t from two draws of your step with known noise (values only)."""
     batch, shape = sample.shape[0], (1,) + tuple(sample.shape[1:])
     draws = []
     for seed in (1, 2):
