@@ -254,8 +254,9 @@ def check_config(cfg: Config, num_processes: int = 1) -> None:
         if need and not _NEED[need](value):
             raise ConfigError(f"--{_flag(f.name)} {value}: must be {need} (default: "
                               f"{f.default!r})")
-    if cfg.eta <= 0:
-        raise ConfigError(f"--eta {cfg.eta}: DDPO needs a stochastic sampler, eta > 0 (paper: 1)")
+    if not 0 < cfg.eta <= 1:
+        raise ConfigError(f"--eta {cfg.eta}: DDPO needs a stochastic DDIM sampler, 0 < eta <= 1 "
+                          "(paper: 1; above 1 the step's variance exceeds what DDIM can spend)")
     if cfg.algo == "ddpo_sf" and cfg.minibatches * cfg.inner_epochs != 1:
         raise ConfigError(
             f"--algo ddpo_sf takes one optimizer step per epoch, at theta_old (Sec. 4.3); "
@@ -283,7 +284,11 @@ def resume_config(cfg: Config) -> Config:
     folder = Path(cfg.resume)
     if not (folder / "config.json").is_file():  # (train() checks for the checkpoint)
         raise ConfigError(f"--resume {cfg.resume}: no config.json there")
-    saved = Config(**json.loads((folder / "config.json").read_text()))
+    try:
+        saved = Config(**json.loads((folder / "config.json").read_text()))
+    except (json.JSONDecodeError, TypeError) as err:
+        raise ConfigError(f"--resume {cfg.resume}: its config.json is unreadable or from another "
+                          f"version of ddpo-min ({str(err)[:120]}); start a new run") from None
     # the saved config wins (the run continues as it began); only the number of epochs, this
     # invocation's wall-time limit and its CPU threads may change
     return replace(saved, epochs=cfg.epochs or saved.epochs, max_minutes=cfg.max_minutes,

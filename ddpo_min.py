@@ -380,10 +380,10 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
                                        num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                                        eta=cfg.eta, latent_shape=model.latent_shape,
                                        generator=noise)
-        if not torch.isfinite(traj.latents).all():  # a NaN image would still get a reward
-            bad = (~torch.isfinite(traj.latents)).flatten(1).any(1).sum().item()
+        bad = (~torch.isfinite(traj.latents)).flatten(1).any(1).sum().item()  # NaN images
+        if plumbing.any_process(run, bad > 0):  # would still get a reward; all stop together
             raise TrainingDiverged(f"epoch {epoch}, phase sample: non-finite latents in {bad} of "
-                                   f"{len(prompts)} samples")
+                                   f"{len(prompts)} samples (of process {acc.process_index})")
         images = model.decode(traj.x0).cpu()  # (B, 3, H', W') in [0, 1]
         batches.append(Batch(numbers, prompts, embeds, traj, images,
                              scored=pool.submit(score, run.reward_fn, images, prompts)))
@@ -587,7 +587,7 @@ def rwr_minibatches(run: Run, samples: Samples, adv: torch.Tensor
                             t_all[number].to(run.device), noise_all[number].to(run.device))
             yield loss, len(chunk) / len(mb), {}
 
-    for mb in order.chunk(cfg.minibatches):
+    for mb in order.chunk(cfg.minibatches):  # (sparse RWR keeps few: chunk may give fewer steps)
         yield terms(mb)
 
 

@@ -124,7 +124,7 @@ def load_model(cfg: Config, device: torch.device) -> TextToImage:
         raise ConfigError(str(err)) from None
     if cfg.lora_rank > 0:
         model.unet.to(DTYPES[cfg.mixed_precision])  # the frozen base, as for Stable Diffusion
-        add_lora(model.unet, cfg.lora_rank, cfg.trainable)
+        add_lora(model.unet, cfg.lora_rank, cfg.trainable, cfg.seed)
     else:
         full_fine_tuning(model.unet, cfg.trainable)  # in fp32 at tiny scale
     return model
@@ -145,11 +145,13 @@ def full_fine_tuning(unet: torch.nn.Module, trainable: str = "all") -> None:
         p.requires_grad_(trainable == "all" or CROSS_ATTENTION in name)
 
 
-def add_lora(unet: torch.nn.Module, rank: int, trainable: str = "all") -> None:
+def add_lora(unet: torch.nn.Module, rank: int, trainable: str = "all", seed: int = 0) -> None:
     """LoRA (peft) on the attention projections to_q, to_k, to_v, to_out.0; only LoRA weights train.
 
     trainable="cross_attention" puts LoRA on the cross-attention (attn2) projections only.
     LoRA weights stay in float32 even when the base UNet is fp16/bf16 (autocast mixes them).
+    The random A matrices are drawn from `seed` (peft draws from torch's global generator, which
+    is left as it was), so --seed sets them and every process draws the same.
     """
     from peft import LoraConfig
 
@@ -159,7 +161,9 @@ def add_lora(unet: torch.nn.Module, rank: int, trainable: str = "all") -> None:
         targets = f".*{re.escape(CROSS_ATTENTION)}({'|'.join(map(re.escape, LORA_TARGETS))})"
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                         target_modules=targets)
-    unet.add_adapter(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -179,13 +183,15 @@ def load_stable_diffusion(cfg: Config, device: torch.device) -> TextToImage:
             "--model with a local folder holding a saved StableDiffusionPipeline, or use --model "
             "tiny (no download)."
         ) from None
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the paper's sampler (eta = 1)
+    # the paper's sampler (eta = 1); x̂_0 is never clipped in latent space (DDIMScheduler's own
+    # default clips, and a saved pipeline whose config lacks the key would inherit it)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
     for module in (vae, text_encoder):
         module.requires_grad_(False).to(device, dtype).eval()
     if cfg.lora_rank > 0:
         unet.to(device, dtype)
-        add_lora(unet, cfg.lora_rank, cfg.trainable)
+        add_lora(unet, cfg.lora_rank, cfg.trainable, cfg.seed)
     else:
         unet.to(device)
         full_fine_tuning(unet, cfg.trainable)  # full fine-tuning stays in fp32

@@ -61,6 +61,11 @@ class Run:
         device = loading.resolve_device(cfg.device)
         # the process group, when launched with accelerate or torchrun (gloo on a CPU)
         self.accelerator = Accelerator(cpu=device.type == "cpu")
+        launched = self.accelerator.mixed_precision  # from `accelerate launch` or its config
+        if launched not in ("no", cfg.mixed_precision):
+            raise ConfigError(f"accelerate was launched with mixed precision {launched!r} but the "
+                              f"run's is {cfg.mixed_precision!r}: the run's flag decides here, so "
+                              f"pass --mixed-precision {launched} (or launch without it)")
         check_config(cfg, self.accelerator.num_processes)
         self.device = device if self.accelerator.num_processes == 1 else self.accelerator.device
         self.is_main = self.accelerator.is_main_process  # only it writes files and prints
@@ -221,17 +226,23 @@ class ThreadGovernor:
         self.cores = max(1, cores // num_processes)  # this process's share
         self.threads = threads if self.fixed else self.cores
         torch.set_num_threads(self.threads)
-        self.last = None if self.fixed else self._reading()
+        # the CPUs this process may run on (a container's or a batch job's cpuset); with several
+        # processes the share stays fixed: their own use would read as others' load
+        self.cpus = set(affinity(0)) if affinity else None
+        measured = not self.fixed and num_processes == 1
+        self.last = self._reading() if measured else None
 
-    @staticmethod
-    def _reading() -> tuple[float, float, float] | None:
-        """(seconds of CPU the machine has been busy, seconds of CPU this process used, now)."""
+    def _reading(self) -> tuple[float, float, float] | None:
+        """(seconds of CPU this process's cores have been busy, seconds of CPU this process used,
+        now)."""
         try:
             with open("/proc/stat") as f:
-                jiffies = [int(x) for x in f.readline().split()[1:9]]
-        except (OSError, ValueError):
+                lines = [line.split() for line in f if line.startswith("cpu")]
+            per_cpu = {int(w[0][3:]): [int(x) for x in w[1:9]] for w in lines if w[0] != "cpu"}
+            mine = [j for c, j in per_cpu.items() if self.cpus is None or c in self.cpus]
+            busy = sum(sum(j) - j[3] - j[4] for j in mine)  # all but idle and iowait
+        except (OSError, ValueError, IndexError):
             return None  # not Linux: no measurement, the count stays as it is
-        busy = sum(jiffies) - jiffies[3] - jiffies[4]  # all but idle and iowait
         return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
 
     def adjust(self) -> None:
@@ -340,10 +351,35 @@ def run_config(cfg: Config) -> Config:
             raise ConfigError(f"--resume {cfg.resume}: no checkpoint.pt there")
         return resume_config(cfg)
     if cfg.output_dir:
+        _check_same_run(cfg)
         return cfg
     name = "tiny" if cfg.model == "tiny" else Path(cfg.model).name
     folder = ROOT / "runs" / f"{cfg.reward}-{cfg.algo}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return replace(cfg, output_dir=str(folder))
+
+
+# what may change when a run's folder is named again: how long it goes on, and where it runs
+CONTINUABLE = {"epochs", "max_minutes", "threads", "output_dir", "resume"}
+
+
+def _check_same_run(cfg: Config) -> None:
+    """--output-dir naming a folder with a checkpoint continues that run (train() loads it): only
+    with the settings it was trained with, else one line naming the difference."""
+    folder = Path(cfg.output_dir)
+    if not (has_checkpoint(folder) and (folder / "config.json").is_file()):
+        return
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError:
+        saved = {}
+    new = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as config.json has them
+    differ = sorted(k for k in new if k not in CONTINUABLE and saved.get(k) != new[k])
+    if differ:
+        raise ConfigError(
+            f"--output-dir {folder} holds a run trained with other settings ("
+            + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} there, {new[k]!r} here"
+                        for k in differ[:3])
+            + f"): continue it with --resume {folder}, or name another --output-dir")
 
 
 class RunFolder:

@@ -106,7 +106,10 @@ def step_constants(scheduler, t: torch.Tensor, eta: float):
         raise ValueError("scheduler.num_inference_steps is None: call "
                          "scheduler.set_timesteps(T) first")
     config, device = scheduler.config, t.device
-    # the timestep pair (t, t_prev), exactly as diffusers steps on its inference grid
+    # the timestep pair (t, t_prev), exactly as diffusers' DDIM step computes it. It is the next
+    # grid point when T divides 1000 (SD's 50, tiny's 20) or with "leading" spacing (SD's); with
+    # "trailing" spacing (tiny's) and a T that does not, it can be one off the grid (T = 30: 966 ->
+    # 933, while the grid's next point is 932): diffusers' behaviour, kept for the oracle tests
     t_prev = t - config.num_train_timesteps // scheduler.num_inference_steps  # t - 1, grid (B,)
     alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)  # (1000,)
     final_alpha = scheduler.final_alpha_cumprod.to(device=device, dtype=torch.float32)  # t = -1
@@ -187,10 +190,11 @@ def gaussian_log_prob(x_prev: torch.Tensor, mean: torch.Tensor,
         - safe_sigma.log()  # - log sigma_t
         - _HALF_LOG_2PI  # - log sqrt(2 pi)
     )  # (B, C, H, W)
-    # DEVIATION: log p is *averaged* over the C*H*W dimensions instead of summed, as in the
-    # authors' code. Why: a sum over 16384 latent dims (SD at 512 px) makes ratios
-    # exp(log p - log p_old) explode. Effect: log-probs are 1/D of the true ones, so ratios are
-    # rho^(1/D) and approx_kl is about KL/D^2; SF gradients only rescale (README, "Deviations").
+    # DEVIATION: log p is *averaged* over the C*H*W dimensions (as the authors' code does)
+    # instead of summed (Eq. 2's density). Why: a sum over 16384 latent dims (SD at 512 px)
+    # makes ratios exp(log p - log p_old) explode. Effect: log-probs are 1/D of the true ones,
+    # so ratios are rho^(1/D) and approx_kl is about KL/D^2; SF gradients only rescale (README,
+    # "Deviations").
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))  # (B,)
     return torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
 

@@ -85,6 +85,7 @@ def test_unknown_flag_or_choice_fails_in_argparse(capsys):
         (dict(reward="beauty"), "unknown --reward"),
         (dict(sample_batch_size=3, sample_batches=3, minibatches=2), "batch arithmetic"),
         (dict(eta=0.0), "eta"),
+        (dict(eta=1.5), "0 < eta <= 1"),
         (dict(sample_batch_size=8, samples_per_prompt=3), "samples-per-prompt 3 must divide"),
         (dict(trainable="mlp"), "unknown --trainable"),
     ],

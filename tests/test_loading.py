@@ -70,3 +70,22 @@ def test_cuda_without_cuda_is_one_line(tmp_path):
     message = str(exited.value.code)
     assert "--device cuda: CUDA is not available" in message and "--device cpu" in message
     assert "\n" not in message
+
+
+def test_lora_weights_are_drawn_from_the_run_seed_not_torchs_global_generator():
+    """peft draws LoRA's A matrices from torch's global generator: loading seeds them with --seed
+    (so seeds differ and every process agrees) and leaves the global generator as it was."""
+    import tiny
+
+    def lora_a(seed):
+        unet = tiny.load_tiny().unet
+        before = torch.get_rng_state()
+        loading.add_lora(unet, rank=2, seed=seed)
+        assert torch.equal(torch.get_rng_state(), before)
+        return torch.cat([p.flatten() for n, p in unet.named_parameters() if "lora_A" in n])
+
+    a0, a1, again = lora_a(0), lora_a(1), lora_a(0)
+    assert torch.equal(a0, again) and not torch.equal(a0, a1)
+    model = loading.load_model(Config.tiny(lora_rank=2, seed=1, device="cpu"), torch.device("cpu"))
+    assert torch.equal(torch.cat([p.flatten() for n, p in model.unet.named_parameters()
+                                  if "lora_A" in n]), a1)  # --seed reaches it

@@ -77,3 +77,46 @@ def test_thread_governor_yields_cores_to_busy_neighbours(monkeypatch):
     fixed = plumbing.ThreadGovernor(3)  # --threads 3: set once, never measured
     fixed.adjust()
     assert fixed.threads == 3 and set_to[-1] == 3 and fixed.last is None
+
+
+def test_the_governor_reads_only_its_own_cpus_and_stays_fixed_with_several_processes(
+        monkeypatch, tmp_path):
+    """Load on CPUs outside this process's set (another job's cpuset) is not counted; with 2
+    processes each keeps its share, since the other's use would read as a neighbour's."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  900 0 0 100 0 0 0 0 0 0\n"
+                    "cpu0 800 0 0 50 0 0 0 0 0 0\n"  # busy 800 on a CPU this process may not use
+                    "cpu1 100 0 0 50 0 0 0 0 0 0\n")
+    real_open = open
+    monkeypatch.setattr(plumbing, "open", lambda path, *a: real_open(
+        stat if path == "/proc/stat" else path, *a), raising=False)
+    governor = plumbing.ThreadGovernor(0)
+    governor.cpus = {1}
+    assert governor._reading()[0] * plumbing.os.sysconf("SC_CLK_TCK") == 100
+    governor.cpus = {0, 1}
+    assert governor._reading()[0] * plumbing.os.sysconf("SC_CLK_TCK") == 900
+    shared = plumbing.ThreadGovernor(0, num_processes=2)
+    assert shared.last is None and shared.threads == max(1, len(governor.cpus) // 2)
+
+
+def test_naming_a_run_folder_again_continues_it_only_with_its_settings(random_tiny_weights,
+                                                                      tmp_path):
+    run_dir = train(tiny_config(tmp_path / "run", epochs=1))
+    with pytest.raises(ConfigError, match=r"other settings \(--lr .*--resume "):
+        train(tiny_config(tmp_path / "run", epochs=2, lr=1e-3))
+    assert len(history(train(tiny_config(tmp_path / "run", epochs=2)))) == 2  # more epochs: fine
+    (run_dir / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json is unreadable"):
+        train(Config(resume=str(run_dir), epochs=3))
+
+
+def test_accelerate_launched_with_another_precision_is_one_clear_error(monkeypatch, tmp_path):
+    class Launched:  # what `accelerate launch --mixed_precision bf16` builds
+        mixed_precision = "bf16"
+
+        def __init__(self, cpu):
+            pass
+
+    monkeypatch.setattr(plumbing, "Accelerator", Launched)
+    with pytest.raises(ConfigError, match="pass --mixed-precision bf16"):
+        plumbing.Run(tiny_config(tmp_path / "run"))
