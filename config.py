@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import importlib.util
 import json
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -254,6 +255,9 @@ def check_config(cfg: Config, num_processes: int = 1) -> None:
         if need and not _NEED[need](value):
             raise ConfigError(f"--{_flag(f.name)} {value}: must be {need} (default: "
                               f"{f.default!r})")
+    # checked on every process before the models load (the logger itself starts on the main one)
+    if cfg.log != "none" and importlib.util.find_spec(cfg.log) is None:
+        raise ConfigError(f"--log {cfg.log} needs its package: pip install {cfg.log}")
     if not 0 < cfg.eta <= 1:
         raise ConfigError(f"--eta {cfg.eta}: DDPO needs a stochastic DDIM sampler, 0 < eta <= 1 "
                           "(paper: 1; above 1 the step's variance exceeds what DDIM can spend)")

@@ -127,3 +127,9 @@ def test_every_field_reads_default_then_help_and_the_cli_shows_it(capsys):
     # a field without its docstring is missing from the map (what the first assert would catch)
     source = 'class C:\n    a: int = 1\n    """help of a"""\n    b: int = 2\n'
     assert config.attribute_docs(source, "C") == {"a": "help of a"}
+
+
+def test_a_logger_without_its_package_is_one_line_before_anything_loads(monkeypatch):
+    monkeypatch.setattr(config.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="--log wandb needs its package: pip install wandb"):
+        config.check_config(Config(log="wandb"))
