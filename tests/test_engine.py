@@ -113,10 +113,15 @@ def test_two_processes_train_exactly_as_one_with_an_empty_share(one_and_two, cas
     assert m1["reward/mean"] == m2["reward/mean"] and m1["reward/std"] == m2["reward/std"]
     assert m1["skipped_steps"] == m2["skipped_steps"]
     # the same diagnostics: sample-weighted over the minibatch, K trajectories in all
+    # (relative tolerances only: approx_kl is about 1e-8 here, below any useful absolute one;
+    # fp32 sums differ only in their order, fp16 rounds each forward chunk)
+    rel = 1e-4 if case.endswith("-no") else 2e-2
     for key in ("loss/policy", "loss/approx_kl", "loss/clipfrac", "kl/pretrained", "grad_norm"):
         assert (m1[key] is None) == (m2[key] is None), key
         if m1[key] is not None:
-            assert m2[key] == pytest.approx(m1[key], rel=2e-2, abs=1e-7), key
+            assert m2[key] == pytest.approx(m1[key], rel=rel, abs=1e-30), key
+    if case.startswith("ddpo"):
+        assert m1["loss/approx_kl"] > 0  # the second minibatch's policy has moved
 
     # the same update, to float tolerance (the ranks' forward chunks differ, so sums round
     # differently; more so in fp16)

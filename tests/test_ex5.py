@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import ddpo_min
@@ -91,6 +92,12 @@ def test_the_committed_bars_pass_every_reference_seed_and_reject_every_mutant():
         return ({r["reward"]: r["change_percent"] for r in mine},
                 {r["reward"]: r["clipfrac_median"] for r in mine})
 
+    # the bars are the documented rule applied to the committed reference runs (no hand edits)
+    for reward, sign in ex5.REWARDS.items():
+        moved = [sign * r["change_percent"] for r in runs
+                 if r["implementation"] == "reference" and r["reward"] == reward]
+        assert len(moved) == 3
+        assert calibration["bars"][reward]["bar_percent"] == np.floor(min(moved)) - 2.0
     for seed in (0, 1, 2):
         assert ex5.passes(*figures("reference", seed), calibration)
     assert set(calibration["mutants"]) == set(ex5.MUTANTS)

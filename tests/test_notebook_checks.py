@@ -76,6 +76,12 @@ def test_a_notebook_check_catches_a_wrong_function(notebook, mutant, check, monk
     ("00_ddpo_in_2d", "objective = reward(x).mean() / 2", "objective = -reward(x).mean() / 2",
      "with a differentiable reward, backpropagating through the chain points along g* better "
      "than the score-function estimate from the same batch size"),
+    ("05_rwr", "lam = a_coef**2 * pred_weight / (2 * beta_tilde)",
+     "lam = a_coef**2 / (2 * beta_tilde)",
+     "variational-bound term L_{t-1} == lambda_t * diffusion_mse_loss"),
+    ("00_ddpo_in_2d", 'estimates["(d) (b) clipped"].append(gradient(theta_1, -clipped))',
+     'estimates["(d) (b) clipped"].append(gradient(theta_1, clipped))',
+     "past the clip, the clipped loss's gradient points back toward theta_old"),
     ("06_rewards", "small_clip.vision_model(pixel_values=wrong)",
      "small_clip.vision_model(pixel_values=right)",
      "with floats rescaled twice the score no longer depends on the image"),

@@ -40,7 +40,7 @@ def train_leashed(folder: Path, beta: float, kl_fn=None, epochs: int = EPOCHS, s
     shutil.rmtree(folder, ignore_errors=True)
     cfg = config.Config.tiny(seed=seed, epochs=epochs, kl_coef=beta, output_dir=str(folder),
                              **overrides)
-    before = held_out_scores(tiny.load_tiny(), cfg)
+    before = _pretrained_scores(cfg)
     with mock.patch.object(ddpo_min, "gaussian_kl", kl_fn or ddpo_min.gaussian_kl):
         run_dir = ddpo_min.train(cfg)
     after = held_out_scores(tiny.load_tiny(weights=run_dir / "weights" / "unet.safetensors"), cfg)
@@ -50,6 +50,18 @@ def train_leashed(folder: Path, beta: float, kl_fn=None, epochs: int = EPOCHS, s
                 top1_before=100 * before["caption_top1"], top1_after=100 * after["caption_top1"],
                 kl_pretrained=[h["kl/pretrained"] for h in history],
                 reward=[h["reward/mean"] for h in history])
+
+
+_BEFORE: dict = {}  # the pretrained model's held-out figures, per sampler setting
+
+
+def _pretrained_scores(cfg: config.Config) -> dict:
+    """The pretrained model's held-out figures: the same for every beta (fixed weights, prompts
+    and noise), so scored once per sampler setting."""
+    key = (cfg.num_steps, cfg.guidance_scale, cfg.eta)
+    if key not in _BEFORE:
+        _BEFORE[key] = held_out_scores(tiny.load_tiny(), cfg)
+    return _BEFORE[key]
 
 
 def reference_run(out: Path = REFERENCE, runs_dir: Path = ROOT / "runs" / "ex7_reference",

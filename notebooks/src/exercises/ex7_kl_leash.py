@@ -76,7 +76,7 @@ from tools import ex7
 settings = dict(epochs=ex7.EPOCHS)
 
 # %%
-if SOLUTION_MODE:  # CI: one short epoch per beta (the figure then shows the harness, not the trade-off)
+if SOLUTION_MODE:  # CI: one short epoch per beta (the figure shows the harness; the leash already holds)
     settings = dict(epochs=1, sample_batch_size=16, sample_batches=1, samples_per_prompt=8,
                     train_batch_size=8, minibatches=2, kl_samples=2, grid_size=4)
 
@@ -103,9 +103,5 @@ axes[0].legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 
-if settings["epochs"] == ex7.EPOCHS:
-    nbutils.check(runs[-1]["kl_pretrained"][-1] < runs[0]["kl_pretrained"][-1],
-                  "the strongest leash keeps the policy nearer the pretrained one than beta = 0")
-else:
-    nbutils.check(all(len(r["kl_pretrained"]) == settings["epochs"] for r in runs),
-                  "the harness trained every beta")
+nbutils.check(runs[-1]["kl_pretrained"][-1] < runs[0]["kl_pretrained"][-1],
+              "the strongest leash keeps the policy nearer the pretrained one than beta = 0")
