@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import ddpo_min
+import sampler
 from config import Config
 from tools import autograde, ex5
 
@@ -60,6 +61,34 @@ def test_a_mistake_costs_its_exercise(tmp_path, item):
     result = autograde.grade(_submission(tmp_path / item, MUTANTS[item]), SEEDS, ex5_runs=False)
     lost = {name for name, i in result["items"].items() if i["points"] < i["max"]}
     assert lost == {item}, result["items"]
+
+
+def test_correct_code_passes_every_hidden_input_and_copied_constants_fail_every_one(tmp_path):
+    """Instructors pick their own hidden seeds: on each of 30, the reference functions and the
+    independently written student pass every check, and the two constant-copy mutants (the
+    notebook's clip range, its max_abs) fail theirs."""
+    import checks
+
+    student = autograde.load_student(STUDENT)
+    copied = autograde.load_student(_submission(tmp_path / "eps", _mutant(
+        "torch.clamp(ratio, 1 - clip_range, 1 + clip_range)", "torch.clamp(ratio, 0.9, 1.1)"))
+        / "my_ddpo.py")
+    clipped = autograde.load_student(_submission(tmp_path / "max_abs", _mutant(
+        "return advantages.clip(-max_abs, max_abs)", "return advantages.clip(-5.0, 5.0)"))
+        / "my_ddpo.py")
+    references = dict(check_logprob_step=sampler.ddim_step_with_logprob,
+                      check_sf_loss=ddpo_min.ddpo_sf_loss, check_clipped_loss=ddpo_min.ddpo_is_loss,
+                      check_advantages=checks.reference_batch_advantages,
+                      check_clip_advantages=ddpo_min.clip_advantages)
+    for seed in range(1, 31):
+        for _, pairs in autograde.CODE_ITEMS.values():
+            for check, function in pairs:
+                mine = getattr(student, function)
+                for fn in (references[check], mine):
+                    assert autograde.run_check(check, fn, seed)[0], (check, seed, fn)
+        assert not autograde.run_check("check_clipped_loss", copied.my_clipped_loss, seed)[0]
+        assert not autograde.run_check("check_clip_advantages", clipped.my_clip_advantages,
+                                       seed)[0]
 
 
 def test_hidden_inputs_catch_a_memorised_answer(tmp_path):

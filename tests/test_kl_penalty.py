@@ -71,20 +71,18 @@ def _weights(folder, **overrides):
 
 
 def test_beta_zero_trains_exactly_as_without_the_penalty(tmp_path):
-    """The penalty's path with β = 0 (its log-probs, one more UNet call) changes no weight."""
+    """The loop's own penalty branch (its log-probs through the step, one more UNet call), run
+    with a KL that is zero but keeps its graph, changes no weight: the log-probs it trains on are
+    the plain path's, bit for bit."""
     plain, _ = _weights(tmp_path / "plain")
-    real = ddpo_min.policy_loss
 
-    def penalty_path(run, samples, idx, j, adv):  # the β > 0 branch, with β = 0
-        log_prob, kl = ddpo_min.rescore_with_kl(run, samples, idx, j)
-        loss, info = ddpo_min.ddpo_is_loss(log_prob, samples.log_probs[idx, j], adv,
-                                           run.cfg.clip_range)
-        return loss + 0.0 * kl.mean(), info
+    def zero_kl(mean, mean_pre, sigma):
+        return 0.0 * ((mean - mean_pre) ** 2).mean(dim=(1, 2, 3))
 
-    with mock.patch.object(ddpo_min, "policy_loss", penalty_path):
-        forced, _ = _weights(tmp_path / "forced")
+    with mock.patch.object(ddpo_min, "gaussian_kl", zero_kl):
+        forced, metrics = _weights(tmp_path / "forced", kl_coef=1.0)
+    assert metrics[-1]["loss/kl_penalty"] == 0.0  # the branch ran
     assert all(torch.equal(plain[k], forced[k]) for k in plain)
-    assert real is ddpo_min.policy_loss
 
 
 def test_a_large_beta_keeps_the_policy_near_the_pretrained_one(tmp_path):

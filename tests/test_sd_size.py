@@ -95,3 +95,6 @@ def test_one_sampling_step_and_one_training_step_at_sd_width(sd_unet):
     assert len(lora_b) == 2 * 16 * 4  # (self + cross) x 16 transformer blocks x 4 projections
     assert all(not torch.equal(now[n], w) for n, w in lora_b.items())  # B starts at 0: moved
     assert len(frozen) == 16 and all(torch.equal(now[n], w) for n, w in frozen.items())
+    # and nothing but LoRA can move: every other weight is frozen and got no gradient
+    rest = [(n, p) for n, p in sd_unet.named_parameters() if "lora_" not in n]
+    assert len(rest) > 600 and all(not p.requires_grad and p.grad is None for _, p in rest)
