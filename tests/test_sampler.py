@@ -113,10 +113,13 @@ def test_step_accepts_other_schedules_and_dtypes():
         ref = scheduler.step(model_output, t, x_t, eta=1.0, variance_noise=noise(0)).prev_sample
         ours, _ = ddim_step_with_logprob(scheduler, model_output, t, x_t, generator=rng(0))
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-        ours_half, log_prob_half = ddim_step_with_logprob(
-            scheduler, model_output.bfloat16(), t, x_t, generator=rng(0)
-        )
+        half = model_output.bfloat16()
+        ours_half, log_prob_half = ddim_step_with_logprob(scheduler, half, t, x_t, generator=rng(0))
         assert ours_half.dtype == torch.float32 and log_prob_half.dtype == torch.float32
+        # the bf16 prediction, read in float32: diffusers' step on the same values
+        ref_half = scheduler.step(half.float(), t, x_t, eta=1.0,
+                                  variance_noise=noise(0)).prev_sample
+        torch.testing.assert_close(ours_half, ref_half, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
