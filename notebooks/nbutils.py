@@ -149,14 +149,19 @@ def show_comparison() -> dict:
 
     Nothing is trained here: the runs take hours on 2 cores, so they are made once, by the
     command, and read here. Until the re-run with the new protocol (assets/comparison.json) is
-    complete, this shows the previous loop's comparison (assets/compare.json)."""
+    complete (a partial report lists fewer finished runs than planned), this shows the previous
+    loop's comparison (assets/compare.json)."""
     import json
 
     import matplotlib.pyplot as plt
 
     from tools import compare
 
-    report = compare.REPORT if compare.REPORT.exists() else ROOT / "assets" / "compare.json"
+    report = ROOT / "assets" / "compare.json"
+    if compare.REPORT.exists():  # the new report, once every one of its runs has finished
+        new = json.loads(compare.REPORT.read_text())
+        if new["finished_runs"] == new["planned_runs"]:
+            report = compare.REPORT
     summary = json.loads(report.read_text())
     if "grid" in summary:
         compare.print_summary(summary)
