@@ -148,24 +148,28 @@ def save_checkpoint(run) -> None:
     os.replace(tmp, run.dir / CHECKPOINT)  # atomic: a kill mid-save leaves the old files whole
 
 
-def load_checkpoint(run) -> None:
-    """Restore the last readable checkpoint: checkpoint.pt, else the one saved before it."""
-    for path in (run.dir / CHECKPOINT, run.dir / PREVIOUS):
+def read_checkpoint(folder: Path, say=print) -> dict:
+    """The last readable checkpoint of a run folder: checkpoint.pt, else the one saved before it
+    (`say` reports the fallback)."""
+    for path in (folder / CHECKPOINT, folder / PREVIOUS):
         if not path.is_file():
             continue
         try:
             s = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # a truncated or corrupt file: torch raises zip/pickle errors
-            run.accelerator.print(f"warning: {path} is unreadable ({type(err).__name__}); "
-                                  "trying the previous checkpoint")
+            say(f"warning: {path} is unreadable ({type(err).__name__}); trying the previous "
+                "checkpoint")
             continue
         if path.name == PREVIOUS:
-            run.accelerator.print(f"resuming from {path}, saved one checkpoint before the "
-                                  "damaged one")
-        break
-    else:
-        raise ConfigError(f"--resume {run.dir}: no readable {CHECKPOINT} or {PREVIOUS} there; "
-                          "start a new run")
+            say(f"resuming from {path}, saved one checkpoint before the damaged one")
+        return s
+    raise ConfigError(f"--resume {folder}: no readable {CHECKPOINT} or {PREVIOUS} there; "
+                      "start a new run")
+
+
+def load_checkpoint(run) -> None:
+    """Restore the last readable checkpoint: checkpoint.pt, else the one saved before it."""
+    s = read_checkpoint(run.dir, run.accelerator.print)
     params = dict(run.model.unet.named_parameters())
     with torch.no_grad():
         for k, v in s["trainable"].items():

@@ -175,15 +175,9 @@ def run_one(cfg: config.Config, deadline: float, out: Path | None = None) -> boo
 
 
 def _checkpoint(folder: Path) -> dict:
-    """The run's last readable checkpoint (the loop's own rule, plumbing.load_checkpoint): a
-    damaged checkpoint.pt falls back to the one saved before it."""
-    for path in (folder / plumbing.CHECKPOINT, folder / plumbing.PREVIOUS):
-        if path.is_file():
-            try:
-                return torch.load(path, map_location="cpu", weights_only=False)
-            except Exception:  # truncated or corrupt: torch raises zip/pickle errors
-                continue
-    raise FileNotFoundError(f"{folder}: no readable {plumbing.CHECKPOINT} or {plumbing.PREVIOUS}")
+    """The run's last readable checkpoint, by the loop's own rule (a damaged checkpoint.pt falls
+    back to the one saved before it; the loop reports it when it resumes)."""
+    return plumbing.read_checkpoint(folder, say=lambda message: None)
 
 
 def _epochs_done(folder: Path) -> int:
@@ -372,14 +366,12 @@ def _figure(summary: dict, path: Path) -> None:
             c = COLOURS[algo]
             xe = [0] + res["eval_queries"]
 
-            def from_zero(key, res=res):
-                return {k: [0.0] + v for k, v in res[key].items() if k != "values"}
-
-            handles[algo] = _plot_band(row[0], xe, from_zero("trained/gain"), c)
-            _plot_band(row[0], xe, from_zero("trained/control_gain"), c, ":", 0.05)
-            _plot_band(row[1], xe, from_zero("trained/gain_over_control"), c)
+            handles[algo] = _plot_band(row[0], xe, _starting(res["trained/gain"]), c)
+            _plot_band(row[0], xe, _starting(res["trained/control_gain"]), c, ":", 0.05)
+            _plot_band(row[1], xe, _starting(res["trained/gain_over_control"]), c)
             for name, style in (("unseen_animals", "--"), ("objects", ":")):
-                _plot_band(row[1], xe, from_zero(f"{name}/gain_over_control"), c, style, 0.05)
+                _plot_band(row[1], xe, _starting(res[f"{name}/gain_over_control"]), c, style,
+                           0.05)
             grid = summary["grid"][reward][algo]
             lrs = sorted(grid, key=float)
             means = [grid[lr]["trained/gain_over_control"]["mean"][-1] for lr in lrs]
@@ -387,11 +379,8 @@ def _figure(summary: dict, path: Path) -> None:
             highs = [grid[lr]["trained/gain_over_control"]["max"][-1] for lr in lrs]
             row[2].errorbar([float(lr) for lr in lrs], means, capsize=3, marker="o", color=c,
                             yerr=[np.subtract(means, lows), np.subtract(highs, means)])
-            top = {k: [pre_top1] + v for k, v in res["trained/top1"].items() if k != "values"}
-            _plot_band(row[3], xe, top, c)
-            top_ctl = {k: [pre_top1] + v for k, v in res["trained/control_top1"].items()
-                       if k != "values"}
-            _plot_band(row[3], xe, top_ctl, c, ":", 0.05)
+            _plot_band(row[3], xe, _starting(res["trained/top1"], pre_top1), c)
+            _plot_band(row[3], xe, _starting(res["trained/control_top1"], pre_top1), c, ":", 0.05)
             _plot_band(row[4], res["kl_queries"], res["kl_pretrained"], c)
             _plot_band(row[4], res["kl_queries"], res["control_kl_pretrained"], c, ":", 0.05)
         row[3].axhline(pre_top1, color="k", lw=0.8, ls="--")
@@ -417,6 +406,11 @@ def _figure(summary: dict, path: Path) -> None:
                frameon=False)
     fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
     fig.savefig(path)
+
+
+def _starting(band: dict, first: float = 0.0) -> dict:
+    """A band's mean, min and max with the value before training (`first`) in front."""
+    return {k: [first] + band[k] for k in ("mean", "min", "max")}
 
 
 def _plot_band(ax, x, b: dict, colour: str, style: str = "-", alpha: float = 0.15):
