@@ -283,6 +283,11 @@ def check_config(cfg: Config, num_processes: int = 1) -> None:
                           f"{num_processes} batches of {cfg.sample_batch_size})")
 
 
+# what may change when a run goes on (under --resume, or when its --output-dir is named again): how
+# long it goes on and where it runs; every other setting is the one the run began with
+CONTINUABLE = ("epochs", "max_minutes", "threads", "output_dir", "resume")
+
+
 def resume_config(cfg: Config) -> Config:
     """The config a resumed run continues with: the saved one, but how long to go on is new."""
     folder = Path(cfg.resume)
@@ -293,10 +298,11 @@ def resume_config(cfg: Config) -> Config:
     except (json.JSONDecodeError, TypeError) as err:
         raise ConfigError(f"--resume {cfg.resume}: its config.json is unreadable or from another "
                           f"version of ddpo-min ({str(err)[:120]}); start a new run") from None
-    # the saved config wins (the run continues as it began); only the number of epochs, this
-    # invocation's wall-time limit and its CPU threads may change
-    return replace(saved, epochs=cfg.epochs or saved.epochs, max_minutes=cfg.max_minutes,
-                   threads=cfg.threads, output_dir=str(folder), resume="")
+    # the saved config wins (the run continues as it began) but for CONTINUABLE: the number of
+    # epochs (0: the saved number), this invocation's wall-time limit and its CPU threads
+    goes_on = {k: getattr(cfg, k) for k in CONTINUABLE}
+    return replace(saved, **goes_on | dict(epochs=cfg.epochs or saved.epochs,
+                                           output_dir=str(folder), resume=""))
 
 
 # ----------------------------------------------------------------------------------------------

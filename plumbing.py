@@ -20,6 +20,7 @@ from accelerate import Accelerator
 
 import loading
 from config import (
+    CONTINUABLE,
     REWARD_OPTIONS,
     Config,
     ConfigError,
@@ -360,10 +361,6 @@ def run_config(cfg: Config) -> Config:
     name = "tiny" if cfg.model == "tiny" else Path(cfg.model).name
     folder = ROOT / "runs" / f"{cfg.reward}-{cfg.algo}-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return replace(cfg, output_dir=str(folder))
-
-
-# what may change when a run's folder is named again: how long it goes on, and where it runs
-CONTINUABLE = {"epochs", "max_minutes", "threads", "output_dir", "resume"}
 
 
 def _check_same_run(cfg: Config) -> None:
