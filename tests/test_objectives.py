@@ -89,8 +89,12 @@ def test_is_gradient_equals_sf_at_theta_old_and_is_unbiased_nearby(dim):
 
     g_sf = grad_of(lambda th: ddpo_sf_loss(toy_log_prob(th, actions), rewards), theta_old)
     g_is = grad_of(is_loss, theta_old)
-    # rho = 1: the estimators coincide
+    # rho = 1: the estimators coincide, also at the loop's clip ranges (both branches tie there)
     torch.testing.assert_close(g_is, g_sf, rtol=1e-12, atol=1e-12)
+    for clip_range in (1e-4, 1e-3):
+        g_clip = grad_of(lambda th, e=clip_range: ddpo_is_loss(
+            toy_log_prob(th, actions), old_log_prob, rewards, e)[0], theta_old)
+        torch.testing.assert_close(g_clip, g_sf, rtol=1e-12, atol=1e-12)
 
     # away from theta_old (unclipped), the ratio-weighted gradient still estimates dJ/dtheta at
     # theta
@@ -124,7 +128,7 @@ def test_sf_loss_value_and_gradient():
 def test_clipped_surrogate_gradients_kl_and_clipfrac():
     eps = 0.1
     #                   A>0,rho>1+e  A>0,rho<1-e  A<0,rho<1-e  A<0,rho>1+e  inside  inside
-    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0, -2.0])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0, -3.0])
     ratios = torch.tensor([1.2, 0.8, 0.8, 1.2, 1.05, 0.95])
     log_prob = ratios.log().requires_grad_(True)
     old_log_prob = torch.zeros(6)
@@ -139,9 +143,8 @@ def test_clipped_surrogate_gradients_kl_and_clipfrac():
         assert grad[i].item() == pytest.approx(-advantages[i].item() * ratios[i].item() / 6,
                                                rel=1e-6)
 
-    clipped = ratios.clamp(1 - eps, 1 + eps)
-    hand_loss = torch.maximum(-advantages * ratios, -advantages * clipped).mean()
-    assert loss.item() == pytest.approx(hand_loss.item(), rel=1e-6)
+    # by hand, max(-A rho, -A clip(rho)) per sample: -1.1, -0.8, 0.9, 1.2, -2.1, 2.85
+    assert loss.item() == pytest.approx((-1.1 - 0.8 + 0.9 + 1.2 - 2.1 + 2.85) / 6, rel=1e-6)
     assert info["approx_kl"].item() == pytest.approx(0.5 * (ratios.log() ** 2).mean().item(),
                                                      rel=1e-6)
     assert info["clipfrac"].item() == pytest.approx(4 / 6)

@@ -8,6 +8,7 @@ Run: OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python -m pytest -q tests/test_rewards.p
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rewards as R  # noqa: E402
 from tools.sd_random import random_clip, random_llava  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 SHARED_HEAD = (Path(__file__).resolve().parents[2] / "shared" / "data"
                / "sac+logos+ava1-l14-linearMSE.pth")
 
@@ -106,7 +108,11 @@ def tiny_clip():
 def test_laion_head_loads_strict_and_is_affine():
     head = R.load_aesthetic_head()  # assets/aesthetic_head.pth, strict=True inside
     assert [m.__class__.__name__ for m in head.layers] == ["Linear", "Dropout"] * 3 + ["Linear"] * 2
-    if SHARED_HEAD.exists():  # the committed asset is the LAION file, unchanged
+    # the committed asset is LAION's sac+logos+ava1-l14-linearMSE.pth byte for byte: the SHA-256
+    # of the released file it was copied from, so that a fresh clone, with no copy of it, checks too
+    digest = hashlib.sha256((ROOT / "assets" / "aesthetic_head.pth").read_bytes()).hexdigest()
+    assert digest == "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
+    if SHARED_HEAD.exists():  # and where the published file is at hand, the same tensors
         original = torch.load(SHARED_HEAD, map_location="cpu", weights_only=True)
         for k, v in head.state_dict().items():
             assert torch.equal(v, original[k]), k
