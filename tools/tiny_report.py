@@ -220,7 +220,8 @@ def report(weights: Path | None = None, guidance: float = GUIDANCE, per_prompt: 
         out / "tiny_samples_generalisation.png")
 
     # 4. fast: one sampling batch of a CPU training run
-    load = os.getloadavg()[0]  # other processes on the machine make the timing pessimistic
+    # other processes on the machine make the timing pessimistic (no load average on Windows)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     seconds = time_sampling(model, n=64, steps=REPORT_STEPS, guidance=guidance, repeats=repeats)
     median = float(np.median(seconds))
     rows = 128 if guidance != 1.0 else 64

@@ -171,7 +171,7 @@ def pretrain(cfg: PretrainConfig) -> None:
 # Stage 1 learns all 300 emoji (lr 1e-3, uniform over sprites); its last iterate starts stage 2,
 # which spends half of each batch on the 45 animals DDPO trains on, at half the learning rate, and
 # ships the EMA. Measured on the stage-1 weights: the EMA (decay 0.999) recognised 8% of animal
-# samples, the raw last iterate 24%; after stage 2, 59% (45 animals x 4 samples, guidance 3).
+# samples, the raw last iterate 22%; after stage 2, 59% (45 animals x 4 samples, guidance 3).
 SHIPPED_STAGES = (
     dict(steps=3000, lr=1e-3, dir=str(CACHE / "pretrain"), ship="raw",
          out=str(CACHE / "pretrain" / "stage1.safetensors")),

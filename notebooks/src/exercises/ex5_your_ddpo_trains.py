@@ -32,8 +32,8 @@
 # runs wrong implementations through the harness to check that the bars reject them (`tools/ex5.py`,
 # `MUTANTS`): one of them learns as well as yours should, but its ratios leave the trust region.
 # Why two rewards: the bar then checks that your loop follows the reward in both directions (a loop with
-# batch-wide advantages clears the incompressibility bar, not the compressibility one; INSTRUCTOR.md has
-# the wrong implementations' table). The budget is a number of epochs,
+# batch-wide advantages clears the incompressibility bar, not the compressibility one; the instructor's
+# guide, `notebooks/INSTRUCTOR.md` in the full project, has the wrong implementations' table). The budget is a number of epochs,
 # not of minutes, so the bar is the same on a slow laptop and a fast machine; only the wait differs.
 
 # %%
