@@ -66,8 +66,8 @@ class Config:
     clip_model: str = arg("")
     """aesthetic: CLIP ViT-L/14 hub id or local folder (default openai/clip-vit-large-patch14)"""
     vlm: str = arg("")
-    """alignment: VLM hub id or folder (default Qwen/Qwen2-VL-2B-Instruct; paper:
-    llava-hf/llava-1.5-7b-hf)"""
+    """alignment: VLM hub id or folder (default Qwen/Qwen2-VL-2B-Instruct; closest to the paper's
+    LLaVA: llava-hf/llava-1.5-7b-hf)"""
     bertscore_model: str = arg("")
     """alignment: BERTScore model, hub id, folder or `minilm` (offline)"""
     # sampling
@@ -267,6 +267,9 @@ def check_config(cfg: Config, num_processes: int = 1) -> None:
             f"--minibatches {cfg.minibatches} x --inner-epochs {cfg.inner_epochs} would apply the "
             "score-function gradient at an updated theta to theta_old's samples, with no "
             "importance weight: use --minibatches 1 --inner-epochs 1 (or --algo ddpo_is)")
+    if cfg.kl_coef and cfg.algo not in ("ddpo_is", "ddpo_sf"):
+        raise ConfigError(f"--kl-coef {cfg.kl_coef} leashes DDPO's policy loss only; --algo "
+                          f"{cfg.algo} would train without it: use --kl-coef 0, or --algo ddpo_is")
     if cfg.stat_min_count > cfg.stat_buffer:
         raise ConfigError(f"--stat-min-count {cfg.stat_min_count} must be <= --stat-buffer "
                           f"{cfg.stat_buffer} (a prompt's buffer never holds more)")

@@ -21,9 +21,10 @@ sampler.py); DDPO improves it with policy gradients on a reward r(x_0, c) of the
 Read top to bottom: the objectives (small pure functions, each quoting its equation), the
 advantages, the epoch, then train(). Notation is sampler.py's: x_t, x_{t-1}, c, t,
 log p = log p_θ(x_{t-1} | x_t, c), r = r(x_0, c), A the advantage, ρ the importance ratio, ε the
-clip range, w the RWR weight. Shapes: B batch, N samples per epoch, T steps, C,H,W latent,
-L tokens, D embedding width. Configuration: config.py; loading models: loading.py; the run's
-parts (Run), the optimizer step, checkpoints, the run folder and printing: plumbing.py.
+clip range, w the RWR weight. Shapes: B batch, S samples per epoch, T steps, C,H,W latent,
+L tokens, D embedding width (and N processes). Configuration: config.py; loading models:
+loading.py; the run's parts (Run), the optimizer step, checkpoints, the run folder and printing:
+plumbing.py.
 """
 
 from __future__ import annotations
@@ -59,9 +60,18 @@ from sampler import (
 # ==============================================================================================
 # Objectives
 #
-# Every loss takes per-transition tensors of shape (B,) and returns a scalar to *minimise*; its
-# gradient is minus the paper's ascent direction. The loop calls them once per denoising step and
-# accumulates the gradients over all trained steps before each optimizer step.
+# Every loss returns a scalar to *minimise*; its gradient is minus the paper's ascent direction.
+# DDPO's two take per-transition tensors of shape (B,): the loop calls them once per chunk and
+# trained denoising step, and accumulates the gradients over all of them before each optimizer
+# step. RWR's diffusion_mse_loss takes the UNet and x_0, once per chunk, with weights from
+# rwr_weights or a selection from sparse_rwr_mask.
+#
+# Two scalings separate the code's gradient from the paper's sums (DEVIATION, README): log p is the
+# log-density averaged over the C*H*W latent dimensions (sampler.py), not summed, so the code's ρ is
+# the true ratio to the power 1/(C*H*W); and each optimizer step averages its terms over the
+# minibatch's samples and their T_train trained steps, where ĝ sums over t. The score-function
+# gradient is thus the paper's divided by C*H*W * T_train: the learning rate and the gradient-norm
+# clip absorb both.
 # ==============================================================================================
 
 
@@ -91,7 +101,8 @@ def ddpo_is_loss(
         ρ    = p_θ(x_{t-1} | c, t, x_t) / p_θold(x_{t-1} | c, t, x_t) = exp(log p_θ - log p_θold)
         loss = mean_b( max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε)) )
 
-    ∇_θ(-A ρ) = -A ρ ∇_θ log p_θ is exactly one term of -ĝ_IS. The max (a min of the objectives)
+    ∇_θ(-A ρ) = -A ρ ∇_θ log p_θ is one term of -ĝ_IS (up to the scalings in the header above:
+    here ρ and log p are per latent dimension). The max (a min of the objectives)
     keeps the pessimistic one, so a sample stops contributing gradient once its ratio has moved
     past 1 ± ε in the direction its advantage pushes. The paper uses ε = 1e-4.
 
@@ -315,9 +326,10 @@ def epoch_prompts(cfg: Config, prompts: Sequence[str], epoch: int) -> list[str]:
                 for i in range(total)]
     # DEVIATION: groups of samples draw their prompts without replacement (the paper draws each
     # sample's prompt independently). Why: the tiny scale normalises each group by its own rewards
-    # (a buffer of exactly k per prompt); two groups on one prompt would be normalised with the
-    # second group's rewards only. Effect: every group's advantages average 0 while there are at
-    # least as many prompts as groups per epoch (tiny: 8 groups, 45 prompts).
+    # (a buffer of exactly k per prompt); two groups on one prompt would share one baseline over
+    # their 2k rewards, so neither group would be measured against its own samples alone. Effect:
+    # every group's advantages average 0 while there are at least as many prompts as groups per
+    # epoch (tiny: 8 groups, 45 prompts).
     P, groups = len(prompts), total // k
     order = np.concatenate([np.random.default_rng(sample_seed(cfg, epoch, c, 2)).permutation(P)
                             for c in range(-(-groups // P))])  # prompt numbers, (>= groups,)
@@ -349,6 +361,10 @@ def score(reward_fn: Callable, images: torch.Tensor, prompts: list[str]) -> Scor
     """r(x_0, c) of one batch, timed (runs on the reward thread on a GPU)."""
     t0 = time.perf_counter()
     rewards, extras = reward_fn(images, prompts)
+    rewards = np.asarray(rewards, dtype=np.float32)
+    if rewards.shape != (len(prompts),):  # a reward of one's own, returning the wrong shape
+        raise ConfigError(f"the reward returned an array of shape {rewards.shape} for "
+                          f"{len(prompts)} images: it must return one number per image, (B,)")
     return Scored(rewards, extras, time.perf_counter() - t0)
 
 
@@ -380,11 +396,17 @@ def sample_epoch(run: Run, pool: Executor) -> tuple[Samples, dict]:
                                        num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                                        eta=cfg.eta, latent_shape=model.latent_shape,
                                        generator=noise)
-        bad = (~torch.isfinite(traj.latents)).flatten(1).any(1).sum().item()  # NaN images
-        if plumbing.any_process(run, bad > 0):  # would still get a reward; all stop together
-            raise TrainingDiverged(f"epoch {epoch}, phase sample: non-finite latents in {bad} of "
-                                   f"{len(prompts)} samples (of process {acc.process_index})")
         images = model.decode(traj.x0).cpu()  # (B, 3, H', W') in [0, 1]
+        # NaN latents, or finite ones that an fp16 VAE decode overflows: a reward would turn such
+        # images into numbers like any other, so every process stops together here
+        bad = (~torch.isfinite(traj.latents)).flatten(1).any(1).sum().item()  # (of B)
+        bad_images = (~torch.isfinite(images)).flatten(1).any(1).sum().item()
+        if plumbing.any_process(run, bad + bad_images > 0):
+            raise TrainingDiverged(
+                f"epoch {epoch}, phase sample: non-finite latents in {bad} and non-finite decoded "
+                f"images in {bad_images} of {len(prompts)} samples (of process "
+                f"{acc.process_index}; a decode alone overflowing in fp16: try --mixed-precision "
+                "bf16)")
         batches.append(Batch(numbers, prompts, embeds, traj, images,
                              scored=pool.submit(score, run.reward_fn, images, prompts)))
     t_sample = time.perf_counter() - t0
@@ -604,6 +626,12 @@ def train_epoch(run: Run, samples: Samples, adv: torch.Tensor) -> dict:
     sums the gradients over processes, clips their norm and steps AdamW (plumbing.optimizer_step,
     which also handles fp16 loss scaling)."""
     cfg = run.cfg
+    # rescoring takes t_prev from the scheduler's grid (sampler.step_constants): the grid that
+    # sampled this epoch's trajectories, unless something set other timesteps since
+    if run.model.scheduler.num_inference_steps != len(samples.timesteps):
+        raise RuntimeError(f"the scheduler was set to {run.model.scheduler.num_inference_steps} "
+                           f"steps after sampling {len(samples.timesteps)}: rescoring would pair "
+                           "each x_t with the wrong t_prev")
     run.model.unet.train()
     # the logged losses: every term's value times its weight (its share of the minibatch), summed
     # over the epoch and the processes, over the weights' sum: sample-weighted, the same for any
@@ -703,6 +731,7 @@ def train(cfg: Config) -> Path:
     if plumbing.has_checkpoint(run.dir):
         plumbing.load_checkpoint(run)
         say(f"resumed {run.dir} at epoch {run.state.epoch} (optimizer step {run.state.step})")
+    plumbing.check_same_start(run)  # N processes: all from the same checkpoint, or all fresh
     run.model.scheduler.set_timesteps(cfg.num_steps)  # the sampling grid, on every process
     folder = plumbing.RunFolder(run)  # config.json, metrics.jsonl, grids, reward curve, logger
     pool = plumbing.reward_executor(run.device)  # on a GPU, rewards overlap the next sampling
@@ -740,9 +769,10 @@ def train(cfg: Config) -> Path:
             if run.state.epoch % cfg.save_every == 0 or run.state.epoch == cfg.epochs:
                 plumbing.save_checkpoint(run)
             say(plumbing.format_metrics(metrics))
+            del samples, adv  # this epoch's trajectories, off the GPU before the next sampling
     except KeyboardInterrupt:
-        # The checkpoint on disk is the end of the last finished epoch: resuming from it repeats
-        # the interrupted epoch exactly. The half-trained weights are exported too.
+        # The checkpoint on disk is the end of the last saved epoch (every --save-every): resuming
+        # from it repeats the epochs since exactly. The half-trained weights are exported too.
         folder.interrupted()
         raise
     finally:

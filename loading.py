@@ -127,7 +127,19 @@ def load_model(cfg: Config, device: torch.device) -> TextToImage:
         add_lora(model.unet, cfg.lora_rank, cfg.trainable, cfg.seed)
     else:
         full_fine_tuning(model.unet, cfg.trainable)  # in fp32 at tiny scale
+    no_active_dropout(model.unet)
     return model
+
+
+def no_active_dropout(unet: torch.nn.Module) -> None:
+    """DDPO_IS's ratio is 1 at theta = theta_old only if rescoring (the UNet in train mode)
+    repeats sampling's forward pass (eval mode) exactly: a UNet or LoRA with dropout > 0 would
+    put every ratio past the clip range before any update. Refused at load, in one line."""
+    active = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    if active:
+        raise ConfigError(f"the UNet has active dropout ({len(active)} modules, e.g. {active[0]}): "
+                          "sampling and rescoring would differ, so the importance ratio would not "
+                          "be 1 before an update; save the model with dropout 0")
 
 
 # The UNet's attention blocks come in pairs: attn1 is self-attention (pixels attend to pixels),
@@ -174,8 +186,11 @@ def load_stable_diffusion(cfg: Config, device: torch.device) -> TextToImage:
 
     dtype = DTYPES[cfg.mixed_precision]  # of the frozen weights
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(cfg.model, safety_checker=None,
-                                                       requires_safety_checker=False)
+        # with LoRA every part stays frozen in `dtype`: loaded so, not in fp32 first (5 GB of host
+        # memory per process); full fine-tuning keeps the UNet's fp32 weights
+        pipe = StableDiffusionPipeline.from_pretrained(
+            cfg.model, safety_checker=None, requires_safety_checker=False,
+            torch_dtype=dtype if cfg.lora_rank > 0 else None)
     except (OSError, ValueError) as err:
         hub = "" if Path(cfg.model).is_dir() else " The Hugging Face hub is unreachable or offline."
         raise ConfigError(
@@ -183,9 +198,11 @@ def load_stable_diffusion(cfg: Config, device: torch.device) -> TextToImage:
             "--model with a local folder holding a saved StableDiffusionPipeline, or use --model "
             "tiny (no download)."
         ) from None
-    # the paper's sampler (eta = 1); x̂_0 is never clipped in latent space (DDIMScheduler's own
-    # default clips, and a saved pipeline whose config lacks the key would inherit it)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    # the paper's sampler (eta = 1); x̂_0 is never clipped nor thresholded in latent space
+    # (DDIMScheduler's own default clips, and a saved pipeline whose config lacks the key would
+    # inherit it; dynamic thresholding is for pixel-space models, and the step's density has none)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False,
+                                          thresholding=False)
     vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
     for module in (vae, text_encoder):
         module.requires_grad_(False).to(device, dtype).eval()
@@ -208,6 +225,7 @@ def load_stable_diffusion(cfg: Config, device: torch.device) -> TextToImage:
         images = vae.decode(scaled).sample  # (B, 3, 512, 512) in [-1, 1]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    no_active_dropout(unet)
     size = unet.config.sample_size
     return TextToImage(unet=unet, scheduler=scheduler, encode_prompts=encode_prompts,
                        decode=decode, latent_shape=(unet.config.in_channels, size, size),

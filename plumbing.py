@@ -82,7 +82,8 @@ class Run:
                                          **options)
         except (ValueError, RewardModelUnavailable) as err:
             raise ConfigError(str(err)) from None
-        self.model = loading.load_model(cfg, self.device)  # after the cheap checks: SD is slow
+        with self.accelerator.main_process_first():  # one download into the hub cache, not N
+            self.model = loading.load_model(cfg, self.device)  # after the cheap checks: SD is slow
         # the pretrained policy, for the KL diagnostic and penalty: LoRA switches its adapters off
         self.reference = (loading.frozen_copy(self.model.unet)
                           if (cfg.kl_samples or cfg.kl_coef) and not cfg.lora_rank else None)
@@ -168,6 +169,21 @@ def read_checkpoint(folder: Path, say=print) -> dict:
                       "start a new run")
 
 
+def check_same_start(run) -> None:
+    """With N processes, every one must start from the same state: each reads the run folder on
+    its own, and a folder on a disk that not every process sees (several machines, node-local
+    storage) would resume one and start another afresh, summing gradients taken at different
+    weights without an error. One line instead."""
+    if run.accelerator.num_processes == 1:
+        return
+    mine = torch.tensor([[run.state.epoch, run.state.step]], device=run.device)  # (1, 2)
+    every = run.accelerator.gather(mine).cpu()  # (N, 2), in process order
+    if not (every == every[0]).all():
+        starts = ", ".join(f"process {i}: epoch {e}" for i, (e, _) in enumerate(every.tolist()))
+        raise ConfigError(f"the processes start from different checkpoints ({starts}): "
+                          f"{run.dir} must be on a filesystem that every process sees")
+
+
 def load_checkpoint(run) -> None:
     """Restore the last readable checkpoint: checkpoint.pt, else the one saved before it."""
     s = read_checkpoint(run.dir, run.accelerator.print)
@@ -208,9 +224,14 @@ class InlineExecutor(Executor):
 
 
 def reward_executor(device: torch.device) -> Executor:
-    """A one-thread pool for the rewards on an accelerator; inline on a CPU (see InlineExecutor)."""
+    """A one-thread pool for the rewards on an accelerator; inline on a CPU (see InlineExecutor).
+    A new thread's current CUDA device is cuda:0: the pool's thread is set to this process's GPU,
+    so that a reward model's device-less CUDA call does not land on GPU 0 from every process."""
     if device.type == "cpu":
         return InlineExecutor()
+    if device.type == "cuda":
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward",
+                                  initializer=torch.cuda.set_device, initargs=(device,))
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
 
@@ -312,7 +333,9 @@ def optimizer_step(run: Run, nonfinite: int) -> tuple[float, bool]:
     run.state.skips_in_a_row = run.state.skips_in_a_row + 1 if skipped else 0
     if run.state.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
         raise TrainingDiverged(f"epoch {epoch}, phase train: {MAX_SKIPS_IN_A_ROW} optimizer steps "
-                               "in a row had inf/NaN gradients in fp16; try --mixed-precision bf16")
+                               "in a row had inf/NaN gradients in fp16; try --mixed-precision bf16 "
+                               "(python -m tools.bench gpu first: it measures whether bf16's first "
+                               "minibatch stays inside the clip range) or no")
     run.state.step += 1
     return grad_norm.item(), skipped
 
@@ -419,7 +442,9 @@ class RunFolder:
             loading.save_weights(run.model, run.cfg, run.dir / "interrupted_weights")
         run.accelerator.print(
             f"\ninterrupted in epoch {run.state.epoch}; resume exactly with: python ddpo_min.py "
-            f"--resume {run.dir}\n(current weights saved to {run.dir / 'interrupted_weights'})")
+            f"--resume {run.dir}\n(it goes on from the last checkpoint, saved every "
+            f"{run.cfg.save_every} epoch(s), repeating the epochs since exactly; current weights "
+            f"saved to {run.dir / 'interrupted_weights'})")
 
     def finished(self) -> None:
         run = self.run

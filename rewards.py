@@ -15,8 +15,8 @@ the CLI's `--reward` takes:
 
     name               paper scale (GPU, hub weights)                  tiny scale (CPU, offline)
     -----------------  ----------------------------------------------  -----------------------------
-    compressibility    -(JPEG size in kB at quality 95)                same
-    incompressibility  +(JPEG size in kB at quality 95)                same
+    compressibility    -(JPEG size in kB at quality 95)                same, of 32x32 images
+    incompressibility  +(JPEG size in kB at quality 95)                same, of 32x32 images
     aesthetic          LAION MLP on CLIP ViT-L/14 image embeddings     unavailable (no CLIP offline)
     alignment          VLM answer vs "The image contains {prompt}",    tiny captioner + BERTScore on
                        BERTScore recall (DeBERTa-xlarge-MNLI)          MiniLM-L6
@@ -70,19 +70,22 @@ CLIP_IMAGE_SIZE = 224  # ViT-L/14 input side
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's per-channel pixel mean ...
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # ... and std, for images in [0, 1]
 
-# Default VLM for the paper-scale alignment reward. The paper used LLaVA (2023); the transformers
-# port closest to it is `llava-hf/llava-1.5-7b-hf`, selectable with vlm=... . Qwen2-VL-2B-Instruct
-# is the default because it fits beside Stable Diffusion on one 24 GB GPU: ~2.2B parameters =
-# ~4.4 GB in bf16, plus well under 1 GB of activations and KV cache for a batch of 16 images at
-# 512x512 (~324 visual tokens each), against ~5-10 GB for SD v1.4 fp16 + LoRA training.
+# Default VLM for the paper-scale alignment reward. The paper used the original LLaVA (2023, served
+# with its own prompt format and code); no transformers port of that model exists, and the closest
+# one is LLaVA-1.5 (`llava-hf/llava-1.5-7b-hf`, released after the paper), selectable with vlm=...
+# Qwen2-VL-2B-Instruct is the default because it fits beside Stable Diffusion on one 24 GB GPU:
+# ~2.2B parameters = ~4.4 GB in bf16, plus well under 1 GB of activations and KV cache for a batch
+# of 16 images at 512x512 (~324 visual tokens each), against ~5-10 GB for SD v1.4 fp16 + LoRA
+# training.
 # LLaVA-1.5-7B needs ~14 GB in fp16, which is tight next to SD on 24 GB.
 # It is Apache-2.0 and loads through AutoModelForImageTextToText like LLaVA, SmolVLM, Gemma 3, ...
 # DEVIATION: default VLM is Qwen2-VL-2B-Instruct, not LLaVA. Why: memory (above) and licence.
 # Effect: different captions, so different absolute rewards and possibly different exploits
-# (the paper's LLaVA fell for typographic attacks); pass vlm="llava-hf/llava-1.5-7b-hf" to match.
+# (the paper's LLaVA fell for typographic attacks); vlm="llava-hf/llava-1.5-7b-hf" comes closer
+# but is a later model, asked through its own chat template: still a deviation.
 DEFAULT_VLM = "Qwen/Qwen2-VL-2B-Instruct"
-PAPER_VLM = "llava-hf/llava-1.5-7b-hf"
-VLM_MAX_NEW_TOKENS = 48  # "answer concisely": a sentence; longer answers are cut here
+LLAVA_VLM = "llava-hf/llava-1.5-7b-hf"
+VLM_MAX_NEW_TOKENS = 64  # as the authors' LLaVA server: an answer is cut after 64 tokens
 
 # BERTScore models. The paper used microsoft/deberta-xlarge-mnli; the bert_score package's default
 # layer for it is 40 of 48 (its model2layers table, chosen by the package authors from correlation
@@ -167,21 +170,31 @@ def _dtype_kwargs(dtype: torch.dtype | None) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _finite(ok: bool) -> None:
+    if not ok:
+        raise ValueError("images hold NaN or inf (a diverged model, or an fp16 overflow in the VAE "
+                         "decode): no reward can be computed for them")
+
+
 def to_uint8_images(images: ImageBatch) -> np.ndarray:
     """Any accepted image batch -> uint8 numpy (B, H, W, 3): the one form every reward starts from.
 
     uint8 (B, H, W, 3) passes through; float (B, 3, H, W) in [0, 1] becomes round(255 * x), clamped.
     Every reward reads images only through this function, so a reward cannot tell whether it was
     given floats or the uint8 image you would save: a float x and uint8 round(255 x) score the same.
+    Non-finite floats (a NaN from an fp16 VAE decode) are refused: cast to uint8 they would become
+    some pixel value and get a reward like any other image.
     """
     if isinstance(images, torch.Tensor):
         images = images.detach()
         if images.is_floating_point():
+            _finite(bool(torch.isfinite(images).all()))
             images = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)  # (B, 3, H, W)
             images = images.permute(0, 2, 3, 1)  # (B, H, W, 3)
         images = images.cpu().numpy()
     images = np.asarray(images)
     if np.issubdtype(images.dtype, np.floating):
+        _finite(bool(np.isfinite(images).all()))
         # float numpy, channels first like the torch floats: (B, 3, H, W)
         images = np.clip(np.round(images.astype(np.float64) * 255), 0, 255).astype(np.uint8)
         images = images.transpose(0, 2, 3, 1)  # (B, H, W, 3)
@@ -198,6 +211,9 @@ def to_uint8_images(images: ImageBatch) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+# DEVIATION (tiny scale): the JPEG rewards score the tiny model's 32x32 images (the paper fixes
+# 512x512, so that file size reflects compressibility alone). Why: the tiny model's resolution.
+# Effect: the header is a larger share of a 32x32 file (a flat image 0.64 kB, noise 1.84 kB).
 def jpeg_size_kb(images: ImageBatch, quality: int = JPEG_QUALITY) -> np.ndarray:
     """Size of each image saved as JPEG at `quality` (Pillow), in kB = bytes / 1000.
     float32 (B,)."""
@@ -280,9 +296,8 @@ def clip_preprocess(images: ImageBatch) -> torch.Tensor:
     for image in to_uint8_images(images):  # (H, W, 3) uint8
         pil = Image.fromarray(image)
         w, h = pil.size
-        scale = CLIP_IMAGE_SIZE / min(w, h)
-        new_w, new_h = ((CLIP_IMAGE_SIZE, int(h * scale)) if w <= h
-                        else (int(w * scale), CLIP_IMAGE_SIZE))
+        long = int(CLIP_IMAGE_SIZE * max(w, h) / min(w, h))  # as transformers rounds it
+        new_w, new_h = (CLIP_IMAGE_SIZE, long) if w <= h else (long, CLIP_IMAGE_SIZE)
         pil = pil.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
         left, top = (new_w - CLIP_IMAGE_SIZE) // 2, (new_h - CLIP_IMAGE_SIZE) // 2
         pil = pil.crop((left, top, left + CLIP_IMAGE_SIZE, top + CLIP_IMAGE_SIZE))
@@ -694,8 +709,8 @@ def make_reward(name: str, *, scale: str = "paper", device: str = "cpu",
     compressibility / incompressibility: quality (95)
     aesthetic:  clip_model (hub id or local folder; openai/clip-vit-large-patch14),
                 head (.pth path), dtype, cache_dir
-    alignment:  vlm (hub id or folder; Qwen/Qwen2-VL-2B-Instruct, the paper:
-                llava-hf/llava-1.5-7b-hf), vlm_dtype, max_new_tokens (48), bertscore_model (hub
+    alignment:  vlm (hub id or folder; Qwen/Qwen2-VL-2B-Instruct, closest to the paper's LLaVA:
+                llava-hf/llava-1.5-7b-hf), vlm_dtype, max_new_tokens (64), bertscore_model (hub
                 id, folder or "minilm"; default microsoft/deberta-xlarge-mnli at paper scale,
                 minilm at tiny scale), bertscore_layer, cache_dir
     """

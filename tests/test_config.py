@@ -88,6 +88,8 @@ def test_unknown_flag_or_choice_fails_in_argparse(capsys):
         (dict(eta=1.5), "0 < eta <= 1"),
         (dict(sample_batch_size=8, samples_per_prompt=3), "samples-per-prompt 3 must divide"),
         (dict(trainable="mlp"), "unknown --trainable"),
+        (dict(algo="rwr", kl_coef=0.3), "leashes DDPO's policy loss only; --algo rwr"),
+        (dict(algo="rwr_sparse", kl_coef=0.3), "--algo rwr_sparse would train without it"),
     ],
 )
 def test_bad_config_is_one_clear_error(kw, match):

@@ -96,3 +96,23 @@ def test_lora_weights_are_drawn_from_the_run_seed_not_torchs_global_generator():
     model = loading.load_model(Config.tiny(lora_rank=2, seed=1, device="cpu"), torch.device("cpu"))
     assert torch.equal(torch.cat([p.flatten() for n, p in model.unet.named_parameters()
                                   if "lora_A" in n]), a1)  # --seed reaches it
+
+
+def test_a_unet_with_active_dropout_is_refused_at_load():
+    """Rescoring runs the UNet in train mode, sampling in eval mode: with dropout they differ and
+    the ratio leaves 1 before any update, so such a UNet (or LoRA dropout) stops at load."""
+    import tiny
+
+    unet = tiny.load_tiny().unet
+    loading.no_active_dropout(unet)  # the shipped model: none
+    loading.add_lora(unet, rank=2)
+    loading.no_active_dropout(unet)  # LoRA as the loop adds it: none
+    x = torch.randn(2, 3, 32, 32)
+    t, embeds = torch.tensor([500, 500]), torch.randn(2, 4, unet.config.cross_attention_dim)
+    unet.mid_block.resnets[0].dropout = torch.nn.Dropout(0.1)
+    unet.train()
+    moved = unet(x, t, embeds).sample
+    unet.eval()
+    assert not torch.allclose(moved, unet(x, t, embeds).sample)  # what the check prevents
+    with pytest.raises(ConfigError, match=r"active dropout \(1 modules, e.g. mid_block"):
+        loading.no_active_dropout(unet)

@@ -31,12 +31,34 @@ def test_rewards_run_inline_on_cpu_and_on_a_worker_thread_elsewhere():
     # Ctrl-C stops the loop at once, not at the next .result()
     with pytest.raises(KeyboardInterrupt):
         inline.submit(ctrl_c)
-    pool = plumbing.reward_executor(torch.device("cuda"))  # building it needs no GPU
+    pool = plumbing.reward_executor(torch.device("meta"))  # an accelerator's pool, on any machine
     try:
         assert isinstance(pool, ThreadPoolExecutor)
         assert pool.submit(threading.get_ident).result() != threading.get_ident()
     finally:
         pool.shutdown()
+    # on a GPU the thread first selects this process's device (a new thread's is cuda:0)
+    pool = plumbing.reward_executor(torch.device("cuda", 3))  # building it needs no GPU
+    assert pool._initializer is torch.cuda.set_device
+    assert pool._initargs == (torch.device("cuda", 3),)
+    pool.shutdown()
+
+
+def test_processes_that_start_from_different_checkpoints_stop_in_one_line():
+    """A run folder that one process sees and another does not (node-local disks): one resumes,
+    one starts afresh. Every process compares (epoch, step) with the others before training."""
+    from types import SimpleNamespace
+
+    def run(starts):
+        acc = SimpleNamespace(num_processes=len(starts),
+                              gather=lambda t: torch.tensor(starts))  # every process's (1, 2)
+        return SimpleNamespace(accelerator=acc,
+                               state=SimpleNamespace(epoch=starts[0][0], step=starts[0][1]),
+                               device=torch.device("cpu"), dir="runs/x")
+
+    plumbing.check_same_start(run([[3, 12], [3, 12]]))  # alike: goes on
+    with pytest.raises(ConfigError, match="process 0: epoch 3, process 1: epoch 0.*every process"):
+        plumbing.check_same_start(run([[3, 12], [0, 0]]))
 
 
 def test_damaged_checkpoint_falls_back_to_the_previous_one(random_tiny_weights, tmp_path, capsys):

@@ -376,7 +376,7 @@ def test_aesthetic_bad_local_path_is_one_clear_line(tmp_path):
     _assert_clean(exc_info, "no-such-folder", "not a local folder", "clip_model=")
 
 
-@pytest.mark.parametrize("vlm", [R.DEFAULT_VLM, R.PAPER_VLM])
+@pytest.mark.parametrize("vlm", [R.DEFAULT_VLM, R.LLAVA_VLM])
 def test_paper_alignment_offline_error_is_one_clear_line(monkeypatch, tmp_path, vlm):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(R.RewardModelUnavailable) as exc_info:

@@ -20,6 +20,7 @@ from toy import history, tiny_config
 import config
 import ddpo_min
 import plumbing
+import rewards
 import tiny
 from config import Config, ConfigError, TrainingDiverged, parse_args
 from ddpo_min import train
@@ -170,6 +171,18 @@ def test_nan_reward_stops_with_epoch_and_phase(random_tiny_weights, tmp_path, mo
         train(tiny_config(tmp_path / "nan", epochs=1))
 
 
+def test_a_reward_of_the_wrong_shape_is_one_line(random_tiny_weights, tmp_path, monkeypatch):
+    real = plumbing.make_reward
+
+    def per_pixel(*args, **kwargs):
+        real(*args, **kwargs)
+        return lambda images, prompts: (np.zeros((len(prompts), 2), np.float32), {})
+
+    monkeypatch.setattr(plumbing, "make_reward", per_pixel)
+    with pytest.raises(ConfigError, match=r"shape \(4, 2\) for 4 images: it must return one"):
+        train(tiny_config(tmp_path / "shape", epochs=1))
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(random_tiny_weights, tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path / "nanloss", epochs=1)
     train(cfg)
@@ -269,8 +282,35 @@ def test_non_finite_latents_stop_the_run_in_the_sampling_phase(random_tiny_weigh
         return traj
 
     monkeypatch.setattr(ddpo_min, "sample_with_logprob", nan_latents)
-    with pytest.raises(TrainingDiverged, match="epoch 0, phase sample: non-finite latents"):
+    with pytest.raises(TrainingDiverged, match="epoch 0, phase sample: non-finite latents in 1 "):
         train(tiny_config(tmp_path / "nan", epochs=1))
+
+
+def test_non_finite_decoded_images_stop_the_run_before_any_reward(random_tiny_weights, tmp_path,
+                                                                   monkeypatch):
+    """Finite latents that the VAE decode overflows (fp16): cast to uint8 a NaN would become a
+    pixel value and get a reward like any other image."""
+    real_load, rewarded = plumbing.loading.load_model, []
+
+    def overflowing_decode(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        decode = model.decode
+        model.decode = lambda x0: decode(x0).index_fill_(0, torch.tensor([0]), float("inf"))
+        return model
+
+    real_reward = plumbing.make_reward
+    monkeypatch.setattr(plumbing.loading, "load_model", overflowing_decode)
+    monkeypatch.setattr(plumbing, "make_reward", lambda *a, **k: (
+        lambda fn: lambda images, prompts: (rewarded.append(1), fn(images, prompts))[1])(
+            real_reward(*a, **k)))
+    with pytest.raises(TrainingDiverged, match="non-finite latents in 0 and non-finite decoded "
+                                               "images in 1 "):
+        train(tiny_config(tmp_path / "inf", epochs=1))
+    assert not rewarded
+    with pytest.raises(ValueError, match="NaN or inf"):  # and a reward refuses such images
+        rewards.to_uint8_images(torch.full((1, 3, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        rewards.to_uint8_images(np.full((1, 3, 4, 4), np.inf))
 
 
 def _spy_kl(monkeypatch) -> dict:
