@@ -67,6 +67,16 @@ def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
                          .read_text())
     assert (uniform["algo"], uniform["rwr_beta"]) == ("rwr", 0.0)
     assert compare.REPORT.with_suffix(".png").is_file()
+    # two algorithms at each shared rate (this toy grid has no DDPO_IS: SF against RWR), and the
+    # markdown tables carry the JSON's numbers
+    assert summary["same_rate"]["compressibility"] == {}
+    assert set(compare.same_rate(grid_c := summary["grid"]["compressibility"], "ddpo_sf", "rwr")
+               ) == {"0.0001", "0.001"}
+    md = compare.REPORT.with_suffix(".md").read_text()
+    res = summary["results"]["compressibility"]["ddpo_sf"]
+    assert f"| DDPO_SF | {res['lr']:g} | {compare._md(res['trained/gain'])} |" in md
+    assert f"| RWR | {compare._md(grid_c['rwr']['0.0001']['trained/gain_over_control'])} |" in md
+    assert "not yet" not in md
     # a finished run is never trained again
     stamp = {p: p.stat().st_mtime for p in runs.glob("*.json")}
     compare.compare()
@@ -150,6 +160,29 @@ def test_each_seed_is_paired_with_its_own_control_and_incompressibility_counts_g
     down = compare.cell("compressibility", "ddpo_is", 1e-4, pretrained)
     assert down["seeds"] == [0]
     assert down["trained/gain_over_control"]["mean"][-1] == pytest.approx(-over[0])
+
+
+def test_ddpo_is_and_sf_are_compared_at_each_rate_seed_by_seed(tmp_path, monkeypatch):
+    """The difference of the two estimators' gains over their own controls, per seed, at every
+    rate, over the seeds both have: a rate where SF lacks a seed compares the others only."""
+    monkeypatch.setattr(compare, "OUT", tmp_path)
+    monkeypatch.setattr(compare, "SEEDS", (0, 1))
+    pretrained = {k: dict(jpeg_kb=1.0, caption_top1=0.5) for k in compare.EVAL_SETS}
+    jpeg = {("ddpo_is", 1e-4): (0.80, 0.90), ("ddpo_sf", 1e-4): (0.85, 0.70),
+            ("ddpo_is", 1e-3): (0.60, 0.70), ("ddpo_sf", 1e-3): (0.75, None)}  # per seed
+    for (algo, lr), by_seed in jpeg.items():
+        for seed, kb in enumerate(by_seed):
+            _finish(tmp_path, f"{algo}/blind", lr, seed, 1.0 - 0.01 * seed)  # controls differ
+            if kb is not None:
+                _finish(tmp_path, algo, lr, seed, kb)
+    grid = {algo: {f"{lr:g}": compare.cell("compressibility", algo, lr, pretrained)
+                   for lr in (1e-4, 1e-3)} for algo in ("ddpo_is", "ddpo_sf")}
+    d = compare.same_rate(grid)
+    # over the control: IS 1e-4 seeds 0, 1: +20, +9; SF: +15, +29; IS 1e-3 seed 0: +40, SF +25
+    assert d["0.0001"]["seeds"] == [0, 1]
+    assert d["0.0001"]["values"] == pytest.approx([5.0, -20.0])
+    assert d["0.0001"]["mean"] == pytest.approx(-7.5)
+    assert d["0.001"]["seeds"] == [0] and d["0.001"]["values"] == pytest.approx([15.0])
 
 
 def test_no_rate_is_picked_before_the_grid_is_finished_and_the_pick_is_checked_out_of_sample(

@@ -28,7 +28,8 @@ Each run trains in chunks between evaluations and checkpoints every epoch, so th
 can be stopped at any point and continued by running the command again; seed 0 of everything runs
 first, so a partial comparison is already a complete one-seed grid. A finished run's figures go to
 assets/comparison/runs/<name>.json (committed: the report needs only those); the report is
-assets/comparison.json and assets/comparison.png. (assets/compare* is the previous protocol's.)
+assets/comparison.json, its tables assets/comparison.md and its figure assets/comparison.png.
+(assets/compare* is the previous protocol's.)
 """
 
 from __future__ import annotations
@@ -338,15 +339,93 @@ def report() -> dict:
             if lr is not None:
                 summary["results"].setdefault(reward, {})[algo] = dict(
                     grid[lr], leave_one_seed_out=leave_one_seed_out(grid))
+    summary["same_rate"] = {reward: same_rate(summary["grid"][reward]) for reward in REWARDS}
     finished = [json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))]
     summary["finished_runs"] = len(finished)
     summary["planned_runs"] = len(schedule())
     summary["training_hours"] = sum(r["wall_seconds"] for r in finished) / 3600  # w/o evals
     REPORT.write_text(json.dumps(summary, indent=1))
+    REPORT.with_suffix(".md").write_text(markdown(summary))
     if summary["results"]:
         _figure(summary, REPORT.with_suffix(".png"))
     print_summary(summary)
     return summary
+
+
+def same_rate(grid: dict, a: str = "ddpo_is", b: str = "ddpo_sf") -> dict:
+    """{rate: a's final gain over its control minus b's over its own, per seed and its mean
+    [min, max]} at every rate, over the seeds both finished: the two estimators compared
+    at one learning rate, so that a difference is not a difference of rates."""
+    out = {}
+    for lr, ca in grid.get(a, {}).items():
+        cb = grid.get(b, {}).get(lr)
+        seeds = sorted(set(ca["seeds"]) & set(cb["seeds"])) if cb else []
+        if not seeds:
+            continue
+        d = [_final(ca, [s]) - _final(cb, [s]) for s in seeds]
+        out[lr] = dict(seeds=seeds, values=d, mean=float(np.mean(d)), min=float(min(d)),
+                       max=float(max(d)))
+    return out
+
+
+def _md(band: dict, i: int = -1, sign: str = "+") -> str:
+    """mean [min, max] over seeds, of checkpoint i."""
+    f = f"{sign}.1f"
+    return f"{band['mean'][i]:{f}} [{band['min'][i]:{f}}, {band['max'][i]:{f}}]"
+
+
+def markdown(summary: dict) -> str:
+    """The report's tables in markdown (assets/comparison.md): RESULTS.md quotes them as written
+    here, so every number there comes from the run files by this command."""
+    p, pre = summary["protocol"], summary["pretrained"]
+    n = len(p["seeds"])
+    lines = [f"{summary['finished_runs']} of {summary['planned_runs']} runs; {p['epochs']} epochs "
+             f"of 64 samples each, {len(p['seeds'])} seeds, learning rates "
+             f"{', '.join(f'{x:g}' for x in p['grid'])}. Figures are the final held-out change "
+             "in JPEG size toward the reward, in % of the pretrained model's (points), mean "
+             "[min, max] over seeds; 'over the control' is the paired difference with the same "
+             "seed's reward-blind control."]
+    for reward, algos in summary["grid"].items():
+        lines += ["", f"**{reward}**: gain over the control on the trained animals, by rate", "",
+                  "| algorithm | " + " | ".join(f"{x:g}" for x in p["grid"])
+                  + " | picked | leave-one-seed-out |", "|---" * (len(p["grid"]) + 3) + "|"]
+        for algo, grid in algos.items():
+            res = summary["results"].get(reward, {}).get(algo)
+            cells = [(_md(grid[f"{x:g}"]["trained/gain_over_control"])
+                      + ("" if len(grid[f"{x:g}"]["seeds"]) == n
+                         else f" ({len(grid[f'{x:g}']['seeds'])} of {n} seeds)"))
+                     if f"{x:g}" in grid else "" for x in p["grid"]]
+            loo = res["leave_one_seed_out"] if res else None
+            lines.append(f"| {LABELS[algo]} | " + " | ".join(cells) + " | "
+                         + (f"{res['lr']:g}" if res else "not yet") + " | "
+                         + (f"{loo['mean']:+.1f} [{loo['min']:+.1f}, {loo['max']:+.1f}]"
+                            if loo else "") + " |")
+        if summary["results"].get(reward):
+            lines += ["", f"**{reward}**, each algorithm at its picked rate (top-1: the "
+                      f"captioner's on the trained animals; pretrained "
+                      f"{100 * pre['trained']['caption_top1']:.1f}%)", "",
+                      "| algorithm | rate | trained: gain | its control | over the control | "
+                      "unseen animals: over the control | objects: over the control | top-1 | "
+                      "control's top-1 | KL to pretrained |", "|---" * 10 + "|"]
+            for algo, res in summary["results"][reward].items():
+                lines.append(
+                    f"| {LABELS[algo]} | {res['lr']:g} | {_md(res['trained/gain'])} | "
+                    f"{_md(res['trained/control_gain'])} | "
+                    f"{_md(res['trained/gain_over_control'])} | "
+                    f"{_md(res['unseen_animals/gain_over_control'])} | "
+                    f"{_md(res['objects/gain_over_control'])} | "
+                    f"{_md(res['trained/top1'], sign='')} | "
+                    f"{_md(res['trained/control_top1'], sign='')} | "
+                    f"{res['kl_pretrained']['mean'][-1]:.1e} |")
+        if summary.get("same_rate", {}).get(reward):
+            lines += ["", f"**{reward}**, DDPO_IS minus DDPO_SF at the same rate (gain over the "
+                      "control, trained animals; per seed)", "",
+                      "| rate | per seed | mean [min, max] |", "|---|---|---|"]
+            for lr, d in summary["same_rate"][reward].items():
+                lines.append(f"| {lr} | " + ", ".join(f"{v:+.1f} (seed {s})" for s, v in
+                                                      zip(d["seeds"], d["values"]))
+                             + f" | {d['mean']:+.1f} [{d['min']:+.1f}, {d['max']:+.1f}] |")
+    return "\n".join(lines) + "\n"
 
 
 COLOURS = {"ddpo_is": "C0", "ddpo_sf": "C1", "rwr": "C2", "rwr_sparse": "C3"}
