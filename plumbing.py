@@ -229,9 +229,10 @@ def reward_executor(device: torch.device) -> Executor:
     so that a reward model's device-less CUDA call does not land on GPU 0 from every process."""
     if device.type == "cpu":
         return InlineExecutor()
-    if device.type == "cuda":
+    if device.type == "cuda":  # (set_device needs an index: "cuda" alone means the current one)
+        index = device.index if device.index is not None else torch.cuda.current_device()
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward",
-                                  initializer=torch.cuda.set_device, initargs=(device,))
+                                  initializer=torch.cuda.set_device, initargs=(index,))
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
 

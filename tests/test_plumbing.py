@@ -11,7 +11,7 @@ from config import Config, ConfigError
 from ddpo_min import train
 
 
-def test_rewards_run_inline_on_cpu_and_on_a_worker_thread_elsewhere():
+def test_rewards_run_inline_on_cpu_and_on_a_worker_thread_elsewhere(monkeypatch):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -39,9 +39,16 @@ def test_rewards_run_inline_on_cpu_and_on_a_worker_thread_elsewhere():
         pool.shutdown()
     # on a GPU the thread first selects this process's device (a new thread's is cuda:0)
     pool = plumbing.reward_executor(torch.device("cuda", 3))  # building it needs no GPU
-    assert pool._initializer is torch.cuda.set_device
-    assert pool._initargs == (torch.device("cuda", 3),)
+    assert pool._initializer is torch.cuda.set_device and pool._initargs == (3,)
     pool.shutdown()
+    # an index-less "cuda" (the default device on one GPU) means the current one: set_device
+    # refuses a device without an index
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    pool = plumbing.reward_executor(torch.device("cuda"))
+    assert pool._initargs == (0,)
+    pool.shutdown()
+    with pytest.raises(ValueError, match="index"):  # what the index saves the thread from
+        torch.cuda._utils._get_device_index(torch.device("cuda"), optional=False, allow_cpu=False)
 
 
 def test_processes_that_start_from_different_checkpoints_stop_in_one_line():
