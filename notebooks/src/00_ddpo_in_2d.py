@@ -124,8 +124,8 @@ nbutils.check(((means - CENTRES).norm(dim=1) < 0.3).all() and (stds < 2 * SPREAD
 # %% [markdown]
 # ## 0.2 The policy
 #
-# A trajectory is $x_T \to x_{T-1} \to \dots \to x_0$, every arrow one draw from the Gaussian of the paper's
-# Eq. 2. Below, a few trajectories per label, from pure noise to the clusters. `sample_with_logprob`
+# A trajectory is $x_T \to x_{T-1} \to \dots \to x_0$, every arrow but the last one draw from the Gaussian of
+# the paper's Eq. 2 (the last step has $\sigma_t = 0$ here, as in the tiny model: a deterministic map). Below, a few trajectories per label, from pure noise to the clusters. `sample_with_logprob`
 # records each step's log-density (averaged over the $D = 2$ coordinates, as everywhere in the project);
 # rescoring the stored transitions with `recompute_log_prob` under the same weights must return the
 # same numbers, and they must be `torch.distributions.Normal`'s.
@@ -294,6 +294,9 @@ nbutils.check(all(h[-1]["reward"] > h[0]["reward"] for h in runs.values()),
 # unbiased baseline), gives $g^\star$, whose own Monte-Carlo error we measure by splitting it in two halves.
 # Then, for small batches, how well does one batch's estimate point along $g^\star$? Two estimators, both
 # unbiased: the score-function gradient with raw rewards, and with per-label advantages (notebook 3 §3.2).
+# (Strictly, $g^\star$ is the gradient through the stochastic steps: the last step is deterministic here,
+# and $J$'s dependence on $\theta$ through its mean, a term that needs the reward's gradient, is in no
+# score-function estimate. The pathwise gradient at the end of this section includes it.)
 
 # %%
 def sf_gradient(traj, labels, weights: torch.Tensor) -> torch.Tensor:
@@ -528,9 +531,10 @@ nbutils.check(pathwise.mean() > advantage_64.mean(),
               "than the score-function estimate from the same batch size")
 
 # %% [markdown]
-# The pathwise gradient is the same quantity as $g^\star$, estimated through the reward's gradient instead of
-# the log-probabilities' (a different estimator of the same expectation), and a batch of 64 gives it with far
-# less noise. DDPO's score-function gradient needs only reward values, which is why it can train on a
+# The pathwise gradient estimates $\nabla_\theta J$ through the reward's gradient instead of the
+# log-probabilities': the same gradient as $g^\star$ but for the deterministic last step's term, which only
+# it contains (a cosine near 1 says that term is small here), and a batch of 64 gives it with far less
+# noise. DDPO's score-function gradient needs only reward values, which is why it can train on a
 # JPEG encoder, a human rating or a VLM's answer.
 #
 # **Try it.** (1) In `finetune`, set `clip_range=1e-4` (the paper's value for $D = 16384$) and compare the

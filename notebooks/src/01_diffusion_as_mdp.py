@@ -105,8 +105,10 @@ plt.show()
 
 # %% [markdown]
 # Early states are almost pure noise while $\hat x_0$ already shows a blurry guess of the layout; the
-# last handful of steps mostly sharpen detail. Every arrow in this picture is one draw from a Gaussian
-# whose density we can evaluate, which is what a policy gradient needs.
+# last handful of steps mostly sharpen detail. Every arrow in this picture but the last is one draw from a
+# Gaussian whose density we can evaluate, which is what a policy gradient needs. (The tiny model's last
+# step has $\sigma_t = 0$: it maps $x_1$ to $x_0$ deterministically; notebooks 2 and 3 say what that
+# changes.)
 #
 # ## 1.2 Two ways to see the sampler as an MDP
 #
@@ -124,13 +126,15 @@ plt.show()
 # | policy $\pi(a\mid s)$ | $p_\theta(x_0\mid c)$: no closed form | $p_\theta(x_{t-1}\mid x_t, c)$: the Gaussian of Eq. 2 |
 # | initial state $\rho_0$ | $p(c)$ | $\big(p(c),\ \delta_T,\ \mathcal N(0, I)\big)$ |
 # | transition $P$ | straight to a terminal state | $(\delta_c,\ \delta_{t-1},\ \delta_{x_{t-1}})$: deterministic |
-# | reward $R$ | $r(x_0, c)$ | $r(x_0, c)$ if $t = 0$, else $0$ |
+# | reward $R$ | $r(x_0, c)$ | $r(x_0, c)$ for the last action ($a = x_0$), else $0$ |
 # | horizon | 1 | $T$ denoising steps |
 #
 # The difference that matters: in the one-step MDP the policy's density is $p_\theta(x_0\mid c)$, the
 # marginal of the whole chain, which nobody can compute; RWR falls back on the diffusion loss, a
-# reweighted version of the bound on it (notebook 5 §5.3). In the multi-step MDP every action's density is an isotropic Gaussian, computed exactly and
-# cheaply (`sampler.ddim_step_with_logprob`). The transition just copies the action into the next state,
+# reweighted version of the bound on it (notebook 5 §5.3). In the multi-step MDP every action's density is an
+# isotropic Gaussian, computed exactly and cheaply (`sampler.ddim_step_with_logprob`). (The paper indexes
+# the MDP's steps by the diffusion time $t$, which counts down: the rewarded action is the one taken in
+# state $t = 1$, the one that produces $x_0$.) The transition just copies the action into the next state,
 # so all randomness lives in the policy, and only the last step is rewarded.
 #
 # **Check.** Rebuild the MDP's trajectory $\tau = (s_0, a_0, \dots, s_{T-1}, a_{T-1})$ without the

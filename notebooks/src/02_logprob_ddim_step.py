@@ -195,7 +195,8 @@ def rescore(net):
 
 
 old_avg, new_avg = rescore(unet), rescore(perturbed)
-nbutils.check(torch.allclose(old_avg, traj.log_probs[b_idx, j_idx], atol=1e-4),
+print(f"max |rescored - recorded| = {(old_avg - traj.log_probs[b_idx, j_idx]).abs().max():.1e}")
+nbutils.check(torch.allclose(old_avg, traj.log_probs[b_idx, j_idx], rtol=0, atol=1e-6),
               "rescoring with unchanged weights reproduces the recorded log-probs (ratio 1)")
 
 log_ratio_avg = (new_avg - old_avg).double()  # log rho with averaged log-probs, (B*T,)
@@ -215,7 +216,9 @@ for name, lr in (("averaged", log_ratio_avg), ("summed", log_ratio_sum)):
 #
 # At Stable Diffusion's $D = 4\cdot 64\cdot 64 = 16384$ the gap widens: the sum's spread grows like
 # $\sqrt D$, the mean's shrinks like $1/\sqrt D$. Below, the measured per-transition spreads are scaled to
-# $D = 16384$ under the independence approximation of the formula above.
+# $D = 16384$ under the independence approximation of the formula above, and as if the per-dimension shift
+# $\|u\|_\text{rms}$ were the same there (another model, trained through LoRA: this illustrates how the two
+# ratios scale with $D$, it does not predict SD's values).
 
 # %%
 D_SD = 4 * 64 * 64
@@ -286,5 +289,5 @@ exact_log_ratio = exact[1] - exact[0]
 ours = log_ratio_sum[j_idx == j]  # (B,) D * averaged log-ratio from recompute_log_prob
 print("exact summed log-ratio:", exact_log_ratio.numpy().round(4))
 print("D * averaged log-ratio:", ours.numpy().round(4))
-nbutils.check(torch.allclose(exact_log_ratio, ours, rtol=1e-2, atol=2e-2),
+nbutils.check(torch.allclose(exact_log_ratio, ours, rtol=0, atol=1e-3),
               "D * (averaged log-ratio) == exact summed log-ratio from Normal.log_prob")

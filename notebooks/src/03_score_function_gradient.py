@@ -50,9 +50,16 @@ torch.set_default_dtype(torch.float64)  # exact toy arithmetic
 #
 # $$\nabla_\theta\log p_\theta(\tau) = \sum_{t=1}^{T}\nabla_\theta\log p_\theta(x_{t-1}\mid x_t, c),$$
 #
-# and with $f(\tau) = r(x_0, c)$, the return of the MDP,
+# and with $f(\tau) = r(x_0, c)$, the return of the MDP, the gradient the paper writes $\hat g_\text{SF}$ is
 #
-# $$\hat g_\text{SF} = \mathbb E\Big[\sum_{t=1}^{T}\nabla_\theta\log p_\theta(x_{t-1}\mid c, t, x_t)\; r(x_0,c)\Big].$$
+# $$\hat g_\text{SF} = \mathbb E\Big[\sum_{t=1}^{T}\nabla_\theta\log p_\theta(x_{t-1}\mid c, t, x_t)\; r(x_0,c)\Big],$$
+#
+# an expectation, which a batch of trajectories estimates by its mean. This needs every step to be a
+# Gaussian. The tiny model's last step is not: it has $\sigma_t = 0$ (notebook 2), so $x_0$ is the fixed
+# function $\mu_\theta(x_1, c)$ of $x_1$, and $\nabla_\theta J$ gains a term
+# $\mathbb E[\nabla_\theta\, r(\mu_\theta(x_1, c), c)]$ through that step which no score function contains (it
+# needs the reward's gradient). The loop's estimate is then the gradient through the stochastic steps,
+# with the last step's map held fixed. Stable Diffusion's scheduler keeps $\sigma_t > 0$ at its last step.
 #
 # **As a loss.** Autograd minimises, so the training loop builds, for each denoising step, the surrogate
 #
@@ -60,10 +67,11 @@ torch.set_default_dtype(torch.float64)  # exact toy arithmetic
 #
 # with $A$ held constant; accumulating $\nabla\mathcal L_t$ over $t = 1,\dots,T$ gives $-\hat g_\text{SF}$
 # estimated on the batch. That is `ddpo_sf_loss(log_prob, advantages)`. With $A = r$ it is plain
-# REINFORCE; §3.2 explains why $A$ is a normalised reward in practice. (The training loop divides each
-# step's term by the number of terms, the $T$ timesteps it trains on, so it follows $-\hat g_\text{SF}/T$:
-# a mean over steps instead of the sum, a constant factor that the learning rate absorbs. The check below
-# sums, as $\hat g_\text{SF}$ does.)
+# REINFORCE; §3.2 explains why $A$ is a normalised reward in practice. (Two constant factors, which the
+# learning rate absorbs: the project's log-probs are averaged over the $D = C\cdot H\cdot W$ latent
+# dimensions (notebook 2), a factor $1/D$; and the training loop divides each step's term by the number
+# of timesteps it trains on, $T_\text{train}$, a mean over steps instead of the sum. So it follows
+# $-\hat g_\text{SF}/(D\,T_\text{train})$. The check below sums over steps, as $\hat g_\text{SF}$ does.)
 #
 # **Check.** A toy chain that has DDPO's structure and a known answer: $T$ Gaussian steps
 # $x_{k+1} = x_k + \theta_k + s\,z_k$ in $d$ dimensions starting from $x_0 = 0$ (here $k$ counts forward),
@@ -126,7 +134,8 @@ nbutils.show_source(ddpo_sf_loss)
 # $$\mathbb E\big[(r - b(c))\,\nabla_\theta\log p_\theta\big] = \mathbb E\big[r\,\nabla_\theta\log p_\theta\big].$$
 #
 # The variance, however, changes a lot. With raw rewards every sample is pushed up in proportion to its
-# reward: if all rewards are around $-50$ (JPEG sizes in kB) every action is *discouraged*, and only the
+# reward: if all rewards are around $-50$ (SD's 512-pixel JPEG sizes in kB; the tiny model's are about
+# $-1.3$) every action is *discouraged*, and only the
 # small differences between samples carry signal, buried under a large common term. Worse, rewards differ
 # systematically by prompt (some animals are simply easier to compress), so a batch-wide baseline still
 # leaves a per-prompt offset in every term.

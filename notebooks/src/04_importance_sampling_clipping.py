@@ -17,6 +17,7 @@ SCALE = "tiny"  # "tiny": CPU, offline, ~30 s. "paper": SD v1.4 + LoRA; needs th
 import nbutils
 
 SCALE = nbutils.use_scale(SCALE)  # DDPO_SCALE in the environment wins
+import copy
 import math
 
 import matplotlib.pyplot as plt
@@ -221,12 +222,18 @@ nbutils.show_source(ddpo_is_loss)
 #   to second order.
 #
 # **Units of `approx_kl`.** In this project $\log\rho$ is built from averaged log-probs,
-# $\log\rho_\text{avg} = \frac1D\sum_i\Delta_i$ over the $D$ dimensions, with second moment
-# $\approx\frac1{D^2}\sum_i u_i^2$. So the logged `approx_kl` $\approx\mathrm{KL}/D^2$, where
-# $\mathrm{KL} = \sum_i u_i^2/2$ is the true KL of the step: not the per-dimension KL ($\mathrm{KL}/D$)
-# but that divided by $D$ once more ($D = 3072$ for the tiny model, 16384 for Stable Diffusion). Read it
-# as a relative gauge of how far the updates went, to compare between epochs, not as a KL in nats.
-# A toy step in $D = 64$ dimensions, with every mean moved by a random $u_i\sigma_t$, shows it:
+# $\log\rho_\text{avg} = \frac1D\sum_i\Delta_i$ over the $D$ dimensions. Its mean is
+# $-\frac1{2D}\sum_i u_i^2$ and its variance $\frac1{D^2}\sum_i u_i^2$, so with
+# $\mathrm{KL} = \sum_i u_i^2/2$ the true KL of the step,
+#
+# $$\texttt{approx\_kl} = \tfrac12\mathbb E[\log\rho_\text{avg}^2] = \frac{\mathrm{KL}}{D^2} + \frac12\Big(\frac{\mathrm{KL}}{D}\Big)^2.$$
+#
+# For a small step (KL well below 2 nats) the first term dominates: `approx_kl` $\approx\mathrm{KL}/D^2$, not
+# the per-dimension KL ($\mathrm{KL}/D$) but that divided by $D$ once more ($D = 3072$ for the tiny model,
+# 16384 for Stable Diffusion). After a large step the second term takes over. Read it as a relative gauge
+# of how far the updates went, to compare between epochs, not as a KL in nats.
+# A toy step in $D = 64$ dimensions, with every mean moved by a random $u_i\sigma_t$ (a small step),
+# shows the first case; the real update below, the second:
 
 # %%
 D_toy, n_toy = 64, 200_000
@@ -241,8 +248,8 @@ print(f"true KL {kl_true:.3e}   approx_kl on summed log-probs {approx_sum:.3e}")
 print(f"per-dimension KL = KL/D {kl_true / D_toy:.3e}   approx_kl on averaged log-probs "
       f"{approx_avg:.3e}   KL/D^2 {kl_true / D_toy**2:.3e}")
 nbutils.check(math.isclose(approx_sum, kl_true, rel_tol=0.03)
-              and math.isclose(approx_avg, kl_true / D_toy**2, rel_tol=0.03),
-              "approx_kl == KL on summed log-probs, KL / D^2 (= per-dimension KL / D) on averaged")
+              and math.isclose(approx_avg, kl_true / D_toy**2 + (kl_true / D_toy) ** 2 / 2, rel_tol=0.03),
+              "approx_kl == KL on summed log-probs, KL / D^2 + (KL / D)^2 / 2 on averaged")
 
 # %% [markdown]
 # **Check.** Take one real optimizer step with the DDPO$_\text{IS}$ loss on the batch above (AdamW,
@@ -264,6 +271,7 @@ optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad],
 optimizer.zero_grad(set_to_none=True)
 loss, info_before = ddpo_is_loss(rescore(), old_all, adv_all, clip_range=1e-4)
 loss.backward()
+theta_old = copy.deepcopy(unet)  # the policy that sampled, for the KL below
 optimizer.step()
 
 with torch.no_grad():
@@ -279,24 +287,53 @@ nbutils.check(math.isclose(info["approx_kl"].item(), kl_hand, rel_tol=1e-4)
               and math.isclose(info["clipfrac"].item(), clipfrac_hand, abs_tol=1e-6),
               "approx_kl and clipfrac from ddpo_is_loss == the formulas by hand")
 
-per_step_clip = ((log_ratio.exp() - 1).abs() > 1e-4).double().reshape(B, T).mean(0)
-plt.figure(figsize=(6, 2.6))
-plt.bar(range(T), per_step_clip.numpy())
-plt.xticks(range(0, T, 2))
-plt.xlabel(f"denoising step index j (t goes {int(traj.timesteps[0])} → {int(traj.timesteps[-1])})")
-plt.ylabel("clipfrac")
-plt.title("after one update: which steps left the trust region", fontsize=9)
-plt.tight_layout()
+
+def policy_mean(net):  # mu of every transition's Gaussian, and sigma_t
+    with torch.no_grad():
+        out = sampler.guided_model_output(net, x_t, t_all, embeds[b_idx], negative, GUIDANCE)
+        return sampler.ddim_step_mean(scheduler, out, t_all, x_t, ETA)
+
+
+(mu_new, sigma), (mu_old, _) = policy_mean(unet), policy_mean(theta_old)
+stochastic = sigma > 0  # the deterministic last step has log-ratio 0 and no KL
+kl_per_dim = torch.zeros(len(sigma))  # KL(p_old || p_theta) / D of each transition, (B*T,)
+kl_per_dim[stochastic] = sampler.gaussian_kl(mu_old[stochastic], mu_new[stochastic], sigma[stochastic])
+D = x_t[0].numel()
+expected = kl_per_dim / D + kl_per_dim**2 / 2  # E[0.5 (log rho_avg)^2] of each transition, (B*T,)
+print(f"logged approx_kl {info['approx_kl'].item():.3e};  expected from the means: {expected.mean():.3e} = "
+      f"{(kl_per_dim / D).mean():.3e} (KL / D^2) + {(kl_per_dim**2 / 2).mean():.3e} ((KL / D)^2 / 2)")
+print(f"the step's KL summed over the {D} dimensions: median {(kl_per_dim * D).median():.2g} nats, "
+      f"max {(kl_per_dim * D).max():.2g}")
+nbutils.check(math.isclose(info["approx_kl"].item(), expected.mean().item(), rel_tol=0.2),
+              "on the real step, approx_kl == its expectation from the two policies' means")
+
+per_step = log_ratio.abs().reshape(B, T)  # |log rho| of each transition, (B, T)
+fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 2.8))
+ax1.semilogy(range(T), per_step.median(0).values.clamp(min=1e-12).numpy(), "o-", label="median over samples")
+ax1.axhline(1e-4, color="k", ls=":", label="clip range 1e-4")
+ax1.set_ylabel("|log ρ| after one update")
+ax1.legend(fontsize=7)
+ax2.bar(range(T), (per_step > 1e-4).double().mean(0).numpy())
+ax2.set_ylabel("clipfrac")
+for ax in (ax1, ax2):
+    ax.set_xticks(range(0, T, 2))
+    ax.set_xlabel(f"denoising step index j (t goes {int(traj.timesteps[0])} → {int(traj.timesteps[-1])})")
+fig.suptitle("after one update: how far each step's ratio moved, and which left the trust region", fontsize=9)
+fig.tight_layout()
 plt.show()
+print("median |log rho| per step:", " ".join(f"{v:.0e}" for v in per_step.median(0).values.tolist()))
 
 # %% [markdown]
 # Late steps have small $\sigma_t$, so the same change of the mean is many more standard deviations
-# there: their ratios tend to move most and leave the clip range first; the first step, almost pure noise
-# with $\sigma_t\approx 1$, barely moves. The exception is the very last step, which never moves: the
+# there: their ratios move most (the median $|\log\rho|$ printed above grows from about $10^{-5}$ at the
+# first step, almost pure noise with $\sigma_t\approx 1$, to a few $10^{-3}$ at the late ones), and after
+# this one full-fine-tuning step nearly every step but the first is past the clip range: the clipfrac
+# bars saturate, the log-scale panel still ranks them. The exception is the very last step, which never moves: the
 # tiny model's scheduler has `set_alpha_to_one=True`, so its last step has $\sigma_t = 0$, is
 # deterministic, has log-prob 0 and ratio exactly 1, and the training loop does not train on it
 # (`sampler.step_sigmas`). With the default `False`, that step's $\sigma_t$ would be 0.0064 in $[-1,1]$
 # pixel units, less than one grey level: its ratio reacted to invisible changes of the mean and, in
-# trials, dominated `approx_kl` (0.35 against $10^{-5}$ without it) and the gradient. In the training
+# trials, dominated `approx_kl` (0.35 against $1.3\cdot10^{-5}$ without it, in epoch 0 of a design trial:
+# RESULTS.md, the tiny defaults' trials) and the gradient. In the training
 # loop these two numbers are logged every epoch as `loss/approx_kl` and `loss/clipfrac` (notebook 7 plots
 # them for a real run).

@@ -264,7 +264,8 @@ nbutils.check(all(abs(e - p) <= 1e-5 * abs(e) + 1e-12 for _, e, _, _, p in rows)
 # error of means: $L_{t-1} = \|\tilde\mu - \mu_\theta\|^2/(2\tilde\beta_t)$. By the derivation above, that is
 # $\lambda_t\,\|v_\theta - v\|^2$ with $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\tilde\beta_t)$ (for an $\varepsilon$-predicting
 # model such as SD: $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\bar\alpha_t\tilde\beta_t)$ on $\|\varepsilon_\theta - \varepsilon\|^2$). The practical loss
-# (`diffusion_mse_loss`, Eq. 1 as everyone implements it) sets $\lambda_t = 1$ for all $t$: a *reweighted*
+# (`diffusion_mse_loss`, the "simple" loss everyone implements) drops both weights, Eq. 1's
+# $a_t^2(1-\bar\alpha_t)$ (the check above) and the bound's $\lambda_t$, leaving 1 for all $t$: a *reweighted*
 # bound. So RWR maximises a weighted version of a reweighted bound on the likelihood, in place of the
 # likelihood that the KL argument of §5.2 assumed.
 #
