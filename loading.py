@@ -10,6 +10,7 @@ import copy
 import re
 import socket
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -188,9 +189,11 @@ def load_stable_diffusion(cfg: Config, device: torch.device) -> TextToImage:
     try:
         # with LoRA every part stays frozen in `dtype`: loaded so, not in fp32 first (5 GB of host
         # memory per process); full fine-tuning keeps the UNet's fp32 weights
-        pipe = StableDiffusionPipeline.from_pretrained(
-            cfg.model, safety_checker=None, requires_safety_checker=False,
-            torch_dtype=dtype if cfg.lora_rank > 0 else None)
+        with warnings.catch_warnings():  # diffusers >= 0.42 renames torch_dtype; older ones lack
+            warnings.filterwarnings("ignore", "`torch_dtype` is deprecated", FutureWarning)  # dtype
+            pipe = StableDiffusionPipeline.from_pretrained(
+                cfg.model, safety_checker=None, requires_safety_checker=False,
+                torch_dtype=dtype if cfg.lora_rank > 0 else None)
     except (OSError, ValueError) as err:
         hub = "" if Path(cfg.model).is_dir() else " The Hugging Face hub is unreachable or offline."
         raise ConfigError(
@@ -204,10 +207,13 @@ def load_stable_diffusion(cfg: Config, device: torch.device) -> TextToImage:
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False,
                                           thresholding=False)
     vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
+    def place(module):  # (a dtype given to diffusers' .to() warns, even when it changes nothing)
+        return module.to(device) if module.dtype == dtype else module.to(device, dtype)
+
     for module in (vae, text_encoder):
-        module.requires_grad_(False).to(device, dtype).eval()
+        place(module.requires_grad_(False)).eval()
     if cfg.lora_rank > 0:
-        unet.to(device, dtype)
+        place(unet)
         add_lora(unet, cfg.lora_rank, cfg.trainable, cfg.seed)
     else:
         unet.to(device)

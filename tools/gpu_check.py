@@ -23,9 +23,11 @@ ratios and gradients are those of a random network (a trained one has other acti
 
 from __future__ import annotations
 
+import gc
 import json
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,14 +90,15 @@ def ratio_at_theta_old(cfg: Config) -> dict:
     samples = _sample(run)
     steps, _ = trainable_steps(run.model.scheduler, samples.timesteps, cfg.eta, 1.0)
     dev = torch.zeros(len(samples.index), len(steps))  # |rho - 1| per (sample, step)
-    with torch.no_grad():
-        for chunk in samples.index.split(cfg.train_batch_size):
-            idx = chunk.to(run.device)
-            for k, j in enumerate(steps.tolist()):
-                jj = torch.full((len(chunk),), j, device=run.device)
-                log_prob = ddpo_min.rescore(run, samples, idx, jj)
-                ratio = torch.exp(log_prob - samples.log_probs[idx, j])
-                dev[chunk, k] = (ratio - 1).abs().float().cpu()
+    run.model.unet.train()  # rescored as train_epoch rescores: train mode, with gradients (the
+    for chunk in samples.index.split(cfg.train_batch_size):  # kernels picked may depend on both)
+        idx = chunk.to(run.device)
+        for k, j in enumerate(steps.tolist()):
+            jj = torch.full((len(chunk),), j, device=run.device)
+            with torch.enable_grad():
+                log_prob = ddpo_min.rescore(run, samples, idx, jj).detach()
+            ratio = torch.exp(log_prob - samples.log_probs[idx, j])
+            dev[chunk, k] = (ratio - 1).abs().float().cpu()
     clip = 1e-4  # the paper's clip range
     return dict(max_abs_ratio_minus_1=dev.max().item(), median=dev.median().item(),
                 share_past_clip=(dev > clip).float().mean().item(),
@@ -139,6 +142,7 @@ def memory_and_speed(cfg: Config) -> dict:
     run.optimizer = torch.optim.AdamW(run.params, lr=cfg.lr)  # one step, timed
     device, unet = run.device, run.model.unet
     _sample(run)  # warm-up (kernels, allocator)
+    before = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     _peak_reset(device)
     _sync(device)
     t0 = time.perf_counter()
@@ -153,6 +157,10 @@ def memory_and_speed(cfg: Config) -> dict:
     idx = samples.index[: cfg.train_batch_size].to(run.device)
     adv = torch.ones(len(idx), device=device)
     unet.train()
+    jj = torch.full((len(idx),), int(steps[0]), device=device)  # warm-up: first backward, kernels
+    loss, _ = ddpo_min.policy_loss(run, samples, idx, jj, adv)
+    plumbing.backward(run, loss, 1.0)
+    run.optimizer.zero_grad(set_to_none=True)
     _peak_reset(device)
     _sync(device)
     t0 = time.perf_counter()
@@ -190,7 +198,8 @@ def memory_and_speed(cfg: Config) -> dict:
     floor_train = time.perf_counter() - t0
     run.optimizer.zero_grad(set_to_none=True)
     B, b = cfg.sample_batch_size, len(idx)
-    return dict(peak_gib_sampling=peak_sample, peak_gib_training=peak_train,
+    return dict(allocated_gib_before=before,  # the models and optimizer, before either phase
+                peak_gib_sampling=peak_sample, peak_gib_training=peak_train,
                 sampling=dict(samples_per_s=B / t_sample, floor_samples_per_s=B / floor_sample,
                               ratio_to_floor=t_sample / floor_sample, batch=B),
                 training=dict(samples_per_s=b / t_train, floor_samples_per_s=b / floor_train,
@@ -210,7 +219,10 @@ def shortened_epoch(cfg: Config, full: Config) -> dict:
 
 
 def gpu_check(toy: bool = False, out: Path | None = None) -> dict:
+    """Every check in turn. One that fails (out of memory, a kernel missing) records its error and
+    the others still run; the JSON is rewritten after each, so a run cut short keeps what it got."""
     t_start = time.perf_counter()
+    out = out or ROOT / "assets" / "bench_gpu.json"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = save_random_sd(tmp, "toy" if toy else "v1_4")
@@ -218,31 +230,89 @@ def gpu_check(toy: bool = False, out: Path | None = None) -> dict:
         device = loading.resolve_device(cfg("fp16").device)
         result: dict = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
                             else str(device), torch=torch.__version__, toy=toy,
+                            versions=_versions(), tf32=_tf32(),
                             config={k: getattr(cfg("fp16"), k) for k in (
                                 "num_steps", "sample_batch_size", "sample_batches",
                                 "train_batch_size", "minibatches", "guidance_scale",
                                 "lora_rank", "timestep_fraction")})
-        result["ratio_at_theta_old"] = {p: ratio_at_theta_old(cfg(p)) for p in ("no", "fp16",
-                                                                              "bf16")}
-        _say(result, "ratio")
-        result["zero_lora_gradients_fp16"] = zero_lora_gradients(cfg("fp16"))
-        _say(result, "grads")
-        result["fp16_speed_memory"] = memory_and_speed(cfg("fp16"))
-        _say(result, "speed")
-        full = Config.paper(reward="compressibility")
-        result["shortened_epoch_fp16"] = shortened_epoch(cfg("fp16"), full if not toy else
-                                                         cfg("fp16"))
-        _say(result, "epoch")
-    result["check_seconds"] = time.perf_counter() - t_start
-    out = out or ROOT / "assets" / "bench_gpu.json"
-    out.write_text(json.dumps(result, indent=1))
+        precisions = {"no": "no", "fp16": "fp16", "bf16": "bf16"}
+        if device.type == "cuda":  # fp32 with TF32 off: "no" above runs cuDNN's TF32 by default
+            precisions = {"no_strict_fp32": "no", **precisions}
+        checks = [
+            ("ratio_at_theta_old", "ratio", lambda: {
+                name: _recorded(lambda n=name, p=p: _strict(n, lambda: ratio_at_theta_old(cfg(p))),
+                                device)
+                for name, p in precisions.items()}),
+            ("zero_lora_gradients_fp16", "grads", lambda: zero_lora_gradients(cfg("fp16"))),
+            ("fp16_speed_memory", "speed", lambda: memory_and_speed(cfg("fp16"))),
+            ("shortened_epoch_fp16", "epoch", lambda: shortened_epoch(
+                cfg("fp16"), cfg("fp16") if toy else Config.paper(reward="compressibility"))),
+        ]
+        for key, what, check in checks:
+            result[key] = _recorded(check, device)
+            if "error" in result[key]:
+                print(f"{key} failed: {result[key]['error']}", flush=True)
+            else:
+                _say(result, what)
+            result["check_seconds"] = time.perf_counter() - t_start
+            out.write_text(json.dumps(result, indent=1))
     print(f"\n{result['check_seconds']:.0f} s; figures in {out}")
     return result
+
+
+def _recorded(check, device: torch.device) -> dict:
+    """check()'s result, or its error and traceback: one failure (out of memory, a kernel
+    missing) must not cost the figures of the others. The GPU's caches are freed first."""
+    _free(device)
+    try:
+        return check()
+    except Exception as err:  # noqa: BLE001  (recorded in the JSON; the next check still runs)
+        return dict(error=f"{type(err).__name__}: {err}"[:2000],
+                    traceback=traceback.format_exc()[-4000:])
+
+
+def _strict(name: str, check):
+    """Run `check` with TF32 off for the strict fp32 row, and as configured otherwise."""
+    if name != "no_strict_fp32":
+        return check()
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return check()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _free(device: torch.device) -> None:
+    """Between checks: the previous check's models and caches, off the GPU."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _tf32() -> dict:
+    return dict(cudnn=torch.backends.cudnn.allow_tf32,
+                matmul=torch.backends.cuda.matmul.allow_tf32)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "accelerate"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _say(r: dict, what: str) -> None:
     if what == "ratio":
         for p, v in r["ratio_at_theta_old"].items():
+            if "error" in v:
+                print(f"ratio at theta_old, {p}: failed: {v['error']}", flush=True)
+                continue
             print(f"ratio at theta_old, {p:>4}: max |rho-1| {v['max_abs_ratio_minus_1']:.2e}, "
                   f"median {v['median']:.2e}, past clip 1e-4: {100 * v['share_past_clip']:.1f}% "
                   f"(last step {100 * v['share_past_clip_last_step']:.0f}%)", flush=True)
