@@ -674,9 +674,10 @@ def kl_to_pretrained(run: Run, samples: Samples) -> float | None:
 
     Both policies are Gaussians with the same σ_t (Eq. 2), so KL_t = |μ_θ - μ_pre|^2 / (2 σ_t^2),
     averaged over C*H*W like the log-probs. With LoRA the pretrained policy is the same UNet with
-    its adapters switched off. Each trajectory is scored at kl_steps of the S stochastic steps,
+    its adapters switched off. Each trajectory is scored at kl_steps of the T_s stochastic steps,
     evenly spaced and staggered from one trajectory to the next, so that together they cover the
-    steps evenly (each one once when kl_samples * kl_steps >= S); kl_steps >= S scores them all.
+    steps evenly (each one once when kl_samples * kl_steps >= T_s); kl_steps >= T_s scores them
+    all.
     """
     cfg, model = run.cfg, run.model
     if not cfg.kl_samples:
@@ -688,7 +689,7 @@ def kl_to_pretrained(run: Run, samples: Samples) -> float | None:
     numbers = torch.linspace(0, total - 1, K).round().long()  # (K,) sample numbers
     steps, _ = trainable_steps(model.scheduler, samples.timesteps, cfg.eta, 1.0)  # (S,)
     R = min(cfg.kl_steps, len(steps))
-    # trajectory k's r-th step: position (r + k/K) S/R of the S stochastic steps, (K, R)
+    # trajectory k's r-th step: position (r + k/K) T_s/R of the T_s stochastic steps, (K, R)
     where = ((torch.arange(R)[None, :] + torch.arange(K)[:, None] / K) * len(steps) / R).long()
     mine = torch.isin(numbers, samples.index)  # the K that this process holds, (K,)
     idx, where = my_rows(samples, numbers), where[mine]  # (k,), (k, R): maybe none

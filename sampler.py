@@ -192,9 +192,9 @@ def gaussian_log_prob(x_prev: torch.Tensor, mean: torch.Tensor,
     )  # (B, C, H, W)
     # DEVIATION: log p is *averaged* over the C*H*W dimensions (as the authors' code does)
     # instead of summed (Eq. 2's density). Why: a sum over 16384 latent dims (SD at 512 px)
-    # makes ratios exp(log p - log p_old) explode. Effect: log-probs are 1/D of the true ones,
-    # so ratios are rho^(1/D) and approx_kl is about KL/D^2; SF gradients only rescale (README,
-    # "Deviations").
+    # makes ratios exp(log p - log p_old) explode. Effect: with n = C*H*W, log-probs are 1/n of
+    # the true ones, so ratios are rho^(1/n) and approx_kl is about KL/n^2 for a small step; SF
+    # gradients only rescale (README, "Deviations").
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))  # (B,)
     return torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
 

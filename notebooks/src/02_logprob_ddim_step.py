@@ -59,6 +59,11 @@ print(f"{model.name}: x_t has C*H*W = {C}*{H}*{W} = {D} dimensions; prediction: 
 #
 # $$\mu_\theta(x_t,t,c) = \sqrt{\bar\alpha_{t-1}}\;\hat x_0 + \sqrt{1-\bar\alpha_{t-1}-\sigma_t^2}\;\hat\varepsilon .$$
 #
+# (A scheduler with `clip_sample`, as the tiny model's, clips $\hat x_0$ to $[-1, 1]$ here and keeps the
+# $\hat\varepsilon$ of the unclipped one, as diffusers does: the mean is then no longer the posterior's at the
+# clipped $\hat x_0$, and a clipped pixel passes no gradient to the network through $\hat x_0$. Still one
+# Gaussian per step. SD's scheduler never clips in latent space.)
+#
 # *The variance.* DDIM interpolates with $\eta$:
 #
 # $$\sigma_t = \eta\,\sqrt{\frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\Big(1-\frac{\bar\alpha_t}{\bar\alpha_{t-1}}\Big)} .$$
