@@ -16,6 +16,7 @@ import ast
 import functools
 import importlib.util
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -74,8 +75,8 @@ class Config:
     num_steps: int = arg(50, need=">= 1")
     """DDIM denoising steps T"""
     eta: float = arg(1.0)
-    """DDIM noise scale; must be > 0 for a stochastic policy"""
-    guidance_scale: float = arg(5.0)
+    """DDIM noise scale, in (0, 1]: 0 would be deterministic, with no policy to improve"""
+    guidance_scale: float = arg(5.0, need=">= 0")
     """classifier-free guidance weight w (negative prompt: empty)"""
     sample_batch_size: int = arg(8, need=">= 1")
     """images per sampling forward pass, on each process"""
@@ -123,8 +124,9 @@ class Config:
     """per-prompt reward buffer length"""
     stat_min_count: int = arg(16, need=">= 1")
     """rewards a prompt needs before its own stats are used"""
-    rwr_beta: float = arg(0.2)
-    """RWR inverse temperature beta in exp(beta r)"""
+    rwr_beta: float = arg(0.2, need=">= 0")
+    """RWR inverse temperature beta in exp(beta r) (r: the reward, or the advantage with
+    --rwr-signal advantage)"""
     rwr_signal: str = arg("reward", choices=("reward", "advantage"))
     """what RWR weighs and sparse RWR thresholds: the raw reward (the paper) | the advantage
     (per-prompt standardised reward)"""
@@ -140,7 +142,8 @@ class Config:
     loss scaling; no: fp32 (on a CPU half precision runs, slowly)"""
     # run
     epochs: int = arg(200, need=">= 0")
-    """sampling+training epochs"""
+    """sampling+training epochs in all (under --resume the total too, not how many more; 0 there:
+    the run's own number)"""
     max_minutes: float = arg(0.0, need=">= 0")
     """stop (with a checkpoint) after the epoch that passes this many minutes of this invocation
     (a resumed run counts afresh); 0 = off"""
@@ -153,7 +156,8 @@ class Config:
     save_every: int = arg(1, need=">= 1")
     """checkpoint every N epochs (and always at the end)"""
     device: str = arg("")
-    """cuda | cpu (default: cuda if available)"""
+    """cuda | cpu (default: cuda if available); with several processes each takes the GPU its
+    launcher gives it"""
     sd_on_cpu: bool = arg(False)
     """run a hub model (Stable Diffusion) on a CPU anyway: a download of several GB, then hours
     per epoch"""
@@ -249,6 +253,8 @@ def check_config(cfg: Config, num_processes: int = 1) -> None:
     """Fail early, with the numbers, on what argparse cannot check (or a Config built in Python)."""
     for f in fields(Config):
         value, choices, need = getattr(cfg, f.name), f.metadata["choices"], f.metadata["need"]
+        if f.type == "float" and not math.isfinite(value):
+            raise ConfigError(f"--{_flag(f.name)} {value}: must be a finite number")
         if choices and value not in choices:  # argparse rejects these on the CLI already
             raise ConfigError(f"unknown --{_flag(f.name)} {value!r}; choose one of "
                               f"{', '.join(choices)}")
@@ -288,7 +294,7 @@ def check_config(cfg: Config, num_processes: int = 1) -> None:
 
 # what may change when a run goes on (under --resume, or when its --output-dir is named again): how
 # long it goes on and where it runs; every other setting is the one the run began with
-CONTINUABLE = ("epochs", "max_minutes", "threads", "output_dir", "resume")
+CONTINUABLE = ("epochs", "max_minutes", "threads", "output_dir", "resume", "device", "sd_on_cpu")
 
 
 def resume_config(cfg: Config) -> Config:
@@ -301,8 +307,11 @@ def resume_config(cfg: Config) -> Config:
     except (json.JSONDecodeError, TypeError) as err:
         raise ConfigError(f"--resume {cfg.resume}: its config.json is unreadable or from another "
                           f"version of ddpo-min ({str(err)[:120]}); start a new run") from None
+    if cfg.output_dir and Path(cfg.output_dir).resolve() != folder.resolve():
+        raise ConfigError(f"--resume {cfg.resume} continues in its own folder: drop --output-dir "
+                          f"{cfg.output_dir}, or start a new run there without --resume")
     # the saved config wins (the run continues as it began) but for CONTINUABLE: the number of
-    # epochs (0: the saved number), this invocation's wall-time limit and its CPU threads
+    # epochs (0: the saved number), this invocation's wall-time limit, CPU threads and device
     goes_on = {k: getattr(cfg, k) for k in CONTINUABLE}
     return replace(saved, **goes_on | dict(epochs=cfg.epochs or saved.epochs,
                                            output_dir=str(folder), resume=""))
@@ -338,6 +347,9 @@ def attribute_docs(source: str, cls: str) -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(
         description="DDPO: fine-tune a text-to-image diffusion model on a reward with RL.",
+        epilog="The defaults shown are Config()'s, the paper's aesthetic run. --reward picks that "
+               "reward's recipe from the paper (prompts, minibatches, buffer, epochs) and --model "
+               "tiny the tiny recipe (README, 'Tiny defaults'); a flag given explicitly wins.",
     )
     defaults = Config()
     for f in fields(Config):
@@ -347,11 +359,44 @@ def parse_args(argv: list[str] | None = None) -> Config:
                             help=f"{field_help()[f.name]} (default: "
                                  f"{getattr(defaults, f.name)!r})")
     explicit = vars(parser.parse_args(argv))  # only the flags actually given
+    _check_explicit(explicit)
     if explicit.get("resume"):
         explicit = {"epochs": 0, **explicit}  # 0 = keep the run's own epochs unless --epochs given
     if explicit.get("model") == "tiny":
         return Config.tiny(**explicit)
     return Config.paper(**explicit)
+
+
+# flags that only one kind of run reads: given for another, they would be silently ignored
+_ONLY_FOR = {"clip_range": ("ddpo_is",), "timestep_fraction": ("ddpo_is", "ddpo_sf"),
+             "rwr_beta": ("rwr",), "rwr_signal": ("rwr", "rwr_sparse"),
+             "rwr_percentile": ("rwr_sparse",)}
+
+
+def _check_explicit(explicit: dict) -> None:
+    """Flags given on the command line that the run would not use: one line naming the fix."""
+    if explicit.get("resume"):
+        fixed = sorted(k for k in explicit if k not in CONTINUABLE)
+        if fixed:
+            raise ConfigError(f"--resume continues a run with its own settings, so --"
+                              f"{_flag(fixed[0])} cannot change (only --epochs, --max-minutes, "
+                              "--threads and the device may): drop it, or start a new run")
+        return
+    tiny = explicit.get("model") == "tiny"
+    algo = explicit.get("algo", Config.algo)
+    for name, algos in _ONLY_FOR.items():
+        if name in explicit and algo not in algos:
+            raise ConfigError(f"--{_flag(name)} applies to --algo {' / '.join(algos)} only; "
+                              f"--algo {algo} would ignore it")
+    reward = explicit.get("reward", TINY_DEFAULTS["reward"] if tiny else Config.reward)
+    for owner, names in REWARD_OPTIONS.items():
+        for name in names:
+            if name in explicit and reward != owner:
+                raise ConfigError(f"--{_flag(name)} is an option of --reward {owner}; --reward "
+                                  f"{reward} would ignore it")
+    if tiny and ("vlm" in explicit or "clip_model" in explicit):  # (BERTScore's model applies)
+        raise ConfigError("--model tiny scores alignment with its own captioner and has no "
+                          "aesthetic reward: --vlm and --clip-model are for Stable Diffusion runs")
 
 
 def _parse_bool(text: str) -> bool:

@@ -732,8 +732,16 @@ def train(cfg: Config) -> Path:
     if plumbing.has_checkpoint(run.dir):
         plumbing.load_checkpoint(run)
         say(f"resumed {run.dir} at epoch {run.state.epoch} (optimizer step {run.state.step})")
+        if run.state.epoch > cfg.epochs:  # --epochs is the total, not how many more
+            raise ConfigError(f"{run.dir} is at epoch {run.state.epoch} already: --epochs counts "
+                              f"all epochs, so pass more than {run.state.epoch} to go on")
     plumbing.check_same_start(run)  # N processes: all from the same checkpoint, or all fresh
     run.model.scheduler.set_timesteps(cfg.num_steps)  # the sampling grid, on every process
+    if cfg.algo.startswith("ddpo") and not len(trainable_steps(
+            run.model.scheduler, run.model.scheduler.timesteps, cfg.eta, 1.0)[0]):
+        raise ConfigError(f"--num-steps {cfg.num_steps}: no step of this sampler is stochastic "
+                          "(its last one is deterministic), so DDPO has nothing to train on; "
+                          "use --num-steps 2 or more")
     folder = plumbing.RunFolder(run)  # config.json, metrics.jsonl, grids, reward curve, logger
     pool = plumbing.reward_executor(run.device)  # on a GPU, rewards overlap the next sampling
     started = time.perf_counter()
@@ -784,9 +792,8 @@ def train(cfg: Config) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
     try:
-        train(cfg)
+        train(parse_args(argv))
     except (ConfigError, TrainingDiverged) as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt:

@@ -109,7 +109,11 @@ def load_prompts(name: str) -> list[str]:
     if not path.is_file():
         raise ConfigError(f"--prompts {name!r} is neither one of {', '.join(PROMPT_SETS)} nor a "
                           "text file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+    except UnicodeDecodeError:
+        raise ConfigError(f"--prompts file {name} is not UTF-8 text: save it as UTF-8") from None
     if not prompts:
         raise ConfigError(f"--prompts file {name} has no prompts (one per line)")
     return prompts

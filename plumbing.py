@@ -380,6 +380,8 @@ def run_config(cfg: Config) -> Config:
             raise ConfigError(f"--resume {cfg.resume}: no checkpoint.pt there")
         return resume_config(cfg)
     if cfg.output_dir:
+        if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+            raise ConfigError(f"--output-dir {cfg.output_dir} is a file: name a folder")
         _check_same_run(cfg)
         return cfg
     name = "tiny" if cfg.model == "tiny" else Path(cfg.model).name

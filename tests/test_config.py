@@ -108,6 +108,18 @@ def test_bad_config_is_one_clear_error(kw, match):
         # the default reward is aesthetic: the bad path is named, not the CLIP model it would load
         (["--model", "/no/such/folder"], "--model /no/such/folder: no such folder"),
         (["--resume", "/no/such/run"], "--resume /no/such/run: no checkpoint.pt there"),
+        # flags the run would not use
+        (["--resume", "/no/such/run", "--lr", "1e-5"], "so --lr cannot change"),
+        (["--model", "tiny", "--algo", "rwr", "--clip-range", "1e-3"],
+         "--clip-range applies to --algo ddpo_is only; --algo rwr would ignore it"),
+        (["--model", "tiny", "--rwr-percentile", "50"], "applies to --algo rwr_sparse only"),
+        (["--reward", "compressibility", "--clip-model", "x"],
+         "--clip-model is an option of --reward aesthetic"),
+        (["--model", "tiny", "--reward", "alignment", "--vlm", "x"], "its own captioner"),
+        # numbers no range or finite check caught before
+        (["--model", "tiny", "--guidance-scale", "nan"], "--guidance-scale nan: must be a finite"),
+        (["--model", "tiny", "--algo", "rwr", "--rwr-beta", "-1"], "--rwr-beta -1.0: must be >= 0"),
+        (["--model", "tiny", "--num-steps", "1"], "no step of this sampler is stochastic"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_fix(argv, says, tmp_path):

@@ -134,6 +134,12 @@ def test_naming_a_run_folder_again_continues_it_only_with_its_settings(random_ti
     with pytest.raises(ConfigError, match=r"other settings \(--lr .*--resume "):
         train(tiny_config(tmp_path / "run", epochs=2, lr=1e-3))
     assert len(history(train(tiny_config(tmp_path / "run", epochs=2)))) == 2  # more epochs: fine
+    with pytest.raises(ConfigError, match="at epoch 2 already: --epochs counts all epochs"):
+        train(Config(resume=str(run_dir), epochs=1))  # a total below the checkpoint's
+    with pytest.raises(ConfigError, match="continues in its own folder: drop --output-dir"):
+        train(Config(resume=str(run_dir), epochs=3, output_dir=str(tmp_path / "elsewhere")))
+    with pytest.raises(ConfigError, match="is a file: name a folder"):
+        train(tiny_config(run_dir / "config.json", epochs=1))
     (run_dir / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json is unreadable"):
         train(Config(resume=str(run_dir), epochs=3))
