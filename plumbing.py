@@ -421,7 +421,9 @@ class RunFolder:
         if not self.active:
             return
         run.dir.mkdir(parents=True, exist_ok=True)
-        (run.dir / "config.json").write_text(json.dumps(asdict(run.cfg), indent=1))
+        tmp = run.dir / "config.json.tmp"  # whole or not at all: a resume reads it back
+        tmp.write_text(json.dumps(asdict(run.cfg), indent=1))
+        os.replace(tmp, run.dir / "config.json")
         self.metrics = run.dir / "metrics.jsonl"
         self.metrics.write_text("".join(json.dumps(h) + "\n" for h in run.state.history))
         self.logger = ExternalLogger(run.cfg, run.dir)

@@ -8,6 +8,7 @@ that re-renders the atlas and compares it with the shipped one; it is skipped wi
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -297,3 +298,17 @@ def test_tiny_imports_no_other_module_of_this_repo_but_sampler():
     ours = {p.stem for p in ROOT.glob("*.py")} | {"tools", "tests", "notebooks"}
     assert "torch" in imported  # the walk sees imports
     assert imported & ours == {"sampler"}
+
+
+def test_a_pretraining_stage_resumes_only_with_its_own_settings(tmp_path):
+    """A stage's folder holds its settings: resuming it with others would splice two schedules
+    (and the default destination is never the shipped weights)."""
+    assert not tiny_train.PretrainConfig().out.startswith(str(tiny_train.ASSETS))
+    cfg = tiny_train.PretrainConfig(steps=1, batch_size=2, warmup=1, ckpt_every=1,
+                                    dir=str(tmp_path / "stage"),
+                                    out=str(tmp_path / "w.safetensors"))
+    tiny_train.pretrain(cfg)
+    assert (tmp_path / "w.safetensors").is_file() and (tmp_path / "w.json").is_file()
+    tiny_train.pretrain(cfg)  # the same settings: resumes (at its last step: nothing to do)
+    with pytest.raises(SystemExit, match=r"other settings \(--lr 0.001 there, 0.0005 here\)"):
+        tiny_train.pretrain(dataclasses.replace(cfg, lr=5e-4))

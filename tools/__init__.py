@@ -3,3 +3,18 @@ diffusion model, the captioner, and the report and benchmarks that measure them.
 a reader of the algorithm needs (that is ddpo_min.py, sampler.py, rewards.py and tiny.py), and a
 training run imports none of them. Run them from the repo root as `python -m tools.<name> ...`.
 """
+
+import json as _json
+import os as _os
+from pathlib import Path as _Path
+
+
+def write_json(path, data, **dumps) -> None:
+    """Write a result file whole or not at all: to a temporary file beside it, then renamed, so a
+    kill mid-write leaves the previous file (or none), never a truncated one that a resumed job
+    would misread. dumps: json.dumps's options (indent 1 unless given)."""
+    path = _Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(_json.dumps(data, **{"indent": 1, **dumps}))
+    _os.replace(tmp, path)

@@ -41,7 +41,7 @@ import checks  # noqa: E402
 
 import config  # noqa: E402
 import tiny  # noqa: E402
-from tools import ex5  # noqa: E402
+from tools import ex5, write_json  # noqa: E402
 
 # rubric item -> (points, the checks it runs on the student's functions)
 CODE_ITEMS = {
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = grade(args.submission, args.seeds, ex5_runs=not args.no_ex5)
     out = args.out or args.submission / "grades.json"
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     for name, item in result["items"].items():
         print(f"{name:10s} {item['points']:>2}/{item['max']:<2} {item['detail']}")
     print(f"total {result['points']}/{result['max']} -> {out}")

@@ -5,6 +5,7 @@
     python -m tools.bench learning   # the tiny-scale learning bars, one seed (~1 hour on 2 cores)
     python -m tools.bench learning --only alignment --seeds 0 1 2   # 3 seeds, judged on the mean
     python -m tools.bench compare    # DDPO_IS vs DDPO_SF vs RWR vs sparse RWR (tools/compare.py)
+    python -m tools.bench kl         # the KL leash's trade-off, beta by beta (tools/kl_tradeoff.py)
     python -m tools.bench gpu        # the one-shot paper-scale check on a GPU (tools/gpu_check.py)
     python -m tools.bench ex5 --seeds 0 1 2   # exercise 5's bar, reference and mutants (~1 h)
     python -m tools.bench ex7                 # exercise 7's full run, for its answer key (~10 min)
@@ -51,6 +52,7 @@ import ddpo_min
 import loading
 import tiny
 from sampler import trainable_steps
+from tools import write_json
 from tools.tiny_report import held_out
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +188,7 @@ def speed(path: str = "tiny", rounds: int = 5) -> dict:
           f"floor {floor['kl_seconds']:.2f} s): {100 * kl_share:.1f}% of the epoch (target <= "
           f"{100 * KL_SHARE_TARGET:.0f}%)")
     name = "bench_speed.json" if path == "tiny" else f"bench_speed_{path}.json"
-    (ASSETS / name).write_text(json.dumps(result, indent=1))
+    write_json(ASSETS / name, result)
     return result
 
 
@@ -228,7 +230,7 @@ def contention(epochs: int = 3) -> dict:
     result["passed"] = result["auto"]["ratio"] <= 1.6
     print(f"auto: {result['auto']['ratio']:.2f}x (target <= 1.6: "
           f"{'PASS' if result['passed'] else 'FAIL'})")
-    (ASSETS / "bench_contention.json").write_text(json.dumps(result, indent=1))
+    write_json(ASSETS / "bench_contention.json", result)
     return result
 
 
@@ -322,7 +324,7 @@ def learning(only: list[str] | None = None, seeds: list[int] | None = None,
                                final=mean["final"], verdict=verdict,
                                final_verdict=final_verdict, passed=passed, runs=runs,
                                config={k: getattr(base, k) for k in tiny_keys})
-        (ASSETS / f"bench_learning_{reward}.json").write_text(json.dumps(results[reward], indent=1))
+        write_json(ASSETS / f"bench_learning_{reward}.json", results[reward])
         _print_summary(reward, results[reward])
     for r in results.values():
         print(f"{r['verdict']}\n  at the end of the budget: {r['final_verdict']}")
@@ -449,7 +451,8 @@ def main() -> None:
                     help="where the JSON goes (default: assets/bench_gpu.json)")
     pe = sub.add_parser("ex5", help="calibrate exercise 5's bar on the reference (tools/ex5.py)")
     pe.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    pe.add_argument("--epochs", type=int, default=12, help="training epochs per seed")
+    pe.add_argument("--epochs", type=int, default=None,
+                    help="training epochs per seed (default: exercise 5's budget)")
     pe.add_argument("--mutants", nargs="*", default=None,
                     help="wrong implementations to run (default: all of tools/ex5.MUTANTS)")
     sub.add_parser("ex7", help="exercise 7's full run with the reference KL, for the answer key "
@@ -469,9 +472,9 @@ def main() -> None:
 
         kl_tradeoff.report() if args.report else kl_tradeoff.run(args.max_minutes)
     elif args.cmd == "ex5":
-        from tools.ex5 import calibrate
+        from tools.ex5 import EPOCHS, calibrate
 
-        calibrate(args.seeds, args.epochs, args.mutants)
+        calibrate(args.seeds, args.epochs or EPOCHS, args.mutants)
     elif args.cmd == "ex7":
         from tools.ex7 import reference_run
 

@@ -35,7 +35,6 @@ assets/comparison.json, its tables assets/comparison.md and its figure assets/co
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +46,7 @@ import config
 import ddpo_min
 import plumbing
 import tiny
+from tools import write_json
 from tools.tiny_report import held_out
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,17 +122,8 @@ def pretrained_scores(cfg: config.Config) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     scores = evaluate(tiny.load_tiny(), cfg)
-    _write_json(path, scores)
+    write_json(path, scores)
     return scores
-
-
-def _write_json(path: Path, data) -> None:
-    """Write whole or not at all: a kill mid-write leaves the previous file (or none), never a
-    truncated one that would count as finished."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def run_one(cfg: config.Config, deadline: float, out: Path | None = None) -> bool:
@@ -153,7 +144,7 @@ def run_one(cfg: config.Config, deadline: float, out: Path | None = None) -> boo
             return False
         if done % EVAL_EVERY == 0 and done > 0 and str(done) not in evals:
             evals[str(done)] = evaluate(_checkpointed_model(folder), cfg)
-            _write_json(evals_path, evals)
+            write_json(evals_path, evals)
             continue
         target = (done // EVAL_EVERY + 1) * EVAL_EVERY
         resume = str(folder) if plumbing.has_checkpoint(folder) else ""
@@ -171,7 +162,7 @@ def run_one(cfg: config.Config, deadline: float, out: Path | None = None) -> boo
                   history={k: [h.get(k) for h in history] for k in keep},
                   evals={int(k): v for k, v in evals.items()},
                   torch_threads=torch.get_num_threads())
-    _write_json(result_path, result)
+    write_json(result_path, result)
     return True
 
 
@@ -344,7 +335,7 @@ def report() -> dict:
     summary["finished_runs"] = len(finished)
     summary["planned_runs"] = len(schedule())
     summary["training_hours"] = sum(r["wall_seconds"] for r in finished) / 3600  # w/o evals
-    REPORT.write_text(json.dumps(summary, indent=1))
+    write_json(REPORT, summary)
     REPORT.with_suffix(".md").write_text(markdown(summary))
     if summary["results"]:
         _figure(summary, REPORT.with_suffix(".png"))

@@ -43,6 +43,7 @@ import config
 import ddpo_min
 import sampler
 import tiny
+from tools import write_json
 from tools.tiny_report import held_out
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +76,10 @@ def student_loop(step: Callable | None = None, clipped_loss: Callable | None = N
                  advantages: Callable | None = None, clip_advantages: Callable | None = None):
     """The training loop with the student's functions in place of the project's (None: keep)."""
     with ExitStack() as stack:
-        if step is not None:
-            stack.enter_context(mock.patch.object(sampler, "ddim_step_with_logprob",
-                                                  per_sample(step)))
+        if step is not None:  # the sampler's own calls, and the loop's (rescoring with --kl-coef)
+            for module in (sampler, ddpo_min):
+                stack.enter_context(mock.patch.object(module, "ddim_step_with_logprob",
+                                                      per_sample(step)))
         if clipped_loss is not None:
             stack.enter_context(mock.patch.object(ddpo_min, "ddpo_is_loss", clipped_loss))
         if advantages is not None or clip_advantages is not None:
@@ -205,14 +207,14 @@ def _run(name: str, reward: str, seed: int, epochs: int) -> dict:
         result = json.loads(done.read_text())
         if "clipfrac_median" not in result:  # a run finished before the trust-region criterion
             result["clipfrac_median"] = clipfrac_median(result["run_dir"])
-            done.write_text(json.dumps(result, indent=1))
+            write_json(done, result)
         return result
     functions = (reference_functions() if name == "reference"
                  else mutant_functions(name, seed))
     result = dict(implementation=name, reward=reward,
                   **train_and_measure(folder, seed=seed, epochs=epochs, functions=functions,
                                       reward=reward))
-    done.write_text(json.dumps(result, indent=1))
+    write_json(done, result)
     print(f"{name:17s} {reward:17s} seed {seed}: {result['epochs']} epochs in "
           f"{result['minutes']:.1f} min, held-out JPEG {result['jpeg_kb_before']:.3f} -> "
           f"{result['jpeg_kb_after']:.3f} kB ({result['change_percent']:+.1f}%), clipfrac "
@@ -262,7 +264,7 @@ def calibrate(seeds: list[int], epochs: int = EPOCHS,
                                        change_percent=changes, clipfrac_median=clipfracs,
                                        passes=passes(changes, clipfracs, result))
         result["runs"] += mutant_runs
-    CALIBRATION.write_text(json.dumps(result, indent=1))
+    write_json(CALIBRATION, result)
     for reward, bar in bars.items():
         print(f"bar, {reward}: the held-out JPEG size must go {bar['direction']} by at least "
               f"{bar['bar_percent']:.0f}% (worst reference seed {bar['worst_percent']:.1f}%)")

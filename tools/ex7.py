@@ -23,6 +23,7 @@ from unittest import mock
 import config
 import ddpo_min
 import tiny
+from tools import write_json
 from tools.ex5 import held_out_scores
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,5 +77,5 @@ def reference_run(out: Path = REFERENCE, runs_dir: Path = ROOT / "runs" / "ex7_r
               f"{r['top1_before']:.1f}% -> {r['top1_after']:.1f}%, KL to the pretrained policy "
               f"{r['kl_pretrained'][-1]:.2e}")
     result = dict(epochs=epochs, betas=list(BETAS), overrides=overrides, runs=runs)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
     return result

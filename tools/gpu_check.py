@@ -39,6 +39,7 @@ import loading
 import plumbing
 from config import Config, samples_per_epoch
 from sampler import sample_with_logprob, trainable_steps
+from tools import write_json
 from tools.sd_random import save_random_sd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +256,7 @@ def gpu_check(toy: bool = False, out: Path | None = None) -> dict:
             else:
                 _say(result, what)
             result["check_seconds"] = time.perf_counter() - t_start
-            out.write_text(json.dumps(result, indent=1))
+            write_json(out, result)
     print(f"\n{result['check_seconds']:.0f} s; figures in {out}")
     return result
 

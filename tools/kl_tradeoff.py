@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools import compare
+from tools import compare, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "assets" / "kl_tradeoff"
@@ -85,7 +85,7 @@ def report() -> dict:
     summary = dict(protocol=dict(reward=REWARD, algo=ALGO, lr=LR, betas=BETAS, seeds=SEEDS,
                                  epochs=compare.EPOCHS),
                    pretrained_top1=100 * pretrained["trained"]["caption_top1"], points=points)
-    REPORT.write_text(json.dumps(summary, indent=1))
+    write_json(REPORT, summary)
     if points:
         _figure(summary, REPORT.with_suffix(".png"))
     for key, runs in points.items():

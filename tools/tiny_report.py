@@ -23,6 +23,7 @@ import torch
 import rewards as R
 import tiny
 from tiny import ANIMAL_PROMPTS, GUIDANCE, IMAGE, Captioner, generalisation_prompts, load_captioner
+from tools import write_json
 from tools.tiny_data import render_prompt_images
 from tools.tiny_train import captioner_accuracy
 
@@ -277,7 +278,7 @@ def report(weights: Path | None = None, guidance: float = GUIDANCE, per_prompt: 
                      jpeg_kb=dict(flat=flat_kb, uniform_noise=noise_kb, binary_noise=binary_kb)),
         files=dict(samples="tiny_samples.png", generalisation="tiny_samples_generalisation.png"),
     )
-    (out / "tiny_report.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "tiny_report.json", result)
     print(f"\nwrote {out / 'tiny_report.json'}, {out / 'tiny_samples.png'}, "
           f"{out / 'tiny_samples_generalisation.png'}")
     return result

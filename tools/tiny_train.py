@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,15 +56,16 @@ class PretrainConfig:
     ema_decay: float = 0.999
     seed: int = 0
     ckpt_every: int = 200
-    dir: str = str(CACHE / "pretrain")
+    dir: str = str(CACHE / "pretrain-custom")  # not the shipped stages' folders
     # start from these UNet weights (e.g. assets/tiny_unet.safetensors) instead of random init
     init: str = ""
     # share of each batch drawn from the 45 animals (0: uniform over all sprites)
     animal_frac: float = 0.0
     # which weights are written to `out`: "ema" (the average) or "raw" (the last iterate)
     ship: str = "ema"
-    # where the weights go; the model card goes beside them
-    out: str = str(ASSETS / "tiny_unet.safetensors")
+    # where the weights go; the model card goes beside them (the shipped weights only through
+    # pretrain-shipped, whose last stage names them)
+    out: str = str(CACHE / "pretrain-custom" / "tiny_unet.safetensors")
 
 
 def pretrain(cfg: PretrainConfig) -> None:
@@ -92,6 +93,13 @@ def pretrain(cfg: PretrainConfig) -> None:
     ckpt = out / "ckpt.pt"
     if ckpt.exists():
         s = torch.load(ckpt, weights_only=False)
+        saved = s.get("config", {})  # (checkpoints before the config was saved: taken as they are)
+        differ = [k for k, v in saved.items() if k not in ("out", "ckpt_every")
+                  and getattr(cfg, k) != v]
+        if differ:
+            raise SystemExit(f"{ckpt} is a stage trained with other settings (--{differ[0]} "
+                             f"{saved[differ[0]]!r} there, {getattr(cfg, differ[0])!r} here): "
+                             "name another --dir, or resume it with its own settings")
         unet.load_state_dict(s["unet"])
         ema.load_state_dict(s["ema"])
         opt.load_state_dict(s["opt"])
@@ -112,7 +120,8 @@ def pretrain(cfg: PretrainConfig) -> None:
     def save():
         torch.save(dict(unet=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                         gen=g.get_state(), torch_rng=torch.get_rng_state(), step=step,
-                        seconds=t0 + time.time() - start, losses=losses), ckpt.with_suffix(".tmp"))
+                        seconds=t0 + time.time() - start, losses=losses, config=asdict(cfg)),
+                   ckpt.with_suffix(".tmp"))
         os.replace(ckpt.with_suffix(".tmp"), ckpt)  # atomic: a kill mid-save keeps the old one
 
     start = time.time()
@@ -150,7 +159,9 @@ def pretrain(cfg: PretrainConfig) -> None:
     weights = Path(cfg.out)
     weights.parent.mkdir(parents=True, exist_ok=True)
     shipped = {"ema": ema, "raw": unet}[cfg.ship]
-    save_file({k: v.contiguous() for k, v in shipped.state_dict().items()}, str(weights))
+    tmp = weights.with_suffix(".tmp")  # written whole, then renamed: a kill keeps the old file
+    save_file({k: v.contiguous() for k, v in shipped.state_dict().items()}, str(tmp))
+    os.replace(tmp, weights)
     seconds = t0 + time.time() - start
     card = dict(steps=step, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup,
                 ema_decay=cfg.ema_decay, shipped=cfg.ship, init=cfg.init,
@@ -162,7 +173,8 @@ def pretrain(cfg: PretrainConfig) -> None:
     if cfg.init and Path(cfg.init).with_suffix(".json").exists():
         # the card of the weights we started from
         card["init_card"] = json.loads(Path(cfg.init).with_suffix(".json").read_text())
-    weights.with_suffix(".json").write_text(json.dumps(card, indent=1))
+    weights.with_suffix(".json.tmp").write_text(json.dumps(card, indent=1))
+    os.replace(weights.with_suffix(".json.tmp"), weights.with_suffix(".json"))
     np.save(out / "losses.npy", np.array(losses))
     print(f"wrote {weights} ({seconds / 60:.1f} min, final loss {card['final_loss_last100']:.4f})")
 
@@ -176,7 +188,8 @@ SHIPPED_STAGES = (
     dict(steps=3000, lr=1e-3, dir=str(CACHE / "pretrain"), ship="raw",
          out=str(CACHE / "pretrain" / "stage1.safetensors")),
     dict(steps=3200, lr=5e-4, animal_frac=0.5, ema_decay=0.998, dir=str(CACHE / "pretrain2"),
-         init=str(CACHE / "pretrain" / "stage1.safetensors")),
+         init=str(CACHE / "pretrain" / "stage1.safetensors"),
+         out=str(ASSETS / "tiny_unet.safetensors")),
 )  # fmt: skip
 
 
