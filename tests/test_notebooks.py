@@ -211,6 +211,10 @@ def _per_prompt(f):
      "ddof=1"),
     (_per_prompt(lambda x: (x - x.mean()) / x.std()), "1e-6"),
     (_per_prompt(lambda x: x - x.mean()), "did not divide"),
+    # the unbiased std as numpy and torch write it: NaN for the one-sample prompt alone
+    (_per_prompt(lambda x: (x - x.mean()) / (x.std(ddof=1) + 1e-6)), "the unbiased std"),
+    (_per_prompt(lambda x: ((t := torch.as_tensor(x)) - t.mean()).div(t.std() + 1e-6).numpy()),
+     "the unbiased std"),
 ])  # fmt: skip
 def test_advantage_diagnoses(fn, needle):
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -602,6 +602,11 @@ def check_advantages(fn: Callable) -> None:
     if got.shape != r.shape:
         _fail(f"return one advantage per sample, shape {r.shape}; got {got.shape}")
     if not np.all(np.isfinite(got)):
+        single = np.array([list(prompts).count(p) == 1 for p in prompts])  # 'a whale'
+        if np.all(np.isfinite(got[~single])):  # only the one-sample prompt: std over n - 1 = 0
+            _fail("non-finite advantage for 'a whale', the prompt with a single reward: its std "
+                  "divides by n - 1 = 0, the unbiased std (np.std(ddof=1), or torch.std's "
+                  "default); use the population std, ddof=0 (torch.std(x, unbiased=False))")
         _fail("non-finite advantages: "
               "'a frog' has identical rewards (std 0) and 'a whale' a single one; "
               "divide by (std + 1e-6)")

@@ -142,7 +142,8 @@ nbutils.show_source(ddpo_sf_loss)
 #
 # DDPO uses per-prompt statistics (`PerPromptStatTracker`): $A = (r - \bar r_c)/(\text{std}_c + 10^{-6})$,
 # with mean and std over recent rewards *of the same prompt* (falling back to the batch until a prompt has
-# 16 of them), then clips $A$ to $[-5, 5]$ (`clip_advantages`). Dividing by the std also rescales each
+# `--stat-min-count` of them: 16 in the paper's recipes, 8 at the tiny defaults, which keep exactly the
+# current epoch's 8 per prompt), then clips $A$ to $[-5, 5]$ (`clip_advantages`). Dividing by the std also rescales each
 # prompt's gradient; here every prompt has the same reward spread, so only the variance differs.
 #
 # Two details of this baseline. The tracker adds the batch to its buffer *before* computing the

@@ -265,9 +265,9 @@ nbutils.check(all(abs(e - p) <= 1e-5 * abs(e) + 1e-12 for _, e, _, _, p in rows)
 # $\lambda_t\,\|v_\theta - v\|^2$ with $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\tilde\beta_t)$ (for an $\varepsilon$-predicting
 # model such as SD: $\lambda_t = a_t^2(1-\bar\alpha_t)/(2\bar\alpha_t\tilde\beta_t)$ on $\|\varepsilon_\theta - \varepsilon\|^2$). The practical loss
 # (`diffusion_mse_loss`, the "simple" loss everyone implements) drops both weights, Eq. 1's
-# $a_t^2(1-\bar\alpha_t)$ (the check above) and the bound's $\lambda_t$, leaving 1 for all $t$: a *reweighted*
-# bound. So RWR maximises a weighted version of a reweighted bound on the likelihood, in place of the
-# likelihood that the KL argument of §5.2 assumed.
+# $a_t^2(1-\bar\alpha_t)$ (the check above) and the bound's $\lambda_t$, leaving 1 for all $t$: the bound's
+# terms *reweighted*, which is no longer a bound on $-\log p_\theta$. So RWR maximises a weighted version of
+# this reweighted objective, in place of the likelihood that the KL argument of §5.2 assumed.
 #
 # **Check.** At one timestep, the bound's term computed as a KL between two Gaussians
 # (`torch.distributions.kl_divergence`) equals $\lambda_t\times$ `diffusion_mse_loss`.

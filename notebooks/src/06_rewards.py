@@ -264,8 +264,9 @@ nbutils.check(math.isclose(recall_hand, s["recall"][0], abs_tol=1e-5)
 
 # %% [markdown]
 # Reference words like "the", "image", "contains" have no counterpart in a two-word caption and pull
-# recall down by the same amount for every image, so what separates a good image from a bad one is how
-# well the animal word is matched. The full reward, `make_reward("alignment", scale="tiny")`, runs the same
+# recall down by roughly the same amount for every image (not exactly: the embeddings are contextual, so
+# each word's best match depends on the whole sentence), so what separates a good image from a bad one is
+# mostly how well the animal word is matched. The full reward, `make_reward("alignment", scale="tiny")`, runs the same
 # steps for a batch; with the right and a wrong prompt:
 
 # %%

@@ -9,7 +9,8 @@
 # $v$, clips $\hat x_0$ to the pixel range, and its last step is deterministic. With
 # $\bar\alpha_t$ = `scheduler.alphas_cumprod[t]` and the settings in `scheduler.config`:
 #
-# 1. $t_\text{prev} = t - 1000\,/\!/\,T$ (the next timestep on the sampling grid, $T$ = `scheduler.num_inference_steps`);
+# 1. $t_\text{prev} = t - N\,/\!/\,T$ (the next timestep on the sampling grid; $N$ =
+#    `scheduler.config.num_train_timesteps`, 1000 here, and $T$ = `scheduler.num_inference_steps`);
 #    $\bar\alpha_{t-1}$ = `alphas_cumprod[t_prev]`, or `scheduler.final_alpha_cumprod` if $t_\text{prev} < 0$.
 # 2. $\sigma_t = \eta\sqrt{\frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\big(1-\frac{\bar\alpha_t}{\bar\alpha_{t-1}}\big)}$
 # 3. $\hat x_0$ and $\hat\varepsilon$ from `model_output`, by `scheduler.config.prediction_type`:

@@ -3,8 +3,9 @@
 # %% [markdown]
 # # Exercise 2: the score-function (REINFORCE) loss
 #
-# DDPO$_\text{SF}$ estimates $\nabla_\theta\,\mathbb E[r] = \mathbb E\big[\sum_t \nabla_\theta\log p_\theta(x_{t-1}\mid x_t,c)\,A\big]$
-# (notebook 3). Autograd needs a *loss* whose gradient is minus that estimate, for one denoising step and a
+# DDPO$_\text{SF}$ estimates $\nabla_\theta\,\mathbb E[r] = \mathbb E\big[\sum_t \nabla_\theta\log p_\theta(x_{t-1}\mid x_t,c)\,r\big]$
+# (notebook 3), with the reward $r$ replaced by an advantage $A$ (which changes the estimate's variance, and
+# its scale by a positive factor per prompt: notebook 3, §3.2). Autograd needs a *loss* whose gradient is minus that estimate, for one denoising step and a
 # batch of $B$ transitions:
 #
 # $$\mathcal L = -\frac1B\sum_b A_b\,\log p_\theta\big(x^{(b)}_{t-1}\mid x^{(b)}_t, c_b\big).$$
@@ -45,5 +46,6 @@ checks.check_sf_loss(my_sf_loss)
 # (Exercise 3 and notebook 4.)
 
 # %% [markdown]
-# **Then copy `my_sf_loss` into `my_ddpo.py`** (beside this notebook), unchanged: exercises 5 and 6 train with it
-# from there, and that file is what you submit.
+# **Then copy `my_sf_loss` into `my_ddpo.py`** (beside this notebook), unchanged: that file is what you
+# submit, and the autograder grades it there (exercises 5 and 6 train with DDPO$_\text{IS}$, so they do not
+# use it).

@@ -13,8 +13,11 @@
 #
 # **Part A.** `my_advantages(prompts, rewards)`: `prompts` is a list of B strings, `rewards` a numpy array
 # (B,); return a numpy array (B,) in the order of the inputs, with the statistics of each prompt computed
-# **within this batch**. (The project's `PerPromptStatTracker` does the same with a buffer of the last 32
-# rewards per prompt across epochs, and falls back to batch statistics for prompts seen fewer than 16 times.)
+# **within this batch**. (The project's `PerPromptStatTracker` does the same with a buffer of recent rewards
+# per prompt across epochs, and falls back to batch statistics for prompts seen fewer times than
+# `--stat-min-count`: 8 and 8 at the tiny defaults, where a buffer holds exactly the current epoch's 8
+# samples of a prompt, so the loop computes what you compute here; 32 and 16 in the paper's aesthetic
+# recipe.)
 #
 # **Part B.** `my_clip_advantages(advantages, max_abs)`: clip to $[-\text{max\_abs}, \text{max\_abs}]$, for
 # numpy arrays and torch tensors alike.

@@ -91,7 +91,8 @@ nbutils.check(summed["loss/approx_kl"] > 1000 * baseline["loss/approx_kl"] and s
 # raw rewards'; in this small batch of 4 prompts about a fifth, over many epochs of the tiny JPEG reward
 # most of it): that part of the advantage says which animal was drawn, not whether this sample was good
 # for its animal. Per prompt, that share is 0 by construction. Explain what the policy gradient then
-# learns, and why the per-prompt baseline is still an unbiased one (notebook 3, §3.2).
+# learns, and why the per-prompt advantage still points the gradient the right way: up to which factor,
+# per prompt, is it an unbiased estimate (notebook 3, §3.2; handout problem (d))?
 
 # %%
 captured = {}

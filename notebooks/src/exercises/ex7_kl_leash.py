@@ -19,7 +19,11 @@
 #
 # averaged over the $D = C\cdot H\cdot W$ coordinates, as the loop averages its log-probabilities.
 # `ddpo_min.py` adds $\beta\,\mathrm{KL}_t$ to the loss of every trained transition when `--kl-coef` $\beta > 0$
-# (`rescore_with_kl`); $\mu_\text{pre}$ comes from one more guided UNet call without gradient.
+# (`rescore_with_kl`); $\mu_\text{pre}$ comes from one more guided UNet call without gradient. What the loop
+# optimises is an approximation of $J_\beta$, as in DPOK: the reward term is DDPO's clipped surrogate on the
+# advantage $A$ (a standardised reward, so $\beta$ is in units of the rewards' per-prompt spread, not of the
+# reward), and the penalty is taken at the stored states $x_t$, sampled by $\theta_\text{old}$: its gradient flows
+# through $\mu_\theta$ only, not through how the states' distribution depends on $\theta$.
 #
 # **Part A** (practice, not graded: the project's own version, `sampler.gaussian_kl`, is in the package you
 # were given; write yours before you look). Implement `my_gaussian_kl(mean, mean_pre, sigma)`: `mean` and
