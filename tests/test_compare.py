@@ -272,3 +272,25 @@ def test_the_kl_tradeoff_shares_the_comparisons_runs_and_reports_every_beta(tmp_
     leashed, free = points["10000"][0], points["0"][0]
     assert leashed["kl"] < free["kl"]  # the leash holds the policy nearer the pretrained one
     assert kl_tradeoff.REPORT.with_suffix(".png").is_file()
+
+
+def test_shards_share_the_schedule_without_overlap(monkeypatch, tmp_path):
+    """N processes on --shard k/N train every run exactly once between them, each with the
+    threads asked for; the prompts file they share is rewritten only when its content changes."""
+    trained = []
+    monkeypatch.setattr(compare, "pretrained_scores", lambda cfg: {})
+    monkeypatch.setattr(compare, "report", lambda: None)
+    monkeypatch.setattr(compare, "run_one", lambda cfg, deadline: trained.append(
+        (cfg.output_dir, cfg.threads)) or True)
+    monkeypatch.setattr(compare, "OVERRIDES", {})
+    monkeypatch.setattr(compare, "RUNS", tmp_path)
+    for k in range(3):
+        compare.compare(shard=(k, 3), threads=1)
+    names = [name for name, _ in trained]
+    everything = [compare.base_config(*run).output_dir for run in compare.schedule()]
+    assert sorted(names) == sorted(everything) and len(set(names)) == len(names)
+    assert {threads for _, threads in trained} == {1}
+    prompts = compare.RUNS / "train_animals.txt"
+    before = prompts.stat().st_mtime_ns
+    compare.base_config(None, "ddpo_is/blind", 2e-4, 0)
+    assert prompts.stat().st_mtime_ns == before  # unchanged: not rewritten under a reader

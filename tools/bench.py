@@ -440,6 +440,11 @@ def main() -> None:
     pc.add_argument("--report", action="store_true",
                     help="only rebuild assets/comparison.json and comparison.png from finished "
                     "runs")
+    pc.add_argument("--shard", default="0/1", metavar="K/N",
+                    help="run only every N-th run of the schedule from the K-th (0-based), so "
+                    "that N processes share the work (default 0/1: all)")
+    pc.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads per run (default: the loop's, every idle core)")
     pk = sub.add_parser("kl", help="KL-regularised DDPO_IS: reward gain against top-1 for "
                         "several --kl-coef (resumable; see tools/kl_tradeoff.py)")
     pk.add_argument("--max-minutes", type=float, default=0.0)
@@ -466,7 +471,11 @@ def main() -> None:
     elif args.cmd == "compare":
         from tools import compare
 
-        compare.report() if args.report else compare.compare(args.max_minutes)
+        k, _, n = args.shard.partition("/")
+        if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+            raise SystemExit(f"--shard {args.shard}: expected K/N with 0 <= K < N, e.g. 1/2")
+        compare.report() if args.report else compare.compare(
+            args.max_minutes, (int(k), int(n)), args.threads)
     elif args.cmd == "kl":
         from tools import kl_tradeoff
 

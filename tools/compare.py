@@ -35,6 +35,7 @@ assets/comparison.json, its tables assets/comparison.md and its figure assets/co
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -102,8 +103,11 @@ def evaluate(model, cfg: config.Config) -> dict:
 
 def base_config(reward: str | None, algo: str, lr: float, seed: int) -> config.Config:
     RUNS.mkdir(parents=True, exist_ok=True)
-    prompts = RUNS / "train_animals.txt"
-    prompts.write_text("\n".join(TRAIN_ANIMALS) + "\n")
+    prompts, text = RUNS / "train_animals.txt", "\n".join(TRAIN_ANIMALS) + "\n"
+    if not prompts.is_file() or prompts.read_text() != text:  # whole or not at all: a second
+        tmp = prompts.with_name(f"{prompts.name}.{os.getpid()}.tmp")  # shard may be reading it
+        tmp.write_text(text)
+        os.replace(tmp, prompts)
     if algo == UNIFORM:
         kind = dict(algo="rwr", rwr_beta=0.0)
     elif is_control(algo):
@@ -201,11 +205,21 @@ def schedule() -> list[tuple[str | None, str, float, int]]:
     return runs
 
 
-def compare(max_minutes: float = 0.0) -> None:
-    """Run (or continue) every run of the schedule, then the report."""
+def compare(max_minutes: float = 0.0, shard: tuple[int, int] = (0, 1),
+            threads: int | None = None) -> None:
+    """Run (or continue) every run of the schedule, then the report. shard (k, n): only the runs
+    at positions k, k + n, k + 2n, ... of the schedule, so that n processes can share the work
+    without training one run twice; threads: torch's CPU threads for each run (None: the loop's
+    default). On 2 cores, two shards of one thread each did more runs per hour than one of two
+    threads (NOTES.md); a run records its thread count, and a different count changes float
+    rounding, not the protocol."""
+    global OVERRIDES
+    if threads:
+        OVERRIDES = {**OVERRIDES, "threads": threads}
+    k, n = shard
     deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
     pretrained_scores(base_config(REWARDS[0], ALGOS[0], GRID[0], 0))
-    for reward, algo, lr, seed in schedule():
+    for reward, algo, lr, seed in schedule()[k::n]:
         if not run_one(base_config(reward, algo, lr, seed), deadline):
             break
     report()

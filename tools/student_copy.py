@@ -43,8 +43,9 @@ PACKAGE = ("config.py", "ddpo_min.py", "loading.py", "plumbing.py", "rewards.py"
            "tiny.py", "requirements.txt", "pyproject.toml")
 TOOLS = ("__init__.py", "check_setup.py", "compare.py", "ex5.py", "ex7.py", "tiny_data.py",
          "tiny_report.py", "tiny_train.py")  # compare.py: notebooks 5 and 7 show its report
-# assets/ left out: the comparison's runs (the report is enough), the speed benchmarks, SD's configs, and
-# exercise 7's expected numbers (the KL trade-off and the reference run), which its Part C asks for
+# assets/ left out: the comparison's runs (the report is enough), the speed benchmarks, SD's
+# configs, and exercise 7's expected numbers (the KL trade-off and the reference run), which its
+# Part C asks for
 ASSETS_LEFT_OUT = ("compare", "comparison", "kl_tradeoff*", "ex7_reference.json", "bench_speed*",
                    "bench_contention*", "bench_gpu*",  # (bench_learning_*: notebook 7 reads them)
                    "sd_v1_4")
