@@ -225,9 +225,10 @@ ALGO_DEFAULTS = {"ddpo_sf": dict(minibatches=1, inner_epochs=1)}
 # averaged log-prob ratio ~50x further than LoRA does, so with 1e-4 the 2nd-4th minibatches were
 # nearly all clipped. Effect: larger steps per epoch; held-out trials in RESULTS.md.
 # DEVIATION: RWR weighs exp(A) of the per-prompt advantage A, and sparse RWR keeps the top 10% of
-# A (paper: exp(r / 5) and the top 10% of r). Why: tiny JPEG rewards vary by ~0.1 kB, so exp(r / 5)
-# left every weight within about 7% of 1 (notebook 5: [0.933, 1.049] on a batch of 16). Effect:
-# weights span up to e^5 per epoch, and reward what is good for its prompt, as DDPO's advantages do.
+# A (paper: exp(r / 5) and the top 10% of r). Why: tiny JPEG rewards spread by tenths of a kB, so
+# exp(r / 5) left every weight within about 7% of 1 (notebook 5: [0.933, 1.049] on a batch of 16).
+# Effect: weights span up to e^5 per epoch, and reward what is good for its prompt, as DDPO's
+# advantages do.
 TINY_DEFAULTS = dict(
     reward="compressibility", num_steps=20, guidance_scale=TINY_GUIDANCE, sample_batch_size=32,
     sample_batches=2, samples_per_prompt=8, stat_buffer=8, stat_min_count=8, clip_range=1e-3,
