@@ -361,6 +361,8 @@ def score(reward_fn: Callable, images: torch.Tensor, prompts: list[str]) -> Scor
     """r(x_0, c) of one batch, timed (runs on the reward thread on a GPU)."""
     t0 = time.perf_counter()
     rewards, extras = reward_fn(images, prompts)
+    if isinstance(rewards, torch.Tensor):  # (a reward of one's own may return a tensor)
+        rewards = rewards.detach().float().cpu().numpy()
     rewards = np.asarray(rewards, dtype=np.float32)
     if rewards.shape != (len(prompts),):  # a reward of one's own, returning the wrong shape
         raise ConfigError(f"the reward returned an array of shape {rewards.shape} for "
@@ -687,7 +689,7 @@ def kl_to_pretrained(run: Run, samples: Samples) -> float | None:
     total = len(samples.all_prompts)
     K = min(cfg.kl_samples, total)
     numbers = torch.linspace(0, total - 1, K).round().long()  # (K,) sample numbers
-    steps, _ = trainable_steps(model.scheduler, samples.timesteps, cfg.eta, 1.0)  # (S,)
+    steps, _ = trainable_steps(model.scheduler, samples.timesteps, cfg.eta, 1.0)  # (T_s,)
     R = min(cfg.kl_steps, len(steps))
     # trajectory k's r-th step: position (r + k/K) T_s/R of the T_s stochastic steps, (K, R)
     where = ((torch.arange(R)[None, :] + torch.arange(K)[:, None] / K) * len(steps) / R).long()
