@@ -315,6 +315,8 @@ def resume_config(cfg: Config) -> Config:
     # epochs (0: the saved number), this invocation's wall-time limit, CPU threads and device
     goes_on = {k: getattr(cfg, k) for k in CONTINUABLE}
     return replace(saved, **goes_on | dict(epochs=cfg.epochs or saved.epochs,
+                                           device=cfg.device or saved.device,  # "": as it ran
+                                           sd_on_cpu=cfg.sd_on_cpu or saved.sd_on_cpu,
                                            output_dir=str(folder), resume=""))
 
 

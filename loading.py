@@ -142,9 +142,9 @@ def no_active_dropout(unet: torch.nn.Module) -> None:
     put every ratio past the clip range before any update. Refused at load, in one line."""
     active = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     if active:
-        raise ConfigError(f"the UNet has active dropout ({len(active)} modules, e.g. {active[0]}): "
-                          "sampling and rescoring would differ, so the importance ratio would not "
-                          "be 1 before an update; save the model with dropout 0")
+        raise ConfigError(f"the UNet has active dropout ({len(active)} module(s), e.g. "
+                          f"{active[0]}): sampling and rescoring would differ, so the importance "
+                          "ratio would not be 1 before an update; save the model with dropout 0")
 
 
 # The UNet's attention blocks come in pairs: attn1 is self-attention (pixels attend to pixels),

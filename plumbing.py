@@ -82,8 +82,7 @@ class Run:
                                          **options)
         except (ValueError, RewardModelUnavailable) as err:
             raise ConfigError(str(err)) from None
-        with self.accelerator.main_process_first():  # one download into the hub cache, not N
-            self.model = loading.load_model(cfg, self.device)  # after the cheap checks: SD is slow
+        self.model = loading.load_model(cfg, self.device)  # after the cheap checks: SD is slow
         # the pretrained policy, for the KL diagnostic and penalty: LoRA switches its adapters off
         self.reference = (loading.frozen_copy(self.model.unet)
                           if (cfg.kl_samples or cfg.kl_coef) and not cfg.lora_rank else None)
@@ -336,7 +335,7 @@ def optimizer_step(run: Run, nonfinite: int) -> tuple[float, bool]:
         raise TrainingDiverged(f"epoch {epoch}, phase train: {MAX_SKIPS_IN_A_ROW} optimizer steps "
                                "in a row had inf/NaN gradients in fp16; try --mixed-precision bf16 "
                                "(python -m tools.bench gpu first: it measures whether bf16's first "
-                               "minibatch stays inside the clip range) or no")
+                               "minibatch stays inside the clip range) or --mixed-precision no")
     run.state.step += 1
     return grad_norm.item(), skipped
 

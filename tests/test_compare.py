@@ -291,6 +291,6 @@ def test_shards_share_the_schedule_without_overlap(monkeypatch, tmp_path):
     assert sorted(names) == sorted(everything) and len(set(names)) == len(names)
     assert {threads for _, threads in trained} == {1}
     prompts = compare.RUNS / "train_animals.txt"
-    before = prompts.stat().st_mtime_ns
+    before = prompts.stat().st_mtime_ns, prompts.stat().st_ino  # (a rename makes a new inode)
     compare.base_config(None, "ddpo_is/blind", 2e-4, 0)
-    assert prompts.stat().st_mtime_ns == before  # unchanged: not rewritten under a reader
+    assert (prompts.stat().st_mtime_ns, prompts.stat().st_ino) == before  # not rewritten

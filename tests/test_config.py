@@ -17,7 +17,7 @@ from config import Config, ConfigError, parse_args
 def test_resume_keeps_the_saved_run_but_takes_how_long_to_go_on(tmp_path):
     # what the run is (reward, lr, seed, ...) comes from the folder; epochs and the wall-time limit
     # of this invocation come from the new command line (tools/bench.py resumes in timed chunks)
-    saved = Config.tiny(reward="alignment", seed=7, epochs=3, max_minutes=5.0)
+    saved = Config.tiny(reward="alignment", seed=7, epochs=3, max_minutes=5.0, device="cpu")
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(saved)))
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     cfg = config.resume_config(Config(resume=str(tmp_path), epochs=10, max_minutes=2.5, lr=1.0,
@@ -25,6 +25,9 @@ def test_resume_keeps_the_saved_run_but_takes_how_long_to_go_on(tmp_path):
     assert (cfg.reward, cfg.lr, cfg.seed) == ("alignment", saved.lr, 7)
     assert (cfg.epochs, cfg.max_minutes, cfg.output_dir, cfg.resume) == (10, 2.5, str(tmp_path), "")
     assert config.resume_config(Config(resume=str(tmp_path), epochs=0)).epochs == 3  # 0 = as saved
+    # the device it ran on, unless another is named (on a GPU machine "" would mean cuda)
+    assert config.resume_config(Config(resume=str(tmp_path))).device == "cpu"
+    assert config.resume_config(Config(resume=str(tmp_path), device="cuda")).device == "cuda"
 
 
 def test_tiny_defaults_apply_and_explicit_flags_win():

@@ -114,5 +114,5 @@ def test_a_unet_with_active_dropout_is_refused_at_load():
     moved = unet(x, t, embeds).sample
     unet.eval()
     assert not torch.allclose(moved, unet(x, t, embeds).sample)  # what the check prevents
-    with pytest.raises(ConfigError, match=r"active dropout \(1 modules, e.g. mid_block"):
+    with pytest.raises(ConfigError, match=r"active dropout \(1 module\(s\), e.g. mid_block"):
         loading.no_active_dropout(unet)

@@ -15,6 +15,6 @@ def write_json(path, data, **dumps) -> None:
     would misread. dumps: json.dumps's options (indent 1 unless given)."""
     path = _Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{_os.getpid()}.tmp")  # two shards may write one file
     tmp.write_text(_json.dumps(data, **{"indent": 1, **dumps}))
     _os.replace(tmp, path)

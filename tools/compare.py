@@ -385,7 +385,7 @@ def markdown(summary: dict) -> str:
     p, pre = summary["protocol"], summary["pretrained"]
     n = len(p["seeds"])
     lines = [f"{summary['finished_runs']} of {summary['planned_runs']} runs; {p['epochs']} epochs "
-             f"of 64 samples each, {len(p['seeds'])} seeds, learning rates "
+             f"each (the tiny defaults' samples), {len(p['seeds'])} seeds, learning rates "
              f"{', '.join(f'{x:g}' for x in p['grid'])}. Figures are the final held-out change "
              "in JPEG size toward the reward, in % of the pretrained model's (points), mean "
              "[min, max] over seeds; 'over the control' is the paired difference with the same "

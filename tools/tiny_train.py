@@ -94,12 +94,13 @@ def pretrain(cfg: PretrainConfig) -> None:
     if ckpt.exists():
         s = torch.load(ckpt, weights_only=False)
         saved = s.get("config", {})  # (checkpoints before the config was saved: taken as they are)
-        differ = [k for k, v in saved.items() if k not in ("out", "ckpt_every")
-                  and getattr(cfg, k) != v]
+        differ = [k for k, v in saved.items() if k not in ("out", "ckpt_every", "dir")
+                  and hasattr(cfg, k) and getattr(cfg, k) != v]
         if differ:
-            raise SystemExit(f"{ckpt} is a stage trained with other settings (--{differ[0]} "
-                             f"{saved[differ[0]]!r} there, {getattr(cfg, differ[0])!r} here): "
-                             "name another --dir, or resume it with its own settings")
+            raise SystemExit(f"{ckpt} is a stage trained with other settings (--"
+                             f"{differ[0].replace('_', '-')} {saved[differ[0]]!r} there, "
+                             f"{getattr(cfg, differ[0])!r} here): name another --dir, or resume "
+                             "it with its own settings")
         unet.load_state_dict(s["unet"])
         ema.load_state_dict(s["ema"])
         opt.load_state_dict(s["opt"])
