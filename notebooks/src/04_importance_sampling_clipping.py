@@ -304,8 +304,11 @@ print(f"logged approx_kl {info['approx_kl'].item():.3e};  expected from the mean
       f"{(kl_per_dim / D).mean():.3e} (KL / D^2) + {(kl_per_dim**2 / 2).mean():.3e} ((KL / D)^2 / 2)")
 print(f"the step's KL summed over the {D} dimensions: median {(kl_per_dim * D).median():.2g} nats, "
       f"max {(kl_per_dim * D).max():.2g}")
-nbutils.check(math.isclose(info["approx_kl"].item(), expected.mean().item(), rel_tol=0.2),
-              "on the real step, approx_kl == its expectation from the two policies' means")
+# one draw per transition: the tiny step's large moves make the mean term dominate and the comparison
+# tight; a small step (the paper branch's LoRA) leaves only the noisy first term, so it is shown there
+if SCALE == "tiny":
+    nbutils.check(math.isclose(info["approx_kl"].item(), expected.mean().item(), rel_tol=0.2),
+                  "on the real step, approx_kl == its expectation from the two policies' means")
 
 per_step = log_ratio.abs().reshape(B, T)  # |log rho| of each transition, (B, T)
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 2.8))
