@@ -35,6 +35,7 @@ from tiny import (
     make_unet,
     to_model_space,
 )
+from tools import write_json
 from tools.tiny_data import load_sprites, sample_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,8 +175,7 @@ def pretrain(cfg: PretrainConfig) -> None:
     if cfg.init and Path(cfg.init).with_suffix(".json").exists():
         # the card of the weights we started from
         card["init_card"] = json.loads(Path(cfg.init).with_suffix(".json").read_text())
-    weights.with_suffix(".json.tmp").write_text(json.dumps(card, indent=1))
-    os.replace(weights.with_suffix(".json.tmp"), weights.with_suffix(".json"))
+    write_json(weights.with_suffix(".json"), card)
     np.save(out / "losses.npy", np.array(losses))
     print(f"wrote {weights} ({seconds / 60:.1f} min, final loss {card['final_loss_last100']:.4f})")
 
@@ -233,9 +233,9 @@ def train_captioner(steps: int = 2000, batch_size: int = 128, seed: int = 1) -> 
     weights = tiny.CAPTIONER_WEIGHTS
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
     held_out = captioner_accuracy(Captioner(net, class_prompts()), n=2000, seed=12345)
-    weights.with_suffix(".json").write_text(json.dumps(
-        dict(steps=steps, batch_size=batch_size, seed=seed, held_out_accuracy=held_out,
-             held_out_renders=2000, classes=len(class_prompts())), indent=1))
+    write_json(weights.with_suffix(".json"), dict(
+        steps=steps, batch_size=batch_size, seed=seed, held_out_accuracy=held_out,
+        held_out_renders=2000, classes=len(class_prompts())))
     print(f"wrote {weights}; held-out accuracy on fresh renders: {held_out:.3f}")
 
 
