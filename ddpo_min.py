@@ -781,6 +781,7 @@ def train(cfg: Config) -> Path:
                 plumbing.save_checkpoint(run)
             say(plumbing.format_metrics(metrics))
             del samples, adv  # this epoch's trajectories, off the GPU before the next sampling
+        folder.finished()  # the weights
     except KeyboardInterrupt:
         # The checkpoint on disk is the end of the last saved epoch (every --save-every): resuming
         # from it repeats the epochs since exactly. The half-trained weights are exported too.
@@ -788,7 +789,7 @@ def train(cfg: Config) -> Path:
         raise
     finally:
         pool.shutdown(wait=True)
-    folder.finished()
+        folder.close()  # the folder's lock: another training may use it now
     run.accelerator.wait_for_everyone()
     return run.dir
 

@@ -14,6 +14,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import filelock
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -411,6 +412,11 @@ def _check_same_run(cfg: Config) -> None:
 class RunFolder:
     """Writes a run's files, on the main process only (other processes: every method a no-op).
 
+    One training per folder at a time: the main process holds an OS lock on `.lock` there from
+    here to `close()` (the OS drops it when the process ends, however it ends). A second training
+    in the same folder (another shell, a tool reusing a run) stops with one line before it writes
+    anything, instead of interleaving its checkpoints and metrics with the first's.
+
     metrics.jsonl is rewritten at the start to the epochs the checkpoint holds (a crash between
     the two writes leaves one epoch extra), then appended after each epoch.
     """
@@ -420,6 +426,13 @@ class RunFolder:
         if not self.active:
             return
         run.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = filelock.FileLock(run.dir / ".lock")
+        try:
+            self.lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise ConfigError(f"another training is running in {run.dir} (it holds "
+                              f"{run.dir / '.lock'}): wait for it to end, or name another "
+                              "--output-dir") from None
         tmp = run.dir / "config.json.tmp"  # whole or not at all: a resume reads it back
         tmp.write_text(json.dumps(asdict(run.cfg), indent=1))
         os.replace(tmp, run.dir / "config.json")
@@ -455,6 +468,11 @@ class RunFolder:
         if self.active:
             loading.save_weights(run.model, run.cfg, run.dir / "weights")
         run.accelerator.print(f"done: {run.dir} (weights in {run.dir / 'weights'})")
+
+    def close(self) -> None:
+        """Let another training use the folder."""
+        if self.active:
+            self.lock.release()
 
 
 def save_grid(samples, path: Path, n: int) -> None:

@@ -85,6 +85,38 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(random_tiny_weights, 
         train(Config(resume=str(run_dir), epochs=4))
 
 
+def test_one_training_per_run_folder_at_a_time(random_tiny_weights, tmp_path, monkeypatch):
+    """A second training in a folder where one is running stops before writing anything; the
+    lock goes with the process that held it, and with a training that failed in this process."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    holder = subprocess.Popen(  # another process training there: it holds the folder's lock
+        [sys.executable, "-c", "import filelock, sys, time; lock = filelock.FileLock(sys.argv[1]); "
+         "lock.acquire(); print('held', flush=True); time.sleep(120)", str(folder / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="another training is running in .*--output-dir"):
+            train(tiny_config(folder, epochs=1))
+        assert not (folder / "config.json").exists() and not (folder / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    import ddpo_min
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a failure inside the loop")
+
+    with monkeypatch.context() as m:
+        m.setattr(ddpo_min, "train_epoch", broken)
+        with pytest.raises(RuntimeError, match="inside the loop"):
+            train(tiny_config(folder, epochs=1))
+    assert len(history(train(tiny_config(folder, epochs=1)))) == 1  # free again, in this process
+
+
 def test_thread_governor_yields_cores_to_busy_neighbours(monkeypatch):
     readings = iter([
         (0.0, 0.0, 0.0),  # at start: machine-busy seconds, our CPU seconds, wall seconds
