@@ -77,6 +77,10 @@ def test_compare_stops_continues_and_reports(tmp_path, monkeypatch):
     assert f"| DDPO_SF | {res['lr']:g} | {compare._md(res['trained/gain'])} |" in md
     assert f"| RWR | {compare._md(grid_c['rwr']['0.0001']['trained/gain_over_control'])} |" in md
     assert "not yet" not in md
+    # beside it, the gain over the pretrained model of the algorithm and of its control, by rate
+    assert (f"| RWR | {compare._md(grid_c['rwr']['0.0001']['trained/gain'])} |" in md
+            and f"| *its control (RWR, every weight 1)* | "
+                f"{compare._md(grid_c['rwr']['0.0001']['trained/control_gain'])} |" in md)
     # a finished run is never trained again
     stamp = {p: p.stat().st_mtime for p in runs.glob("*.json")}
     compare.compare()

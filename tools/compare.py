@@ -405,6 +405,17 @@ def markdown(summary: dict) -> str:
                          + (f"{res['lr']:g}" if res else "not yet") + " | "
                          + (f"{loo['mean']:+.1f} [{loo['min']:+.1f}, {loo['max']:+.1f}]"
                             if loo else "") + " |")
+        lines += ["", f"**{reward}**: gain over the pretrained model on the trained animals, by "
+                  "rate, of each algorithm and of its control (a control whose images drift "
+                  "against the reward inflates the gain over it)", "",
+                  "| run | " + " | ".join(f"{x:g}" for x in p["grid"]) + " |",
+                  "|---" * (len(p["grid"]) + 1) + "|"]
+        for algo, grid in algos.items():
+            for key, label in (("trained/gain", LABELS[algo]),
+                               ("trained/control_gain", f"*its control ({CONTROL_LABELS[algo]})*")):
+                lines.append(f"| {label} | " + " | ".join(
+                    _md(grid[f"{x:g}"][key]) if f"{x:g}" in grid else "" for x in p["grid"])
+                    + " |")
         if summary["results"].get(reward):
             lines += ["", f"**{reward}**, each algorithm at its picked rate (top-1: the "
                       f"captioner's on the trained animals; pretrained "
@@ -435,6 +446,8 @@ def markdown(summary: dict) -> str:
 
 COLOURS = {"ddpo_is": "C0", "ddpo_sf": "C1", "rwr": "C2", "rwr_sparse": "C3"}
 LABELS = {"ddpo_is": "DDPO_IS", "ddpo_sf": "DDPO_SF", "rwr": "RWR", "rwr_sparse": "sparse RWR"}
+CONTROL_LABELS = {"ddpo_is": "reward-blind DDPO_IS", "ddpo_sf": "reward-blind DDPO_SF",
+                  "rwr": "RWR, every weight 1", "rwr_sparse": "reward-blind sparse RWR"}
 
 
 def _figure(summary: dict, path: Path) -> None:
@@ -463,6 +476,8 @@ def _figure(summary: dict, path: Path) -> None:
             highs = [grid[lr]["trained/gain_over_control"]["max"][-1] for lr in lrs]
             row[2].errorbar([float(lr) for lr in lrs], means, capsize=3, marker="o", color=c,
                             yerr=[np.subtract(means, lows), np.subtract(highs, means)])
+            row[2].plot([res["lr"]], [res["trained/gain_over_control"]["mean"][-1]], "o",
+                        ms=11, mfc="none", color=c)  # the picked rate, ringed
             _plot_band(row[3], xe, _starting(res["trained/top1"], pre_top1), c)
             _plot_band(row[3], xe, _starting(res["trained/control_top1"], pre_top1), c, ":", 0.05)
             _plot_band(row[4], res["kl_queries"], res["kl_pretrained"], c)
@@ -474,8 +489,11 @@ def _figure(summary: dict, path: Path) -> None:
         row[1].set(title="held-out gain over the control\n(trained -, unseen animals --, "
                          "objects :)", xlabel="reward queries", ylabel="percentage points")
         row[2].set(title="final gain over the control, every rate\n(trained animals; min-max over "
-                         "seeds)", xlabel="learning rate", ylabel="percentage points",
+                         "seeds; the pick ringed)", xlabel="learning rate", ylabel="percentage points",
                    xscale="log")
+        row[2].set_xticks(list(summary["protocol"]["grid"]),
+                          [f"{x:g}" for x in summary["protocol"]["grid"]])
+        row[2].minorticks_off()
         row[3].set(title="captioner top-1 on the trained animals\n(control dotted, pretrained "
                          "dashed)", xlabel="reward queries", ylabel="top-1 (%)")
         row[4].set(title="KL to the pretrained policy\n(control dotted)", xlabel="reward queries",

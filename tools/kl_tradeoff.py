@@ -68,11 +68,10 @@ def _results() -> list[dict]:
 
 
 def _final(result: dict, pretrained: dict) -> dict:
-    last = max(result["evals"], key=int)
-    ev = result["evals"][last]
-    base = pretrained["trained"]["jpeg_kb"]
-    return dict(gain=-100 * (ev["trained"]["jpeg_kb"] / base - 1),
-                top1=100 * ev["trained"]["caption_top1"],
+    """The last checkpoint's held-out gain and top-1 on the trained animals, by the comparison's
+    own arithmetic, and the last KL to the pretrained policy."""
+    return dict(gain=compare._gain_curve(result, "trained", pretrained, REWARD)[-1],
+                top1=compare._top1_curve(result, "trained")[-1],
                 kl=result["history"]["kl/pretrained"][-1])
 
 
