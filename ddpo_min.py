@@ -727,69 +727,73 @@ def train(cfg: Config) -> Path:
     """Run DDPO (or RWR) for cfg.epochs epochs; returns the run folder. Resumes exactly."""
     cfg = plumbing.run_config(cfg)  # --resume: the saved config; else names a new run folder
     run = Run(cfg)  # the processes, the model, the reward, the RNGs (plumbing.py)
-    run.tracker = PerPromptStatTracker(cfg.stat_buffer, cfg.stat_min_count)  # phase 3's baseline
-    run.optimizer = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      betas=(cfg.adam_beta1, cfg.adam_beta2))  # phase 4
-    say = run.accelerator.print  # prints on the main process only
-    if plumbing.has_checkpoint(run.dir):
-        plumbing.load_checkpoint(run)
-        say(f"resumed {run.dir} at epoch {run.state.epoch} (optimizer step {run.state.step})")
-        if run.state.epoch > cfg.epochs:  # --epochs is the total, not how many more
-            raise ConfigError(f"{run.dir} is at epoch {run.state.epoch} already: --epochs counts "
-                              f"all epochs, so pass more than {run.state.epoch} to go on")
-    plumbing.check_same_start(run)  # N processes: all from the same checkpoint, or all fresh
-    run.model.scheduler.set_timesteps(cfg.num_steps)  # the sampling grid, on every process
-    if cfg.algo.startswith("ddpo") and not len(trainable_steps(
-            run.model.scheduler, run.model.scheduler.timesteps, cfg.eta, 1.0)[0]):
-        raise ConfigError(f"--num-steps {cfg.num_steps}: no step of this sampler is stochastic "
-                          "(its last one is deterministic), so DDPO has nothing to train on; "
-                          "use --num-steps 2 or more")
-    folder = plumbing.RunFolder(run)  # config.json, metrics.jsonl, grids, reward curve, logger
-    pool = plumbing.reward_executor(run.device)  # on a GPU, rewards overlap the next sampling
-    started = time.perf_counter()
-    try:
-        while run.state.epoch < cfg.epochs:
-            late = time.perf_counter() - started > 60 * cfg.max_minutes
-            if cfg.max_minutes and plumbing.any_process(run, late):  # all stop at the same epoch
-                say(f"--max-minutes {cfg.max_minutes} reached after epoch {run.state.epoch - 1}")
-                plumbing.save_checkpoint(run)
-                break
-            epoch, t0 = run.state.epoch, time.perf_counter()
-            samples, timing = sample_epoch(run, pool)  # 1-2. sample with log-probs, rewards
-            if not np.all(np.isfinite(samples.all_rewards)):
-                raise TrainingDiverged(f"epoch {epoch}, phase reward: non-finite reward from "
-                                       f"{cfg.reward!r}")
-            adv = compute_advantages(run, samples)  # 3. per-prompt advantages
-            t1 = time.perf_counter()
-            losses = train_epoch(run, samples, adv)  # 4. policy-gradient steps
-            t_train = time.perf_counter() - t1
-            kl = kl_to_pretrained(run, samples)  # a diagnostic, after the update
-            t_kl = time.perf_counter() - t1 - t_train
-            metrics = {
-                "epoch": epoch, "step": run.state.step,
-                "reward/mean": float(samples.all_rewards.mean()),
-                "reward/std": float(samples.all_rewards.std()),
-                **losses, "kl/pretrained": kl,
-                **timing, "time/train": t_train, "time/kl": t_kl,
-                "time/epoch": time.perf_counter() - t0,
-                "samples_per_second": len(samples.all_rewards) / (time.perf_counter() - t0),
-            }  # fmt: skip
-            run.state.history.append(metrics)
-            run.state.epoch += 1
-            folder.epoch(samples, metrics)
-            if run.state.epoch % cfg.save_every == 0 or run.state.epoch == cfg.epochs:
-                plumbing.save_checkpoint(run)
-            say(plumbing.format_metrics(metrics))
-            del samples, adv  # this epoch's trajectories, off the GPU before the next sampling
-        folder.finished()  # the weights
-    except KeyboardInterrupt:
-        # The checkpoint on disk is the end of the last saved epoch (every --save-every): resuming
-        # from it repeats the epochs since exactly. The half-trained weights are exported too.
-        folder.interrupted()
-        raise
-    finally:
-        pool.shutdown(wait=True)
-        folder.close()  # the folder's lock: another training may use it now
+    with plumbing.folder_lock(run):  # one training per run folder at a time
+        # phase 3's baseline and phase 4's optimizer
+        run.tracker = PerPromptStatTracker(cfg.stat_buffer, cfg.stat_min_count)
+        run.optimizer = torch.optim.AdamW(run.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                          betas=(cfg.adam_beta1, cfg.adam_beta2))
+        say = run.accelerator.print  # prints on the main process only
+        if plumbing.has_checkpoint(run.dir):
+            plumbing.load_checkpoint(run)
+            say(f"resumed {run.dir} at epoch {run.state.epoch} (optimizer step {run.state.step})")
+            if run.state.epoch > cfg.epochs:  # --epochs is the total, not how many more
+                raise ConfigError(f"{run.dir} is at epoch {run.state.epoch} already: --epochs "
+                                  "counts all epochs, so pass more than "
+                                  f"{run.state.epoch} to go on")
+        plumbing.check_same_start(run)  # N processes: all from the same checkpoint, or all fresh
+        run.model.scheduler.set_timesteps(cfg.num_steps)  # the sampling grid, on every process
+        if cfg.algo.startswith("ddpo") and not len(trainable_steps(
+                run.model.scheduler, run.model.scheduler.timesteps, cfg.eta, 1.0)[0]):
+            raise ConfigError(f"--num-steps {cfg.num_steps}: no step of this sampler is "
+                              "stochastic (its last one is deterministic), so DDPO has nothing "
+                              "to train on; use --num-steps 2 or more")
+        folder = plumbing.RunFolder(run)  # config.json, metrics.jsonl, grids, curve, logger
+        pool = plumbing.reward_executor(run.device)  # on a GPU: rewards overlap the next sampling
+        started = time.perf_counter()
+        try:
+            while run.state.epoch < cfg.epochs:
+                late = time.perf_counter() - started > 60 * cfg.max_minutes
+                if cfg.max_minutes and plumbing.any_process(run, late):  # all stop together
+                    say(f"--max-minutes {cfg.max_minutes} reached after epoch "
+                        f"{run.state.epoch - 1}")
+                    plumbing.save_checkpoint(run)
+                    break
+                epoch, t0 = run.state.epoch, time.perf_counter()
+                samples, timing = sample_epoch(run, pool)  # 1-2. sample with log-probs, rewards
+                if not np.all(np.isfinite(samples.all_rewards)):
+                    raise TrainingDiverged(f"epoch {epoch}, phase reward: non-finite reward from "
+                                           f"{cfg.reward!r}")
+                adv = compute_advantages(run, samples)  # 3. per-prompt advantages
+                t1 = time.perf_counter()
+                losses = train_epoch(run, samples, adv)  # 4. policy-gradient steps
+                t_train = time.perf_counter() - t1
+                kl = kl_to_pretrained(run, samples)  # a diagnostic, after the update
+                t_kl = time.perf_counter() - t1 - t_train
+                metrics = {
+                    "epoch": epoch, "step": run.state.step,
+                    "reward/mean": float(samples.all_rewards.mean()),
+                    "reward/std": float(samples.all_rewards.std()),
+                    **losses, "kl/pretrained": kl,
+                    **timing, "time/train": t_train, "time/kl": t_kl,
+                    "time/epoch": time.perf_counter() - t0,
+                    "samples_per_second": len(samples.all_rewards) / (time.perf_counter() - t0),
+                }  # fmt: skip
+                run.state.history.append(metrics)
+                run.state.epoch += 1
+                folder.epoch(samples, metrics)
+                if run.state.epoch % cfg.save_every == 0 or run.state.epoch == cfg.epochs:
+                    plumbing.save_checkpoint(run)
+                say(plumbing.format_metrics(metrics))
+                del samples, adv  # this epoch's trajectories, off the GPU before the next one
+        except KeyboardInterrupt:
+            # The checkpoint on disk is the end of the last saved epoch (every --save-every):
+            # resuming from it repeats the epochs since exactly. The half-trained weights are
+            # exported too.
+            folder.interrupted()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+        folder.finished()
     run.accelerator.wait_for_everyone()
     return run.dir
 

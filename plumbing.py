@@ -6,9 +6,11 @@ Nothing here is DDPO; ddpo_min.py calls these so that the loop stays about the a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -373,6 +375,65 @@ def any_process(run, flag: bool) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+LOCK = ".lock"  # in a run folder: held by the training that uses it
+
+
+@contextlib.contextmanager
+def folder_lock(run: Run):
+    """One training per run folder at a time. A second one (another shell, a tool reusing a run
+    folder) would read a checkpoint the first is about to replace and interleave its checkpoints
+    and metrics with the first's. The main process holds an OS file lock on the folder's `.lock`
+    from before the checkpoint is read to the end of training; the OS drops it when the process
+    ends. If the lock is taken, every process stops with one line."""
+    lock, busy, created = None, False, False
+    if run.is_main:
+        created = not run.dir.exists()
+        run.dir.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(run.dir / LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            busy = True
+        except (NotImplementedError, OSError) as err:  # a filesystem without file locks
+            lock = None
+            print(f"warning: {run.dir} cannot be locked on this filesystem ({err}): make sure no "
+                  "other training uses that folder")
+    if any_process(run, busy):  # every process, not only the main one
+        raise ConfigError(f"another training is running in {run.dir} (it holds "
+                          f"{run.dir / LOCK}; if none is, delete that file): wait for it to end, "
+                          "or name another --output-dir")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+        if created and [p.name for p in run.dir.iterdir()] in ([], [LOCK]):
+            (run.dir / LOCK).unlink(missing_ok=True)  # a run that stopped before writing
+            run.dir.rmdir()  # anything leaves no folder behind
+
+
+def empty_run_folder(folder: str | Path) -> None:
+    """Delete a run folder's contents for a fresh run (the tools' re-runs), unless a training is
+    using it: deleting the lock file it holds would let a second training in beside it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    lock = filelock.FileLock(folder / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise ConfigError(f"another training is running in {folder}: wait for it to end") from None
+    except (NotImplementedError, OSError):
+        lock = None
+    try:
+        for path in folder.iterdir():
+            if path.name != LOCK:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def run_config(cfg: Config) -> Config:
     """The config to run: with --resume the saved one; else a new folder named if none given."""
     if cfg.resume:
@@ -412,11 +473,6 @@ def _check_same_run(cfg: Config) -> None:
 class RunFolder:
     """Writes a run's files, on the main process only (other processes: every method a no-op).
 
-    One training per folder at a time: the main process holds an OS lock on `.lock` there from
-    here to `close()` (the OS drops it when the process ends, however it ends). A second training
-    in the same folder (another shell, a tool reusing a run) stops with one line before it writes
-    anything, instead of interleaving its checkpoints and metrics with the first's.
-
     metrics.jsonl is rewritten at the start to the epochs the checkpoint holds (a crash between
     the two writes leaves one epoch extra), then appended after each epoch.
     """
@@ -426,13 +482,6 @@ class RunFolder:
         if not self.active:
             return
         run.dir.mkdir(parents=True, exist_ok=True)
-        self.lock = filelock.FileLock(run.dir / ".lock")
-        try:
-            self.lock.acquire(timeout=0)
-        except filelock.Timeout:
-            raise ConfigError(f"another training is running in {run.dir} (it holds "
-                              f"{run.dir / '.lock'}): wait for it to end, or name another "
-                              "--output-dir") from None
         tmp = run.dir / "config.json.tmp"  # whole or not at all: a resume reads it back
         tmp.write_text(json.dumps(asdict(run.cfg), indent=1))
         os.replace(tmp, run.dir / "config.json")
@@ -468,11 +517,6 @@ class RunFolder:
         if self.active:
             loading.save_weights(run.model, run.cfg, run.dir / "weights")
         run.accelerator.print(f"done: {run.dir} (weights in {run.dir / 'weights'})")
-
-    def close(self) -> None:
-        """Let another training use the folder."""
-        if self.active:
-            self.lock.release()
 
 
 def save_grid(samples, path: Path, n: int) -> None:

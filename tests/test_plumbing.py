@@ -86,35 +86,67 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(random_tiny_weights, 
 
 
 def test_one_training_per_run_folder_at_a_time(random_tiny_weights, tmp_path, monkeypatch):
-    """A second training in a folder where one is running stops before writing anything; the
-    lock goes with the process that held it, and with a training that failed in this process."""
+    """A second training in a folder where one is running stops before reading or writing
+    anything; the lock goes with the process that held it, and with a training that failed in
+    this process (released by train(), not by the garbage collector: the failure is kept)."""
     import subprocess
     import sys
+
+    import ddpo_min
 
     folder = tmp_path / "run"
     folder.mkdir()
     holder = subprocess.Popen(  # another process training there: it holds the folder's lock
-        [sys.executable, "-c", "import filelock, sys, time; lock = filelock.FileLock(sys.argv[1]); "
-         "lock.acquire(); print('held', flush=True); time.sleep(120)", str(folder / ".lock")],
-        stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "import filelock, sys; lock = filelock.FileLock(sys.argv[1]); "
+         "lock.acquire(); print('held', flush=True); sys.stdin.read()", str(folder / ".lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ConfigError, match="another training is running in .*--output-dir"):
             train(tiny_config(folder, epochs=1))
-        assert not (folder / "config.json").exists() and not (folder / "metrics.jsonl").exists()
+        assert [p.name for p in folder.iterdir()] == [".lock"]  # nothing written
+        with pytest.raises(ConfigError, match="another training is running"):
+            plumbing.empty_run_folder(folder)  # the tools' fresh start waits for it too
     finally:
         holder.kill()
         holder.wait()
-    import ddpo_min
 
     def broken(*args, **kwargs):
         raise RuntimeError("a failure inside the loop")
 
     with monkeypatch.context() as m:
         m.setattr(ddpo_min, "train_epoch", broken)
-        with pytest.raises(RuntimeError, match="inside the loop"):
+        with pytest.raises(RuntimeError, match="inside the loop") as failed:
             train(tiny_config(folder, epochs=1))
     assert len(history(train(tiny_config(folder, epochs=1)))) == 1  # free again, in this process
+    assert failed.value is not None  # (the failure, and its frames, were alive until here)
+    plumbing.empty_run_folder(folder)
+    assert [p.name for p in folder.iterdir()] == [".lock"]
+
+
+def test_a_refused_lock_stops_every_process(tmp_path, monkeypatch):
+    """With N processes only the main one tries the lock; the others learn of a refusal through
+    the collective and stop with the same line instead of waiting in the first all-reduce."""
+    from types import SimpleNamespace
+
+    seen = []
+
+    def any_process(run, flag):
+        seen.append(flag)
+        return True  # the main process, elsewhere, found the folder busy
+
+    monkeypatch.setattr(plumbing, "any_process", any_process)
+    other = SimpleNamespace(is_main=False, dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match="another training is running"):
+        with plumbing.folder_lock(other):
+            pass
+    assert seen == [False] and not (tmp_path / "run").exists()  # it never touched the folder
+
+
+def test_a_run_stopped_before_writing_leaves_no_folder(random_tiny_weights, tmp_path):
+    with pytest.raises(ConfigError, match="no step of this sampler is stochastic"):
+        train(tiny_config(tmp_path / "new", epochs=1, num_steps=1))
+    assert not (tmp_path / "new").exists()
 
 
 def test_thread_governor_yields_cores_to_busy_neighbours(monkeypatch):

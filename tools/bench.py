@@ -50,6 +50,7 @@ import torch
 import config
 import ddpo_min
 import loading
+import plumbing
 import tiny
 from sampler import trainable_steps
 from tools import write_json
@@ -142,7 +143,7 @@ def speed(path: str = "tiny", rounds: int = 5) -> dict:
     out the KL diagnostic (`time/kl`), whose share of the epoch is reported beside it.
     """
     cfg = SPEED_PATHS[path]()
-    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    plumbing.empty_run_folder(cfg.output_dir)
     model = loading.load_model(cfg, torch.device("cpu"))  # the floor's UNet, as the loop loads it
     unet_floor(cfg, model)  # warm-up
     pairs = []
@@ -335,7 +336,7 @@ def _train_with_checkpoints(reward: str, cfg: config.Config, minutes: float, eva
     """Train `minutes` of wall time in chunks of `eval_every`, scoring both held-out sets after
     each chunk."""
     cfg = replace(cfg, output_dir=str(RUNS / f"bench-{reward}-seed{cfg.seed}"))
-    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    plumbing.empty_run_folder(cfg.output_dir)
     used, checkpoints = 0.0, []
     while used < 60 * minutes:
         # each chunk stops after the epoch that passes it

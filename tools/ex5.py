@@ -29,7 +29,6 @@ one).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
@@ -41,6 +40,7 @@ import torch
 
 import config
 import ddpo_min
+import plumbing
 import sampler
 import tiny
 from tools import write_json
@@ -128,7 +128,7 @@ def train_and_measure(folder: Path, seed: int = 0, epochs: int = EPOCHS,
     """Train the tiny defaults (compressibility) for `epochs` with the given functions patched
     in; the held-out JPEG size before and after, and the change in percent. `folder` is emptied
     first: a run there before would otherwise add its epochs to this one's metrics."""
-    shutil.rmtree(folder, ignore_errors=True)
+    plumbing.empty_run_folder(folder)
     cfg = config.Config.tiny(seed=seed, epochs=epochs, output_dir=str(folder), **overrides)
     before = held_out_jpeg_kb(tiny.load_tiny(), cfg)
     t0 = time.perf_counter()

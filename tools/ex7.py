@@ -16,12 +16,12 @@ quotes it).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from unittest import mock
 
 import config
 import ddpo_min
+import plumbing
 import tiny
 from tools import write_json
 from tools.ex5 import held_out_scores
@@ -38,7 +38,7 @@ def train_leashed(folder: Path, beta: float, kl_fn=None, epochs: int = EPOCHS, s
     """DDPO_IS on compressibility with `--kl-coef beta`, the KL computed by `kl_fn` (default: the
     project's); the held-out figures before and after, and the run's last KL to the pretrained
     policy."""
-    shutil.rmtree(folder, ignore_errors=True)
+    plumbing.empty_run_folder(folder)
     cfg = config.Config.tiny(seed=seed, epochs=epochs, kl_coef=beta, output_dir=str(folder),
                              **overrides)
     before = _pretrained_scores(cfg)
