@@ -14,10 +14,16 @@ The protocol, the same for every algorithm:
   draws in place of the rewards (`--reward-blind`), so that what it gains comes from fine-tuning on
   its own samples, not from the reward; for RWR, RWR with every weight 1 (beta = 0). A control
   does not depend on the reward, so one run serves both rewards;
-- each algorithm is reported at the rate with the largest mean gain *over its control* per reward
-  (3 seeds; the grid is in the report beside it, so a reader sees how much the pick matters). A
-  pick made on the seeds it is then reported on is optimistic (the winner's curse), so the report
-  also gives a leave-one-seed-out figure: each seed's gain at the rate the other seeds pick;
+- each algorithm is reported at one rate for both rewards, as the paper uses one setting per
+  algorithm: the rate with the largest gain over the pretrained model averaged over the two
+  rewards and the seeds (`score`). The self-training drift moves JPEG size one way whatever the
+  reward, so it counts for one reward and against the other and cancels in that mean, which
+  equals the mean gain over the control. (A pick per reward on the gain over the pretrained
+  model rewards the drift; one on the gain over the control rewards a control that breaks down
+  at a large rate.) The whole grid is in the report beside it, so a reader sees how much the
+  pick matters. A pick made on the seeds it is then reported on is optimistic (the winner's
+  curse), so the report also gives a leave-one-seed-out figure: each seed scored at the rate
+  the other seeds pick;
 - training on 36 of the 45 animals; every EVAL_EVERY epochs the policy samples a fixed held-out
   noise set on three prompt sets: the trained animals, the 9 held-out animals and 32 everyday
   emoji never trained on. Each is scored with the JPEG size and the tiny captioner's top-1 ("is it
@@ -29,7 +35,6 @@ can be stopped at any point and continued by running the command again; seed 0 o
 first, so a partial comparison is already a complete one-seed grid. A finished run's figures go to
 assets/comparison/runs/<name>.json (committed: the report needs only those); the report is
 assets/comparison.json, its tables assets/comparison.md and its figure assets/comparison.png.
-(assets/compare* is the previous protocol's.)
 """
 
 from __future__ import annotations
@@ -284,36 +289,64 @@ def cell(reward: str, algo: str, lr: float, pretrained: dict) -> dict | None:
     return out
 
 
-def _final(c: dict, seeds) -> float:
-    """A cell's mean final gain over the control on the trained animals, over `seeds`."""
-    per_seed = dict(zip(c["seeds"], c["trained/gain_over_control"]["values"]))
+def _final(c: dict, seeds, key: str = "trained/gain") -> float:
+    """A cell's final held-out figure on the trained animals (by default the gain over the
+    pretrained model), mean over `seeds`."""
+    per_seed = dict(zip(c["seeds"], c[key]["values"]))
     return float(np.mean([per_seed[s][-1] for s in seeds]))
 
 
-def best_lr(grid: dict, seeds=None) -> float | None:
-    """The rate with the largest mean final gain over the control on the trained animals, over
-    `seeds` (default: all). None until every rate of the grid has finished with every seed: a
-    pick among the rates that happen to be done would not be the protocol's."""
+def score(grids: dict, lr: float, seeds) -> float:
+    """The selection criterion at one rate: the final held-out gain over the pretrained model on
+    the trained animals, mean over the rewards and `seeds` (grids: {reward: {rate: cell}}).
+
+    One rate per algorithm for both rewards, as the paper uses one setting per algorithm. The
+    self-training drift cancels in it: the drift moves JPEG size the same way whatever the
+    reward, so it counts for one JPEG reward and against the other; and as one control run
+    serves both rewards with opposite signs, this mean equals the mean gain over the control."""
+    return float(np.mean([_final(grid[lr], seeds) for grid in grids.values()]))
+
+
+def _complete(grids: dict, rates=None) -> bool:
+    """Whether every rate (default: the grid's) has finished with every seed on every reward."""
+    return all(g.get(lr) and len(g[lr]["seeds"]) == len(SEEDS) for g in grids.values()
+               for lr in (GRID if rates is None else rates))
+
+
+def best_lr(grids: dict, seeds=None) -> float | None:
+    """The rate with the largest `score` over `seeds` (default: all). None until every rate has
+    finished with every seed on every reward: a pick among the rates that happen to be done
+    would not be the protocol's."""
     seeds = SEEDS if seeds is None else seeds
-    if len(grid) < len(GRID) or not all(c and len(c["seeds"]) == len(SEEDS)
-                                        for c in grid.values()):
+    if not _complete(grids):
         return None
-    return max(grid, key=lambda lr: _final(grid[lr], seeds))
+    return max(GRID, key=lambda lr: score(grids, lr, seeds))
 
 
-def leave_one_seed_out(grid: dict) -> dict | None:
+def leave_one_seed_out(grids: dict) -> dict | None:
     """The pick's honest figure: for each seed, the rate the *other* seeds pick, and this seed's
-    final gain over the control at it. The in-sample best mean is biased upward (the rate was
-    chosen for doing well on those very seeds); the mean of these is not."""
-    if best_lr(grid) is None:
+    figures at it (the criterion, and each reward's gain over the pretrained model and over the
+    control). The in-sample best is biased upward (the rate was chosen for doing well on those
+    very seeds); these are not."""
+    if best_lr(grids) is None:
         return None
-    picks, gains = [], []
+    picks, scores = [], []
+    per_reward = {r: dict(gain=[], gain_over_control=[]) for r in grids}
     for seed in SEEDS:
-        lr = best_lr(grid, [s for s in SEEDS if s != seed])
+        lr = best_lr(grids, [s for s in SEEDS if s != seed])
         picks.append(lr)
-        gains.append(_final(grid[lr], [seed]))
-    return dict(seeds=list(SEEDS), picked_lr=picks, gain_over_control=gains,
-                mean=float(np.mean(gains)), min=float(min(gains)), max=float(max(gains)))
+        scores.append(score(grids, lr, [seed]))
+        for r, grid in grids.items():
+            per_reward[r]["gain"].append(_final(grid[lr], [seed]))
+            per_reward[r]["gain_over_control"].append(
+                _final(grid[lr], [seed], "trained/gain_over_control"))
+    return dict(seeds=list(SEEDS), picked_lr=picks, **_spread(scores), per_reward={
+        r: {k: _spread(v) for k, v in d.items()} for r, d in per_reward.items()})
+
+
+def _spread(values: list[float]) -> dict:
+    return dict(values=values, mean=float(np.mean(values)), min=float(min(values)),
+                max=float(max(values)))
 
 
 def report() -> dict:
@@ -321,11 +354,13 @@ def report() -> dict:
     pretrained = json.loads((OUT / "pretrained.json").read_text())
     summary: dict = dict(
         protocol=dict(epochs=EPOCHS, eval_every=EVAL_EVERY, grid=GRID, seeds=SEEDS,
-                      selection="per reward and algorithm, the rate with the largest mean final "
-                                "held-out gain over the control (trained animals), over all seeds; "
-                                "optimistic, as any pick reported on the seeds it was made on: "
-                                "results[...]['leave_one_seed_out'] gives each seed's gain at the "
-                                "rate the other seeds pick",
+                      selection="one rate per algorithm for both rewards: the largest final "
+                                "held-out gain over the pretrained model (trained animals), mean "
+                                "over both rewards and all seeds (equal to the mean gain over the "
+                                "control: the self-training drift cancels); optimistic, as any "
+                                "pick reported on the seeds it was made on: selection[algo]"
+                                "['leave_one_seed_out'] scores each seed at the rate the other "
+                                "seeds pick",
                       control="the same algorithm trained on N(0, 1) draws in place of the "
                               "rewards (--reward-blind true); for RWR, RWR with every weight 1 "
                               "(--rwr-beta 0); one control run serves both rewards",
@@ -333,17 +368,21 @@ def report() -> dict:
                       eval_sets={k: dict(prompts=len(p), per_prompt=n)
                                  for k, (p, n) in EVAL_SETS.items()},
                       held_out_animals=HELD_OUT_ANIMALS),
-        pretrained=pretrained, grid={}, best_lr={}, results={})
-    for reward in REWARDS:
-        for algo in ALGOS:
-            grid = {lr: cell(reward, algo, lr, pretrained) for lr in GRID}
-            summary["grid"].setdefault(reward, {})[algo] = {f"{lr:g}": c for lr, c in grid.items()
-                                                             if c}
-            lr = best_lr(grid)
-            summary["best_lr"].setdefault(reward, {})[algo] = lr
-            if lr is not None:
-                summary["results"].setdefault(reward, {})[algo] = dict(
-                    grid[lr], leave_one_seed_out=leave_one_seed_out(grid))
+        pretrained=pretrained, grid={}, selection={}, results={})
+    for algo in ALGOS:
+        grids = {reward: {lr: cell(reward, algo, lr, pretrained) for lr in GRID}
+                 for reward in REWARDS}
+        for reward in REWARDS:
+            summary["grid"].setdefault(reward, {})[algo] = {
+                f"{lr:g}": c for lr, c in grids[reward].items() if c}
+        lr = best_lr(grids)
+        summary["selection"][algo] = dict(
+            lr=lr, leave_one_seed_out=leave_one_seed_out(grids),
+            by_rate={f"{x:g}": _spread([score(grids, x, [s]) for s in SEEDS])
+                     for x in GRID if _complete(grids, [x])})
+        if lr is not None:
+            for reward in REWARDS:
+                summary["results"].setdefault(reward, {})[algo] = grids[reward][lr]
     summary["same_rate"] = {reward: same_rate(summary["grid"][reward]) for reward in REWARDS}
     finished = [json.loads(p.read_text()) for p in sorted((OUT / "runs").glob("*.json"))]
     summary["finished_runs"] = len(finished)
@@ -358,18 +397,20 @@ def report() -> dict:
 
 
 def same_rate(grid: dict, a: str = "ddpo_is", b: str = "ddpo_sf") -> dict:
-    """{rate: a's final gain over its control minus b's over its own, per seed and its mean
-    [min, max]} at every rate, over the seeds both finished: the two estimators compared
-    at one learning rate, so that a difference is not a difference of rates."""
+    """{rate: a's final gain over the pretrained model minus b's, per seed, and its mean
+    [min, max]} at every rate, over the seeds both finished: the two estimators compared at one
+    learning rate, so that a difference is not a difference of rates. Their gains over the
+    pretrained model, not over their controls: the runs share the model, the rate, each epoch's
+    sampling seeds and the evaluation noise, while their controls differ (a difference of gains
+    over two controls would carry the difference of the controls' drifts)."""
     out = {}
     for lr, ca in grid.get(a, {}).items():
         cb = grid.get(b, {}).get(lr)
         seeds = sorted(set(ca["seeds"]) & set(cb["seeds"])) if cb else []
         if not seeds:
             continue
-        d = [_final(ca, [s]) - _final(cb, [s]) for s in seeds]
-        out[lr] = dict(seeds=seeds, values=d, mean=float(np.mean(d)), min=float(min(d)),
-                       max=float(max(d)))
+        out[lr] = dict(seeds=seeds, **_spread([_final(ca, [s]) - _final(cb, [s])
+                                               for s in seeds]))
     return out
 
 
@@ -379,69 +420,87 @@ def _md(band: dict, i: int = -1, sign: str = "+") -> str:
     return f"{band['mean'][i]:{f}} [{band['min'][i]:{f}}, {band['max'][i]:{f}}]"
 
 
+def _seeds_note(c: dict, n: int) -> str:
+    return "" if len(c["seeds"]) == n else f" ({len(c['seeds'])} of {n} seeds)"
+
+
 def markdown(summary: dict) -> str:
     """The report's tables in markdown (assets/comparison.md): RESULTS.md quotes them as written
     here, so every number there comes from the run files by this command."""
     p, pre = summary["protocol"], summary["pretrained"]
-    n = len(p["seeds"])
+    n, rates = len(p["seeds"]), [f"{x:g}" for x in p["grid"]]
+    rows = "| " + " | ".join(rates) + " |"
     lines = [f"{summary['finished_runs']} of {summary['planned_runs']} runs; {p['epochs']} epochs "
-             f"each (the tiny defaults' samples), {len(p['seeds'])} seeds, learning rates "
-             f"{', '.join(f'{x:g}' for x in p['grid'])}. Figures are the final held-out change "
-             "in JPEG size toward the reward, in % of the pretrained model's (points), mean "
-             "[min, max] over seeds; 'over the control' is the paired difference with the same "
-             "seed's reward-blind control."]
+             f"each (the tiny defaults' samples), {n} seeds, learning rates {', '.join(rates)}. "
+             "Figures are the final held-out change in JPEG size toward the reward on the trained "
+             "animals unless a column says otherwise, in % of the pretrained model's size "
+             "(points), mean [min, max] over seeds; 'over the control' is the paired difference "
+             "with the same seed's control.", "",
+             "**The pick**: one rate per algorithm for both rewards, the largest gain over the "
+             "pretrained model averaged over the two rewards (equal to the average gain over the "
+             "control: the self-training drift cancels); leave-one-seed-out: each seed scored at "
+             "the rate the other two pick.", "",
+             "| algorithm " + rows + " picked | leave-one-seed-out (rates) |",
+             "|---" * (len(rates) + 3) + "|"]
+    for algo, sel in summary["selection"].items():
+        loo = sel["leave_one_seed_out"]
+        lines.append(f"| {LABELS[algo]} | " + " | ".join(
+            _md1(sel["by_rate"][r]) if r in sel["by_rate"] else "" for r in rates) + " | "
+            + (f"{sel['lr']:g}" if sel["lr"] else "not yet") + " | "
+            + (f"{_md1(loo)} ({', '.join(f'{x:g}' for x in loo['picked_lr'])})" if loo else "")
+            + " |")
     for reward, algos in summary["grid"].items():
-        lines += ["", f"**{reward}**: gain over the control on the trained animals, by rate", "",
-                  "| algorithm | " + " | ".join(f"{x:g}" for x in p["grid"])
-                  + " | picked | leave-one-seed-out |", "|---" * (len(p["grid"]) + 3) + "|"]
-        for algo, grid in algos.items():
-            res = summary["results"].get(reward, {}).get(algo)
-            cells = [(_md(grid[f"{x:g}"]["trained/gain_over_control"])
-                      + ("" if len(grid[f"{x:g}"]["seeds"]) == n
-                         else f" ({len(grid[f'{x:g}']['seeds'])} of {n} seeds)"))
-                     if f"{x:g}" in grid else "" for x in p["grid"]]
-            loo = res["leave_one_seed_out"] if res else None
-            lines.append(f"| {LABELS[algo]} | " + " | ".join(cells) + " | "
-                         + (f"{res['lr']:g}" if res else "not yet") + " | "
-                         + (f"{loo['mean']:+.1f} [{loo['min']:+.1f}, {loo['max']:+.1f}]"
-                            if loo else "") + " |")
-        lines += ["", f"**{reward}**: gain over the pretrained model on the trained animals, by "
-                  "rate, of each algorithm and of its control (a control whose images drift "
-                  "against the reward inflates the gain over it)", "",
-                  "| run | " + " | ".join(f"{x:g}" for x in p["grid"]) + " |",
-                  "|---" * (len(p["grid"]) + 1) + "|"]
+        lines += ["", f"**{reward}**: gain over the pretrained model by rate, of each algorithm "
+                  "and of its control (a control drifting against the reward inflates the gain "
+                  "over it)", "", "| run " + rows, "|---" * (len(rates) + 1) + "|"]
         for algo, grid in algos.items():
             for key, label in (("trained/gain", LABELS[algo]),
                                ("trained/control_gain", f"*its control ({CONTROL_LABELS[algo]})*")):
                 lines.append(f"| {label} | " + " | ".join(
-                    _md(grid[f"{x:g}"][key]) if f"{x:g}" in grid else "" for x in p["grid"])
-                    + " |")
+                    _md(grid[r][key]) + _seeds_note(grid[r], n) if r in grid else ""
+                    for r in rates) + " |")
+        lines += ["", f"**{reward}**: gain over the control by rate", "",
+                  "| algorithm " + rows, "|---" * (len(rates) + 1) + "|"]
+        for algo, grid in algos.items():
+            lines.append(f"| {LABELS[algo]} | " + " | ".join(
+                _md(grid[r]["trained/gain_over_control"]) + _seeds_note(grid[r], n)
+                if r in grid else "" for r in rates) + " |")
         if summary["results"].get(reward):
             lines += ["", f"**{reward}**, each algorithm at its picked rate (top-1: the "
                       f"captioner's on the trained animals; pretrained "
                       f"{100 * pre['trained']['caption_top1']:.1f}%)", "",
-                      "| algorithm | rate | trained: gain | its control | over the control | "
-                      "unseen animals: over the control | objects: over the control | top-1 | "
-                      "control's top-1 | KL to pretrained |", "|---" * 10 + "|"]
+                      "| algorithm | rate | gain | its control | over the control | "
+                      "leave-one-seed-out: gain | unseen animals: gain, over the control | "
+                      "objects: gain, over the control | top-1 | control's top-1 | "
+                      "KL to pretrained (control's) |", "|---" * 11 + "|"]
             for algo, res in summary["results"][reward].items():
+                loo = summary["selection"][algo]["leave_one_seed_out"]["per_reward"][reward]
                 lines.append(
                     f"| {LABELS[algo]} | {res['lr']:g} | {_md(res['trained/gain'])} | "
                     f"{_md(res['trained/control_gain'])} | "
-                    f"{_md(res['trained/gain_over_control'])} | "
+                    f"{_md(res['trained/gain_over_control'])} | {_md1(loo['gain'])} | "
+                    f"{_md(res['unseen_animals/gain'])}, "
                     f"{_md(res['unseen_animals/gain_over_control'])} | "
-                    f"{_md(res['objects/gain_over_control'])} | "
+                    f"{_md(res['objects/gain'])}, {_md(res['objects/gain_over_control'])} | "
                     f"{_md(res['trained/top1'], sign='')} | "
                     f"{_md(res['trained/control_top1'], sign='')} | "
-                    f"{res['kl_pretrained']['mean'][-1]:.1e} |")
+                    f"{res['kl_pretrained']['mean'][-1]:.1e} "
+                    f"({res['control_kl_pretrained']['mean'][-1]:.1e}) |")
         if summary.get("same_rate", {}).get(reward):
             lines += ["", f"**{reward}**, DDPO_IS minus DDPO_SF at the same rate (gain over the "
-                      "control, trained animals; per seed)", "",
-                      "| rate | per seed | mean [min, max] |", "|---|---|---|"]
+                      "pretrained model; the same seed's runs share the sampling seeds and the "
+                      "evaluation noise)", "", "| rate | per seed | mean [min, max] |",
+                      "|---|---|---|"]
             for lr, d in summary["same_rate"][reward].items():
                 lines.append(f"| {lr} | " + ", ".join(f"{v:+.1f} (seed {s})" for s, v in
                                                       zip(d["seeds"], d["values"]))
-                             + f" | {d['mean']:+.1f} [{d['min']:+.1f}, {d['max']:+.1f}] |")
+                             + f" | {_md1(d)} |")
     return "\n".join(lines) + "\n"
+
+
+def _md1(d: dict) -> str:
+    """mean [min, max] of one figure per seed."""
+    return f"{d['mean']:+.1f} [{d['min']:+.1f}, {d['max']:+.1f}]"
 
 
 COLOURS = {"ddpo_is": "C0", "ddpo_sf": "C1", "rwr": "C2", "rwr_sparse": "C3"}
@@ -471,13 +530,15 @@ def _figure(summary: dict, path: Path) -> None:
                            0.05)
             grid = summary["grid"][reward][algo]
             lrs = sorted(grid, key=float)
-            means = [grid[lr]["trained/gain_over_control"]["mean"][-1] for lr in lrs]
-            lows = [grid[lr]["trained/gain_over_control"]["min"][-1] for lr in lrs]
-            highs = [grid[lr]["trained/gain_over_control"]["max"][-1] for lr in lrs]
-            row[2].errorbar([float(lr) for lr in lrs], means, capsize=3, marker="o", color=c,
-                            yerr=[np.subtract(means, lows), np.subtract(highs, means)])
-            row[2].plot([res["lr"]], [res["trained/gain_over_control"]["mean"][-1]], "o",
-                        ms=11, mfc="none", color=c)  # the picked rate, ringed
+            for key, style in (("trained/gain", "-"), ("trained/control_gain", ":")):
+                means = [grid[lr][key]["mean"][-1] for lr in lrs]
+                spread = [np.subtract(means, [grid[lr][key]["min"][-1] for lr in lrs]),
+                          np.subtract([grid[lr][key]["max"][-1] for lr in lrs], means)]
+                row[2].errorbar([float(lr) for lr in lrs], means, yerr=spread, capsize=3,
+                                marker="o" if style == "-" else ".", ls=style, color=c,
+                                alpha=1.0 if style == "-" else 0.5)
+            row[2].plot([res["lr"]], [res["trained/gain"]["mean"][-1]], "o", ms=11, mfc="none",
+                        color=c)  # the picked rate, ringed
             _plot_band(row[3], xe, _starting(res["trained/top1"], pre_top1), c)
             _plot_band(row[3], xe, _starting(res["trained/control_top1"], pre_top1), c, ":", 0.05)
             _plot_band(row[4], res["kl_queries"], res["kl_pretrained"], c)
@@ -488,9 +549,9 @@ def _figure(summary: dict, path: Path) -> None:
                    ylabel="JPEG change toward the reward (%)")
         row[1].set(title="held-out gain over the control\n(trained -, unseen animals --, "
                          "objects :)", xlabel="reward queries", ylabel="percentage points")
-        row[2].set(title="final gain over the control, every rate\n(trained animals; min-max over "
-                         "seeds; the pick ringed)", xlabel="learning rate", ylabel="percentage points",
-                   xscale="log")
+        row[2].set(title="final gain over the pretrained model, every rate\n(trained animals; "
+                         "controls dotted; the pick ringed)", xlabel="learning rate",
+                   ylabel="JPEG change toward the reward (%)", xscale="log")
         row[2].set_xticks(list(summary["protocol"]["grid"]),
                           [f"{x:g}" for x in summary["protocol"]["grid"]])
         row[2].minorticks_off()
@@ -527,27 +588,32 @@ def _fmt(band: dict, i: int = -1, sign: str = "+") -> str:
 
 
 def print_summary(summary: dict) -> None:
-    """The report's numbers: per reward the grid, then each algorithm at its rate, every figure
-    over the pretrained model and over the control (mean [min, max] over seeds)."""
+    """The report's numbers: the pick per algorithm, then per reward the grid and each algorithm
+    at its rate, every figure over the pretrained model and over the control (mean [min, max]
+    over seeds)."""
     p, pre = summary["protocol"], summary["pretrained"]
     print(f"protocol: {p['epochs']} epochs of 64 samples per run, held-out checkpoints every "
           f"{p['eval_every']} epochs; {summary['finished_runs']} of {summary['planned_runs']} "
           f"runs finished, {summary['training_hours']:.1f} h of training (evaluations not counted)")
+    print("\nthe pick: final held-out gain over the pretrained model (trained animals), mean over "
+          "both rewards, by learning rate")
+    for algo, sel in summary["selection"].items():
+        loo = sel["leave_one_seed_out"]
+        print(f"  {algo:<11} " + "  ".join(f"{lr}: {_md1(d)}" for lr, d in sel["by_rate"].items())
+              + (f"  -> {sel['lr']:g}; leave-one-seed-out {_md1(loo)} (rates "
+                 f"{', '.join(f'{x:g}' for x in loo['picked_lr'])})" if loo else ""))
     for reward in summary["grid"]:
-        print(f"\n{reward}: final held-out gain on the trained animals over the control, "
-              "mean [min, max] over seeds, by learning rate")
+        print(f"\n{reward}: final held-out gain on the trained animals over the pretrained model "
+              "| over the control, mean [min, max] over seeds, by learning rate")
         for algo, grid in summary["grid"][reward].items():
             print(f"  {algo:<11} " + "  ".join(
-                f"{lr}: {_fmt(c['trained/gain_over_control'])} ({len(c['seeds'])}s)"
-                for lr, c in grid.items()))
+                f"{lr}: {_fmt(c['trained/gain'])} | {_fmt(c['trained/gain_over_control'])} "
+                f"({len(c['seeds'])}s)" for lr, c in grid.items()))
         if summary["results"].get(reward):
             print(f"{reward}, each algorithm at its rate: held-out JPEG change toward the reward "
                   "(%) and top-1 (%), the control's, and the difference (points)")
         for algo, res in summary["results"].get(reward, {}).items():
-            loo = res["leave_one_seed_out"]
-            print(f"  {algo} at lr {res['lr']:g}, seeds {res['seeds']}; leave-one-seed-out gain "
-                  f"over the control {loo['mean']:+.1f} [{loo['min']:+.1f}, {loo['max']:+.1f}] "
-                  f"(rates picked {', '.join(f'{x:g}' for x in loo['picked_lr'])})")
+            print(f"  {algo} at lr {res['lr']:g}, seeds {res['seeds']}")
             for name in EVAL_SETS:
                 print(f"    {name:<15} gain {_fmt(res[f'{name}/gain'])}  control "
                       f"{_fmt(res[f'{name}/control_gain'])}  over it "
