@@ -145,56 +145,30 @@ def restore_inline_plots() -> None:
 
 def show_comparison() -> dict:
     """Show the repository's committed comparison of the algorithms (`python -m tools.bench
-    compare`) and print its numbers; returns the JSON.
+    compare`): its numbers, its markdown tables and its figure; returns the JSON.
 
     Nothing is trained here: the runs take hours on 2 cores, so they are made once, by the
-    command, and read here. Until the re-run with the new protocol (assets/comparison.json) is
-    complete (a partial report lists fewer finished runs than planned), this shows the previous
-    loop's comparison (assets/compare.json)."""
+    command, and read here."""
     import json
 
     import matplotlib.pyplot as plt
+    from IPython.display import Markdown, display
 
     from tools import compare
 
-    report = ROOT / "assets" / "compare.json"
-    if compare.REPORT.exists():  # the new report, once every one of its runs has finished
-        new = json.loads(compare.REPORT.read_text())
-        if new["finished_runs"] == new["planned_runs"]:
-            report = compare.REPORT
-    summary = json.loads(report.read_text())
-    if "grid" in summary:
-        compare.print_summary(summary)
-    else:
-        _print_previous_comparison(summary)
-    figure = report.with_suffix(".png")
-    if figure.exists():
-        plt.figure(figsize=(16, 4 * max(1, len(summary["results"]))))
-        plt.imshow(plt.imread(figure))
-        plt.axis("off")
-        plt.show()
+    summary = json.loads(compare.REPORT.read_text())
+    if summary["finished_runs"] != summary["planned_runs"]:
+        raise RuntimeError(f"{compare.REPORT} holds {summary['finished_runs']} of "
+                           f"{summary['planned_runs']} runs: finish them with "
+                           "`python -m tools.bench compare` first")
+    display(Markdown(compare.REPORT.with_suffix(".md").read_text()))
+    figure = compare.REPORT.with_suffix(".png")
+    image = plt.imread(figure)
+    plt.figure(figsize=(16, 16 * image.shape[0] / image.shape[1]))
+    plt.imshow(image)
+    plt.axis("off")
+    plt.show()
     return summary
-
-
-def _print_previous_comparison(summary: dict) -> None:
-    """The previous protocol's report (assets/compare.json): per reward and algorithm, the held-out
-    JPEG change toward the reward on the three sets, the captioner's top-1, the final KL."""
-    p, pre = summary["protocol"], summary["pretrained"]
-    print(f"the previous loop's comparison: {p['epochs']} epochs of 64 samples per run, "
-          f"{summary['finished_runs']} runs; rates picked on compressibility, seed 0: "
-          + ", ".join(f"{a} {lr}" for a, lr in summary["picked_lr"].items()))
-    for reward, algos in summary["results"].items():
-        sign = -1 if reward == "compressibility" else 1
-        print(f"\n{reward}: held-out JPEG change toward the reward after {p['epochs']} epochs "
-              "(mean over seeds; trained / unseen animals / objects), captioner top-1")
-        for algo, res in algos.items():
-            gains = [sign * 100 * (res["evals"][f"{k}/jpeg_kb"]["mean"][-1] / pre[k]["jpeg_kb"] - 1)
-                     for k in ("trained", "unseen_animals", "objects")]
-            top1 = 100 * res["evals"]["trained/caption_top1"]["mean"][-1]
-            print(f"  {algo:<11} {len(res['seeds'])} seed(s): "
-                  + " / ".join(f"{g:+.1f}%" for g in gains)
-                  + f" | top-1 {100 * pre['trained']['caption_top1']:.0f}% -> {top1:.0f}%"
-                  f" | final KL {res['kl_pretrained']['mean'][-1]:.2e}")
 
 
 def ddpm_posterior(scheduler, t: int, x0, x_t):

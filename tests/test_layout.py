@@ -118,3 +118,22 @@ def test_markdown_and_notebook_sources_hold_no_control_characters():
 def test_the_control_character_check_catches_a_broken_latex_escape():
     assert _control_characters("$\frac12$ and $\rho$") == ["'\\x0c'", "'\\r'"]
     assert _control_characters(r"$\frac12$ and $\rho$") == []
+
+
+def _unanswered_prompts(sources: dict[str, str], answers: str) -> list[str]:
+    """Notebook sources with a "Think about it" prompt and no answer heading ("### <stem>, ...")
+    in the answer key."""
+    headings = [line for line in answers.splitlines() if line.startswith("### ")]
+    return sorted(stem for stem, text in sources.items() if "**Think about it.**" in text
+                  and not any(h.startswith(f"### {stem},") for h in headings))
+
+
+def test_every_think_about_it_prompt_has_an_answer_in_the_key():
+    sources = {p.stem: p.read_text(encoding="utf-8")
+               for p in (ROOT / "notebooks" / "src").rglob("*.py")}
+    sources.pop("ex5_your_ddpo_trains")  # answered under "## Exercise 5", with its run's numbers
+    answers = (ROOT / "notebooks" / "course" / "ANSWERS.md").read_text(encoding="utf-8")
+    assert sum("**Think about it.**" in t for t in sources.values()) >= 5
+    assert not _unanswered_prompts(sources, answers)
+    # and the check can fail: a prompt whose heading is missing is named
+    assert _unanswered_prompts({"05_rwr": "**Think about it.** ..."}, "### 05_rwr\n") == ["05_rwr"]

@@ -46,7 +46,7 @@ TOOLS = ("__init__.py", "check_setup.py", "compare.py", "ex5.py", "ex7.py", "tin
 # assets/ left out: the comparison's runs (the report is enough), the speed benchmarks, SD's
 # configs, and exercise 7's expected numbers (the KL trade-off and the reference run), which its
 # Part C asks for
-ASSETS_LEFT_OUT = ("compare", "comparison", "kl_tradeoff*", "ex7_reference.json", "bench_speed*",
+ASSETS_LEFT_OUT = ("comparison", "kl_tradeoff*", "ex7_reference.json", "bench_speed*",
                    "bench_contention*", "bench_gpu*",  # (bench_learning_*: notebook 7 reads them)
                    "sd_v1_4")
 READ_ONLY = {  # executed notebooks the release cannot re-run, and why

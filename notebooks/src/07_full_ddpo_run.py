@@ -248,8 +248,8 @@ else:
 # ## 7.6 Four algorithms, generalisation and over-optimisation, from the committed comparison
 #
 # `python -m tools.bench compare` trains DDPO$_\text{IS}$, DDPO$_\text{SF}$, RWR and sparse RWR on the same
-# sample budget (notebook 5, §5.5 describes the protocol) and records, at held-out checkpoints, three things
-# this notebook has only seen in one run:
+# sample budget, each beside a reward-blind control (notebook 5, §5.5 describes the protocol), and records, at
+# held-out checkpoints, three things this notebook has only seen in one run:
 # - the **reward on prompts never trained on** (9 held-out animals, 32 everyday emoji), next to the reward on
 #   the trained animals: the paper's generalisation result (Sec. 6.3);
 # - the **captioner's top-1** on the trained animals: when the reward keeps rising while this falls, the
@@ -266,3 +266,28 @@ kl_after_first_update = {(reward, algo): r["kl_pretrained"]["mean"][0]
 print({k: f"{v:.2e}" for k, v in kl_after_first_update.items()})
 nbutils.check(all(v > 0 for v in kl_after_first_update.values()),
               "every algorithm has moved the policy after its first epoch (kl/pretrained > 0)")
+
+# %%
+from tools.compare import LABELS
+
+pre_top1 = 100 * summary["pretrained"]["trained"]["caption_top1"]
+print(f"captioner top-1 on the trained animals after the last epoch (%; {pre_top1:.0f}% before training) and KL to "
+      "the pretrained policy, algorithm / its control, mean over seeds (a control serves both rewards: its "
+      "figures repeat)")
+for reward, algos in summary["grid"].items():
+    print(reward)
+    for algo, grid in algos.items():
+        print(f"  {LABELS[algo]:<11}" + "   ".join(
+            f"lr {lr}: top-1 {c['trained/top1']['mean'][-1]:4.1f} / {c['trained/control_top1']['mean'][-1]:4.1f}, "
+            f"KL {c['kl_pretrained']['mean'][-1]:.0e} / {c['control_kl_pretrained']['mean'][-1]:.0e}"
+            for lr, c in grid.items()))
+
+# %% [markdown]
+# **Think about it.** (1) Compare each algorithm's captioner top-1 with its control's, in the figure's fourth
+# column and in the lines above. The control never sees the reward. Where both are near 0, can the comparison
+# tell the reward's share of the lost animals from the drift's? At which rates does a control keep the
+# animals, and is a larger KL always the reason it loses them? (2) RWR's control shrinks the files of the
+# unseen animals and the everyday objects as well as those of the trained animals: it "generalises" with no
+# reward (its gain on a set is the algorithm's gain minus the gain over the control). What does that say about
+# a generalisation claim read against the pretrained model? Is the gain *over the control* on the unseen
+# animals and the objects close to that on the trained animals?
