@@ -378,6 +378,19 @@ def any_process(run, flag: bool) -> bool:
 LOCK = ".lock"  # in a run folder: held by the training that uses it
 
 
+def _try_lock(folder: Path) -> tuple[filelock.FileLock | None, bool]:
+    """Take `folder`'s lock without waiting: (the held lock, or None; whether another process
+    holds it). None and False: a filesystem without file locks."""
+    lock = filelock.FileLock(folder / LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return None, True
+    except (NotImplementedError, OSError):
+        return None, False
+    return lock, False
+
+
 @contextlib.contextmanager
 def folder_lock(run: Run):
     """One training per run folder at a time. A second one (another shell, a tool reusing a run
@@ -389,15 +402,10 @@ def folder_lock(run: Run):
     if run.is_main:
         created = not run.dir.exists()
         run.dir.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(run.dir / LOCK)
-        try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            busy = True
-        except (NotImplementedError, OSError) as err:  # a filesystem without file locks
-            lock = None
-            print(f"warning: {run.dir} cannot be locked on this filesystem ({err}): make sure no "
-                  "other training uses that folder")
+        lock, busy = _try_lock(run.dir)
+        if lock is None and not busy:
+            print(f"warning: {run.dir} cannot be locked on this filesystem: make sure no other "
+                  "training uses that folder")
     if any_process(run, busy):  # every process, not only the main one
         raise ConfigError(f"another training is running in {run.dir} (it holds "
                           f"{run.dir / LOCK}; if none is, delete that file): wait for it to end, "
@@ -418,17 +426,17 @@ def empty_run_folder(folder: str | Path) -> None:
     folder = Path(folder)
     if not folder.is_dir():
         return
-    lock = filelock.FileLock(folder / LOCK)
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        raise ConfigError(f"another training is running in {folder}: wait for it to end") from None
-    except (NotImplementedError, OSError):
-        lock = None
+    lock, busy = _try_lock(folder)
+    if busy:
+        raise ConfigError(f"another training is running in {folder}: wait for it to end")
     try:
         for path in folder.iterdir():
-            if path.name != LOCK:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.name == LOCK:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     finally:
         if lock is not None:
             lock.release()
